@@ -1,0 +1,63 @@
+"""Latent Edit engine: StyleGAN2 generator, inversion, tuning, segment inversion, edits, alignment.
+
+The public API is re-exported here lazily, so importing ``core`` is cheap and a module is
+only loaded when one of its names is first used.  Conventions used everywhere in ``core``:
+
+* images are float32 tensors ``(N,3,H,W)`` in ``[-1,1]`` unless a docstring says otherwise;
+* masks are float32 tensors ``(N,1,H,W)`` (or ``(H,W)``) in ``[0,1]``, 1 = "this pixel is ours";
+* latents ``ws`` are ``(N, num_ws, w_dim)``;
+* long-running functions take ``progress(step, total, loss, preview=None)`` and ``cancel``
+  (a callable returning bool, or a ``threading.Event``) and raise :class:`core.common.Cancelled`.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    # common
+    "Cancelled": "core.common",
+    "LatentEditError": "core.common",
+    # engine (issue 2)
+    "Generator": "core.stylegan2.network",
+    "GeneratorConfig": "core.stylegan2.network",
+    "load_generator": "core.stylegan2.formats",
+    "save_generator": "core.stylegan2.formats",
+    "CheckpointError": "core.stylegan2.formats",
+    # inversion and tuning (issue 3)
+    "project": "core.project",
+    "project_w": "core.project",
+    "project_wplus": "core.project",
+    "pivotal_tune": "core.pti",
+    "perceptual_loss": "core.losses",
+    # segments (issue 4)
+    "invert_segments": "core.chunks",
+    "SegmentSession": "core.chunks",
+    # edits (issue 5)
+    "Direction": "core.edits",
+    "load_directions": "core.edits",
+    "apply_edits": "core.edits",
+    "sefa": "core.edits",
+    "ganspace": "core.edits",
+    # real photos (issue 6)
+    "Face": "core.align",
+    "detect_faces": "core.align",
+    "align_face": "core.align",
+    "paste_back": "core.align",
+    # embedded default (issue 11)
+    "default_model_path": "core.demo",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
