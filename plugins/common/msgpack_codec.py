@@ -83,15 +83,6 @@ def _pack(obj: Any, out: bytearray, single: bool, depth: int) -> None:
         else:
             raise MsgpackError("binary too long for msgpack (%d bytes)" % n)
         out += data
-    elif isinstance(obj, (list, tuple)):
-        _pack_len(len(obj), 0x90, 0xDC, 0xDD, out)
-        for item in obj:
-            _pack(item, out, single, depth + 1)
-    elif isinstance(obj, dict):
-        _pack_len(len(obj), 0x80, 0xDE, 0xDF, out)
-        for key, value in obj.items():
-            _pack(key, out, single, depth + 1)
-            _pack(value, out, single, depth + 1)
     elif isinstance(obj, ExtType):
         code, data = obj
         if not -128 <= code <= 127:
@@ -109,6 +100,15 @@ def _pack(obj: Any, out: bytearray, single: bool, depth: int) -> None:
             raise MsgpackError("ext data too long for msgpack (%d bytes)" % n)
         out += struct.pack(">b", code)
         out += data
+    elif isinstance(obj, (list, tuple)):
+        _pack_len(len(obj), 0x90, 0xDC, 0xDD, out)
+        for item in obj:
+            _pack(item, out, single, depth + 1)
+    elif isinstance(obj, dict):
+        _pack_len(len(obj), 0x80, 0xDE, 0xDF, out)
+        for key, value in obj.items():
+            _pack(key, out, single, depth + 1)
+            _pack(value, out, single, depth + 1)
     else:
         raise MsgpackError("cannot encode object of type %s" % type(obj).__name__)
 
