@@ -29,7 +29,7 @@ class ExtType(NamedTuple):
 
 
 _FIXEXT = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
-_MAX_DEPTH = 512  # guards against stack exhaustion from hostile nesting
+_MAX_DEPTH = 200  # guards against stack exhaustion from hostile nesting
 
 
 def packb(obj: Any, use_single_float: bool = False) -> bytes:
