@@ -1,0 +1,354 @@
+"""Procedural cartoon-face renderer: the embedded default domain (design.md §6).
+
+A face is a parameter vector ``p`` of ``len(ATTRIBUTES)`` floats in ``[0,1]``; :func:`render` maps it
+deterministically to a ``uint8 (size,size,3)`` image.  Shapes are drawn with Pillow at ``supersample``
+times the output size and box-filtered down, so every edge is anti-aliased.  Every attribute changes
+the image monotonically over its whole range, so a scorer can recover it and an edit can measure it.
+
+``extras`` draws things the training set never contains (``EXTRAS``), for out-of-domain tests.
+"""
+from __future__ import annotations
+
+import colorsys
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from core.common import InvalidInput
+
+ATTRIBUTES: tuple[str, ...] = (
+    "smile",           # mouth corners: 0 frown .. 1 broad smile
+    "mouth_open",      # 0 closed .. 1 open with teeth
+    "eye_openness",    # 0 closed .. 1 wide open
+    "gaze",            # pupils: 0 looking left .. 1 looking right (image left/right)
+    "eyebrow_height",  # 0 low .. 1 raised
+    "hair_color",      # 0 black .. brown .. auburn .. 1 blond
+    "hair_length",     # 0 short crop .. 1 shoulder length
+    "glasses",         # frame opacity: 0 none .. 1 solid frames
+    "beard",           # beard density: 0 shaven .. 1 full
+    "skin_tone",       # 0 light .. 1 dark
+    "head_x",          # yaw-like shift: 0 left .. 1 right, features turn with the head
+    "face_scale",      # 0 small .. 1 large face
+    "background_hue",  # hue 0 (red) .. 0.8 (purple) of the backdrop
+)
+NUM_ATTRIBUTES = len(ATTRIBUTES)
+
+DESCRIPTIONS: dict[str, str] = {
+    "smile": "mouth corners from frown to broad smile",
+    "mouth_open": "mouth from closed to open with teeth",
+    "eye_openness": "eyes from closed to wide open",
+    "gaze": "pupils from looking left to looking right",
+    "eyebrow_height": "eyebrows from low to raised",
+    "hair_color": "hair from black through brown and auburn to blond",
+    "hair_length": "hair from short crop to shoulder length",
+    "glasses": "glasses frames from none to solid",
+    "beard": "beard from shaven to full",
+    "skin_tone": "skin from light to dark",
+    "head_x": "head position and yaw-like turn from left to right",
+    "face_scale": "face from small to large",
+    "background_hue": "backdrop hue from red through green and blue to purple",
+}
+
+EXTRAS: tuple[str, ...] = ("bindi", "mask", "face_paint", "sticker")
+
+# Palettes (RGB) interpolated piecewise-linearly; each is monotone in lightness or hue.
+_SKIN = np.array([[250, 222, 200], [226, 180, 145], [180, 125, 90], [120, 78, 52], [78, 50, 36]], np.float64)
+_HAIR = np.array([[24, 20, 20], [70, 45, 28], [125, 70, 35], [175, 115, 55], [232, 200, 120]], np.float64)
+_SHIRT = (64, 78, 104)
+_IRIS = (92, 62, 40)
+_LIP = (176, 84, 84)
+
+
+def _lerp_palette(palette: np.ndarray, t: float) -> tuple[int, int, int]:
+    x = float(np.clip(t, 0.0, 1.0)) * (len(palette) - 1)
+    i = min(int(x), len(palette) - 2)
+    c = palette[i] + (palette[i + 1] - palette[i]) * (x - i)
+    return tuple(int(round(v)) for v in c)
+
+
+def _shade(color: Sequence[int], f: float) -> tuple[int, int, int]:
+    return tuple(int(max(0, min(255, round(c * f)))) for c in color[:3])
+
+
+def sample_params(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` random faces: ``(n, NUM_ATTRIBUTES)`` float32, each attribute uniform in ``[0,1]``."""
+    if n < 0:
+        raise InvalidInput(f"sample_params: n must be >= 0, got {n}")
+    return np.random.default_rng(seed).random((n, NUM_ATTRIBUTES), dtype=np.float64).astype(np.float32)
+
+
+def params_from_dict(values: dict[str, float], base: np.ndarray | None = None) -> np.ndarray:
+    """A parameter vector from ``{attribute: value}`` (others from ``base`` or 0.5)."""
+    p = np.full(NUM_ATTRIBUTES, 0.5, np.float32) if base is None else np.array(base, np.float32).copy()
+    for k, v in values.items():
+        if k not in ATTRIBUTES:
+            raise InvalidInput(f"unknown attribute {k!r}; known: {', '.join(ATTRIBUTES)}")
+        p[ATTRIBUTES.index(k)] = v
+    return p
+
+
+class _Canvas:
+    """An RGBA Pillow canvas addressed in output-pixel units (floats), drawn at ``scale``×."""
+
+    def __init__(self, size: int, scale: int, background: Image.Image):
+        self.size, self.scale = size, scale
+        self.img = background
+
+    def P(self, pts: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+        s = self.scale
+        return [(x * s, y * s) for x, y in pts]
+
+    def box(self, x0, y0, x1, y1):
+        s = self.scale
+        return (x0 * s, y0 * s, x1 * s, y1 * s)
+
+    def layer(self):
+        lay = Image.new("RGBA", self.img.size, (0, 0, 0, 0))
+        return lay, ImageDraw.Draw(lay)
+
+    def merge(self, lay: Image.Image, mask: Image.Image | None = None):
+        if mask is not None:
+            a = lay.getchannel("A")
+            a = Image.fromarray((np.asarray(a, np.uint16) * np.asarray(mask, np.uint16) // 255).astype(np.uint8))
+            lay.putalpha(a)
+        self.img = Image.alpha_composite(self.img, lay)
+
+
+def _ellipse_pts(cx, cy, rx, ry, t0, t1, n=48):
+    ts = np.linspace(t0, t1, n)
+    return [(cx + rx * math.cos(t), cy + ry * math.sin(t)) for t in ts]
+
+
+def _background(size: int, scale: int, hue01: float) -> Image.Image:
+    S = size * scale
+    r, g, b = colorsys.hsv_to_rgb(0.8 * float(np.clip(hue01, 0, 1)), 0.45, 0.85)
+    top = np.array([r, g, b]) * 255
+    bottom = top * 0.78
+    t = np.linspace(0, 1, S)[:, None, None]
+    arr = (top * (1 - t) + bottom * t) * np.ones((1, S, 1))
+    rgba = np.concatenate([arr, np.full((S, S, 1), 255.0)], axis=2)
+    return Image.fromarray(np.round(rgba).astype(np.uint8), "RGBA")
+
+
+def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str]) -> np.ndarray:
+    a = {k: float(np.clip(v, 0.0, 1.0)) for k, v in zip(ATTRIBUTES, p)}
+    u = size / 64.0  # layout is designed in 64-px units
+    cv = _Canvas(size, supersample, _background(size, supersample, a["background_hue"]))
+
+    skin = _lerp_palette(_SKIN, a["skin_tone"])
+    hair = _lerp_palette(_HAIR, a["hair_color"])
+    rx = (13.0 + 5.0 * a["face_scale"]) * u
+    ry = 1.22 * rx
+    turn = a["head_x"] - 0.5
+    cx = 32 * u + turn * 12 * u
+    cy = 32 * u
+    fx = cx + turn * 0.28 * rx  # features shift further than the outline: a yaw-like turn
+
+    # shoulders and neck
+    lay, d = cv.layer()
+    sh_y = cy + ry * 0.95
+    d.ellipse(cv.box(cx - 2.3 * rx, sh_y, cx + 2.3 * rx, sh_y + 2.2 * ry), fill=_SHIRT + (255,))
+    cv.merge(lay)
+
+    # hair behind the head (its length)
+    lay, d = cv.layer()
+    hb = cy + ry * (0.05 + 1.45 * a["hair_length"])
+    hw = rx * (1.12 + 0.12 * a["hair_length"])
+    back = _ellipse_pts(cx, cy - 0.05 * ry, hw, 1.12 * ry, math.pi, 2 * math.pi)
+    back = [(cx - hw, hb - 0.2 * rx)] + back + [(cx + hw, hb - 0.2 * rx)]
+    back += _ellipse_pts(cx, hb - 0.2 * rx, hw, 0.25 * rx, 0, math.pi, 16)
+    d.polygon(cv.P(back), fill=hair + (255,))
+    cv.merge(lay)
+
+    # neck, ears, face
+    lay, d = cv.layer()
+    nw = 0.42 * rx
+    d.rectangle(cv.box(cx - nw, cy + 0.5 * ry, cx + nw, sh_y + 0.35 * ry), fill=_shade(skin, 0.88) + (255,))
+    ear_y = cy - 0.02 * ry
+    for side in (-1, 1):
+        ex = cx + side * rx * 0.97 - turn * 0.15 * rx
+        d.ellipse(cv.box(ex - 0.17 * rx, ear_y - 0.2 * ry, ex + 0.17 * rx, ear_y + 0.14 * ry), fill=_shade(skin, 0.93) + (255,))
+    d.ellipse(cv.box(cx - rx, cy - ry, cx + rx, cy + ry), fill=skin + (255,))
+    cv.merge(lay)
+    face_mask = Image.new("L", cv.img.size, 0)
+    ImageDraw.Draw(face_mask).ellipse(cv.box(cx - rx, cy - ry, cx + rx, cy + ry), fill=255)
+
+    # beard (density = opacity), drawn under the mouth
+    if a["beard"] > 0:
+        lay, d = cv.layer()
+        bc = _shade(hair, 0.8) + (int(round(235 * a["beard"])),)
+        jaw = _ellipse_pts(cx, cy, rx * 1.02, ry * 1.02, math.radians(-10), math.radians(190))
+        top = [(x, max(y, cy + 0.42 * ry - 0.22 * ry * ((x - fx) / rx) ** 2)) for x, y in jaw]
+        d.polygon(cv.P(top), fill=bc)
+        cv.merge(lay, face_mask)
+
+    # hair cap with a hairline over the forehead
+    lay, d = cv.layer()
+    cap = _ellipse_pts(cx, cy - 0.04 * ry, rx * 1.1, ry * 1.1, math.pi * 0.97, math.pi * 2.03)
+    line = []
+    for x in np.linspace(cx + rx * 1.08, cx - rx * 1.08, 24):
+        q = (x - cx - 0.25 * turn * rx) / rx
+        line.append((x, cy - 0.5 * ry + 0.32 * ry * q * q))
+    d.polygon(cv.P(cap + line), fill=hair + (255,))
+    cv.merge(lay)
+
+    # eyes: white, iris + pupil following the gaze, clipped to the lids
+    ew = 0.22 * rx
+    eh = ew * (0.08 + 0.62 * a["eye_openness"])
+    ey = cy - 0.08 * ry
+    gaze = (a["gaze"] - 0.5) * 2 * 0.55 * ew
+    eyes = [fx - 0.42 * rx, fx + 0.42 * rx]
+    for ex in eyes:
+        lay, d = cv.layer()
+        d.ellipse(cv.box(ex - ew, ey - eh, ex + ew, ey + eh), fill=(250, 250, 250, 255))
+        ir = 0.5 * ew
+        ix = ex + gaze
+        d.ellipse(cv.box(ix - ir, ey - ir, ix + ir, ey + ir), fill=_IRIS + (255,))
+        pr = 0.5 * ir
+        d.ellipse(cv.box(ix - pr, ey - pr, ix + pr, ey + pr), fill=(15, 12, 12, 255))
+        mask = Image.new("L", cv.img.size, 0)
+        ImageDraw.Draw(mask).ellipse(cv.box(ex - ew, ey - eh, ex + ew, ey + eh), fill=255)
+        cv.merge(lay, mask)
+        lay, d = cv.layer()
+        lid = _ellipse_pts(ex, ey, ew, eh, math.pi, 2 * math.pi, 24)
+        d.line(cv.P(lid), fill=(40, 28, 24, 255), width=max(1, int(round(0.55 * u * supersample))), joint="curve")
+        cv.merge(lay)
+
+    # eyebrows
+    lay, d = cv.layer()
+    brow_c = _shade(hair, 0.75) + (255,)
+    by = ey - ew * (0.95 + 1.3 * a["eyebrow_height"])
+    for side, ex in zip((-1, 1), eyes):
+        pts = [(ex - 1.1 * ew, by + 0.35 * ew), (ex - 0.2 * side * ew, by - 0.15 * ew), (ex + 1.1 * ew, by + 0.35 * ew)]
+        d.line(cv.P(pts), fill=brow_c, width=max(1, int(round(1.2 * u * supersample))), joint="curve")
+    cv.merge(lay)
+
+    # nose
+    lay, d = cv.layer()
+    nc = _shade(skin, 0.72) + (255,)
+    ny = cy + 0.22 * ry
+    nx = fx + 0.1 * turn * rx
+    d.line(cv.P([(nx - 0.02 * rx, cy + 0.0 * ry), (nx - 0.08 * rx, ny), (nx + 0.1 * rx, ny)]), fill=nc,
+           width=max(1, int(round(0.6 * u * supersample))), joint="curve")
+    cv.merge(lay)
+
+    # mouth: corners rise with the smile, opening shows a dark interior and teeth
+    mw = 0.36 * rx * (0.9 + 0.25 * a["smile"])
+    my = cy + 0.55 * ry
+    k = (a["smile"] - 0.3) * 0.3 * rx  # corner lift (negative: frown)
+    oh = a["mouth_open"] * 0.32 * rx
+    xs = np.linspace(-1, 1, 25)
+    upper = [(fx + mw * x, my - k * x * x - 0.15 * oh * (1 - x * x)) for x in xs]
+    lower = [(fx + mw * x, my - k * x * x + oh * (1 - x * x)) for x in xs[::-1]]
+    lay, d = cv.layer()
+    lw = max(1, int(round(0.9 * u * supersample)))
+    if oh > 0.05 * u:
+        d.polygon(cv.P(upper + lower), fill=(70, 16, 24, 255))
+        th = min(0.35, 1.4 * u / max(oh, 1e-6))
+        teeth = [(x, y + th * oh * (1 - ((x - fx) / mw) ** 2)) for x, y in upper[::-1]]
+        d.polygon(cv.P(upper + teeth), fill=(245, 245, 240, 255))
+        d.line(cv.P(lower), fill=_LIP + (255,), width=lw, joint="curve")
+    d.line(cv.P(upper), fill=_shade(_LIP, 0.8) + (255,), width=lw, joint="curve")
+    cv.merge(lay)
+
+    # glasses (frame opacity)
+    if a["glasses"] > 0:
+        lay, d = cv.layer()
+        alpha = int(round(255 * a["glasses"]))
+        fr = (25, 25, 30, alpha)
+        gr = 1.45 * ew
+        for ex in eyes:
+            d.ellipse(cv.box(ex - gr, ey - 0.85 * gr, ex + gr, ey + 0.85 * gr), fill=(200, 220, 240, alpha // 6), outline=fr,
+                      width=max(1, int(round(0.8 * u * supersample))))
+        d.line(cv.P([(eyes[0] + gr, ey - 0.1 * gr), (eyes[1] - gr, ey - 0.1 * gr)]), fill=fr,
+               width=max(1, int(round(0.8 * u * supersample))))
+        for side, ex in zip((-1, 1), eyes):
+            d.line(cv.P([(ex + side * gr, ey - 0.2 * gr), (cx + side * rx * 0.98, ey - 0.3 * gr)]), fill=fr,
+                   width=max(1, int(round(0.7 * u * supersample))))
+        cv.merge(lay)
+
+    for name in extras:
+        _draw_extra(cv, name, cx=cx, cy=cy, fx=fx, rx=rx, ry=ry, ey=ey, by=by, my=my, mw=mw, u=u, face_mask=face_mask)
+
+    out = cv.img.convert("RGB").resize((size, size), Image.BOX)
+    return np.asarray(out, np.uint8)
+
+
+def _draw_extra(cv: _Canvas, name: str, *, cx, cy, fx, rx, ry, ey, by, my, mw, u, face_mask):
+    lay, d = cv.layer()
+    if name == "bindi":
+        r = 0.75 * u
+        y = (by + ey) / 2 - 0.1 * ry
+        d.ellipse(cv.box(fx - r, y - r, fx + r, y + r), fill=(200, 20, 40, 255))
+        cv.merge(lay)
+    elif name == "mask":
+        top = cy + 0.12 * ry
+        pts = [(cx - 0.98 * rx, top + 0.05 * ry), (cx + 0.98 * rx, top + 0.05 * ry)]
+        pts += _ellipse_pts(cx, cy + 0.25 * ry, 0.98 * rx, 0.8 * ry, math.radians(0), math.radians(180))
+        d.polygon(cv.P(pts), fill=(170, 205, 230, 255))
+        for i in range(3):
+            y = top + (0.15 + 0.15 * i) * ry
+            d.line(cv.P([(cx - 0.8 * rx, y), (cx + 0.8 * rx, y)]), fill=(130, 165, 195, 255), width=max(1, int(2 * u)))
+        for side in (-1, 1):
+            d.line(cv.P([(cx + side * 0.98 * rx, top + 0.1 * ry), (cx + side * 1.05 * rx, cy - 0.05 * ry)]),
+                   fill=(235, 235, 240, 255), width=max(1, int(3 * u)))
+        cv.merge(lay)
+    elif name == "face_paint":
+        for side in (-1, 1):
+            x0 = fx + side * 0.55 * rx
+            for i, col in enumerate(((30, 60, 200, 220), (240, 240, 240, 220), (200, 30, 30, 220))):
+                y = cy + (0.12 + 0.11 * i) * ry
+                d.line(cv.P([(x0 - 0.25 * rx, y - 0.06 * ry), (x0 + 0.25 * rx, y + 0.06 * ry)]), fill=col,
+                       width=max(1, int(round(1.6 * u * cv.scale))))
+        cv.merge(lay, face_mask)
+    elif name == "sticker":
+        sx, sy, R = fx + 0.5 * rx, cy - 0.6 * ry, 0.3 * rx
+        star = []
+        for i in range(10):
+            rr = R if i % 2 == 0 else 0.45 * R
+            t = -math.pi / 2 + i * math.pi / 5
+            star.append((sx + rr * math.cos(t), sy + rr * math.sin(t)))
+        d.polygon(cv.P(star), fill=(255, 215, 0, 255), outline=(120, 80, 0, 255), width=max(1, int(round(0.5 * u * cv.scale))))
+        cv.merge(lay)
+    else:
+        raise InvalidInput(f"unknown extra {name!r}; known: {', '.join(EXTRAS)}")
+
+
+def render(params, extras: Sequence[str] | None = None, size: int = 64, supersample: int = 4) -> np.ndarray:
+    """Render faces.
+
+    ``params``: ``(NUM_ATTRIBUTES,)`` or ``(N, NUM_ATTRIBUTES)`` floats in ``[0,1]`` (clipped).
+    Returns ``uint8 (size,size,3)`` or ``(N,size,size,3)``; drawn at ``supersample``× and box-filtered.
+    ``extras``: names from ``EXTRAS`` drawn on top (never in the training distribution).
+    """
+    p = np.asarray(params, dtype=np.float64)
+    if p.ndim not in (1, 2) or p.shape[-1] != NUM_ATTRIBUTES:
+        raise InvalidInput(f"render: params must be ({NUM_ATTRIBUTES},) or (N,{NUM_ATTRIBUTES}), got {p.shape}")
+    if not np.all(np.isfinite(p)):
+        raise InvalidInput("render: params contain NaN or infinity")
+    if size < 16 or supersample < 1:
+        raise InvalidInput(f"render: size must be >= 16 and supersample >= 1, got {size}, {supersample}")
+    extras = tuple(extras or ())
+    for e in extras:
+        if e not in EXTRAS:
+            raise InvalidInput(f"unknown extra {e!r}; known: {', '.join(EXTRAS)}")
+    if p.ndim == 1:
+        return _render_one(p, size, supersample, extras)
+    out = np.empty((len(p), size, size, 3), np.uint8)
+    for i, row in enumerate(p):
+        out[i] = _render_one(row, size, supersample, extras)
+    return out
+
+
+def contact_sheet(images: np.ndarray, cols: int = 8, scale: int = 2) -> Image.Image:
+    """Tile ``(N,H,W,3) uint8`` images into one Pillow image (nearest-neighbour ``scale``× zoom)."""
+    n, h, w, _ = images.shape
+    rows = (n + cols - 1) // cols
+    sheet = np.full((rows * h, cols * w, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+    img = Image.fromarray(sheet)
+    return img.resize((cols * w * scale, rows * h * scale), Image.NEAREST) if scale != 1 else img
