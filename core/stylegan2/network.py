@@ -1,0 +1,376 @@
+"""StyleGAN2 generator (config-f, 'skip' architecture) in plain torch ops.
+
+Numerically equivalent to rosinality/stylegan2-pytorch and NVlabs/stylegan2-ada-pytorch (fixtures README §3):
+mapping = PixelNorm + equalised-lr FCs (lr_mul 0.01) with lrelu·√2; synthesis = per-layer affine styles,
+modulated + demodulated 3×3 convs (up-convs as one stride-2 transposed conv + a 4×4 FIR [1,3,3,1]),
+const noise buffers × strength, bias + lrelu·√2, skip ToRGB (1×1, no demodulation) with an FIR-upsampled image.
+
+Speed notes (CPU, batch 1): a single sample folds its styles into the conv weight (one plain conv per layer);
+larger batches scale activations instead (one shared conv, no grouped weights). Demodulation coefficients come
+from ``styles² @ Σ_k W²`` (no modulated-weight square), the bias/noise/activation run in place where autograd allows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.common import InvalidInput
+
+SQRT2 = math.sqrt(2.0)
+LRELU_SLOPE = 0.2  # StyleGAN2: leaky ReLU slope 0.2, gain sqrt(2)
+DEMOD_EPS = 1e-8  # StyleGAN2 eq. 3 epsilon
+FIR_TAPS = (1.0, 3.0, 3.0, 1.0)  # StyleGAN2 resample filter
+
+
+@dataclasses.dataclass
+class GeneratorConfig:
+    """Architecture of a StyleGAN2 generator.
+
+    ``channels`` maps every resolution 4, 8, …, ``resolution`` to its feature-map channel count.
+    """
+
+    resolution: int
+    z_dim: int
+    w_dim: int
+    mapping_layers: int
+    channels: dict
+    lr_multiplier: float = 0.01  # StyleGAN2 (Karras et al. 2020) mapping-network learning-rate multiplier
+
+    def __post_init__(self):
+        self.channels = {int(k): int(v) for k, v in dict(self.channels).items()}
+        res = int(self.resolution)
+        if res < 4 or res & (res - 1):
+            raise InvalidInput(f"resolution must be a power of two >= 4, got {self.resolution}")
+        self.resolution = res
+        missing = [r for r in self.resolutions if r not in self.channels]
+        if missing:
+            raise InvalidInput(f"channels missing for resolutions {missing}")
+        self.channels = {r: self.channels[r] for r in self.resolutions}
+        for name in ("z_dim", "w_dim", "mapping_layers"):
+            if int(getattr(self, name)) < 1:
+                raise InvalidInput(f"{name} must be positive, got {getattr(self, name)}")
+            setattr(self, name, int(getattr(self, name)))
+        self.lr_multiplier = float(self.lr_multiplier)
+
+    @property
+    def resolutions(self) -> list:
+        return [2 ** k for k in range(2, int(math.log2(self.resolution)) + 1)]
+
+    @property
+    def num_ws(self) -> int:
+        return 2 * int(math.log2(self.resolution)) - 2
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict (channel keys become strings)."""
+        return {
+            "resolution": self.resolution,
+            "z_dim": self.z_dim,
+            "w_dim": self.w_dim,
+            "mapping_layers": self.mapping_layers,
+            "channels": {str(k): v for k, v in self.channels.items()},
+            "lr_multiplier": self.lr_multiplier,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GeneratorConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise InvalidInput(f"unknown GeneratorConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclasses.dataclass
+class StyleLayer:
+    """One affine (style) layer of the synthesis network, in synthesis order."""
+
+    index: int  # position in style_layers() (the key of style_deltas)
+    ws_index: int  # row of ws feeding this affine
+    affine_weight: torch.Tensor  # (C_in, w_dim) stored weight (used × 1/sqrt(w_dim))
+    affine_bias: torch.Tensor  # (C_in,)
+    kind: str  # "conv" | "torgb"
+    channels: int  # C_in, the length of the style vector
+    resolution: int
+
+
+# ----------------------------------------------------------------------------------------------- functional ops
+
+
+def fir_kernel(dtype=torch.float32, device=None) -> torch.Tensor:
+    """(4,4) normalised separable [1,3,3,1] filter (sums to 1)."""
+    k = torch.tensor(FIR_TAPS, dtype=torch.float64)
+    k = torch.outer(k, k)
+    return (k / k.sum()).to(dtype=dtype, device=device)
+
+
+def bias_lrelu_(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``lrelu(x + b, 0.2) * sqrt(2)`` for (N,C,H,W) x; in place when x is a fresh intermediate."""
+    # lrelu is positively homogeneous, so the gain goes first and the saved lrelu result stays unmodified.
+    x = x.add_(bias.to(x.dtype).view(1, -1, 1, 1)).mul_(SQRT2)
+    return F.leaky_relu_(x, LRELU_SLOPE)
+
+
+def upsample_fir(x: torch.Tensor, fir: torch.Tensor) -> torch.Tensor:
+    """2× upsampling of (N,C,H,W): zero insertion + 4×4 FIR (gain 4), padding (2,1) → (N,C,2H,2W)."""
+    c = x.shape[1]
+    k = (fir * 4).to(x.dtype).expand(c, 1, 4, 4)
+    return F.conv_transpose2d(x, k, stride=2, padding=1, groups=c)
+
+
+def blur_after_transpose(x: torch.Tensor, fir: torch.Tensor) -> torch.Tensor:
+    """The FIR after a stride-2 transposed 3×3 conv: (N,C,2H+1,2W+1) → (N,C,2H,2W), gain 4, padding 1."""
+    c = x.shape[1]
+    k = (fir * 4).to(x.dtype).expand(c, 1, 4, 4)
+    return F.conv2d(x, k, padding=1, groups=c)
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+class FullyConnected(nn.Module):
+    """Equalised-learning-rate linear layer: ``x @ (W·lr/√in)ᵀ + b·lr`` (weights stored ÷ lr, as both references)."""
+
+    def __init__(self, in_features: int, out_features: int, lr_multiplier: float = 1.0, bias_init: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_multiplier)
+        self.bias = nn.Parameter(torch.full((out_features,), float(bias_init)))
+        self.weight_gain = lr_multiplier / math.sqrt(in_features)
+        self.bias_gain = lr_multiplier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) * self.weight_gain
+        b = self.bias.to(x.dtype) * self.bias_gain
+        return torch.addmm(b, x, w.t())
+
+
+class StyleConv(nn.Module):
+    """Modulated 3×3 conv (optionally 2× up), noise, bias, lrelu·√2.  (N,C_in,H,W) → (N,C_out,H·up,W·up)."""
+
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, up: bool):
+        super().__init__()
+        self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 3, 3))
+        self.noise_strength = nn.Parameter(torch.zeros(()))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.register_buffer("noise_const", torch.randn(resolution, resolution))
+        self.resolution = resolution
+        self.up = up
+
+    def forward(self, x, w, fir, noise_mode="const", noise=None, style_delta=None):
+        styles = self.affine(w)  # (N, C_in)
+        if style_delta is not None:
+            styles = styles + style_delta.to(styles.dtype)
+        n = x.shape[0]
+        weight = self.weight
+        # Demodulation coefficients (N, C_out) = rsqrt(Σ_i s_i² Σ_k W_oik² + eps), in fp32.
+        wsq = weight.float().square().sum(dim=(2, 3))  # (O, I)
+        dcoef = torch.rsqrt(styles.float().square() @ wsq.t() + DEMOD_EPS).to(x.dtype)
+        styles = styles.to(x.dtype)
+        if n == 1:
+            # Fold style and demodulation into the weight: one plain conv.
+            wmod = weight.to(x.dtype) * (styles[0].view(1, -1, 1, 1) * dcoef[0].view(-1, 1, 1, 1))
+            if self.up:
+                y = F.conv_transpose2d(x, wmod.transpose(0, 1), stride=2)
+                y = blur_after_transpose(y, fir)
+            else:
+                y = F.conv2d(x, wmod, padding=1)
+        else:
+            xs = x * styles.view(n, -1, 1, 1)
+            wt = weight.to(x.dtype)
+            if self.up:
+                y = F.conv_transpose2d(xs, wt.transpose(0, 1), stride=2)
+                y = blur_after_transpose(y, fir)
+            else:
+                y = F.conv2d(xs, wt, padding=1)
+            y = y.mul_(dcoef.view(n, -1, 1, 1))
+        if noise is None:
+            if noise_mode == "const":
+                noise = self.noise_const
+            elif noise_mode == "random":
+                noise = torch.randn(n, 1, y.shape[2], y.shape[3], device=y.device, dtype=y.dtype)
+        if noise is not None:
+            y = y.add_(noise.to(y.dtype) * self.noise_strength.to(y.dtype))
+        return bias_lrelu_(y, self.bias)
+
+
+class ToRGB(nn.Module):
+    """Modulated 1×1 conv to 3 channels (styles × 1/√C_in, no demodulation) + bias.  (N,C,H,W) → (N,3,H,W)."""
+
+    def __init__(self, in_channels: int, w_dim: int, img_channels: int = 3):
+        super().__init__()
+        self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
+        self.weight = nn.Parameter(torch.randn(img_channels, in_channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(img_channels))
+        self.weight_gain = 1.0 / math.sqrt(in_channels)
+
+    def forward(self, x, w, style_delta=None):
+        styles = self.affine(w)
+        if style_delta is not None:
+            styles = styles + style_delta.to(styles.dtype)
+        styles = (styles * self.weight_gain).to(x.dtype)
+        n, c, h, wd = x.shape
+        weight = self.weight.to(x.dtype)
+        if n == 1:
+            y = F.conv2d(x, weight * styles.view(1, -1, 1, 1), bias=self.bias.to(x.dtype))
+        else:
+            wmod = weight[:, :, 0, 0].unsqueeze(0) * styles.unsqueeze(1)  # (N, 3, C)
+            y = torch.bmm(wmod, x.reshape(n, c, h * wd)).view(n, -1, h, wd)
+            y = y + self.bias.to(x.dtype).view(1, -1, 1, 1)
+        return y
+
+
+# ----------------------------------------------------------------------------------------------- generator
+
+
+class Generator(nn.Module):
+    """StyleGAN2 generator.  ``mapping(z) -> ws``, ``synthesis(ws) -> (N,3,H,W)`` (≈[-1,1], unclamped).
+
+    Parameters (state-dict names): ``mapping_fcs.{i}.{weight,bias}``, buffer ``w_avg (w_dim,)``,
+    ``const (C4,4,4)``, ``convs.{j}`` (synthesis order: 4×4 conv, then up-conv and conv per resolution)
+    and ``torgbs.{k}`` (one per resolution).
+    """
+
+    def __init__(self, config: GeneratorConfig):
+        super().__init__()
+        if isinstance(config, dict):
+            config = GeneratorConfig.from_dict(config)
+        self.config = config
+        self.resolution = config.resolution
+        self.z_dim = config.z_dim
+        self.w_dim = config.w_dim
+        self.num_ws = config.num_ws
+        ch = config.channels
+        self.mapping_fcs = nn.ModuleList(
+            FullyConnected(config.z_dim if i == 0 else config.w_dim, config.w_dim, config.lr_multiplier)
+            for i in range(config.mapping_layers)
+        )
+        self.register_buffer("w_avg", torch.zeros(config.w_dim))
+        self.const = nn.Parameter(torch.randn(ch[4], 4, 4))
+        convs = [StyleConv(ch[4], ch[4], config.w_dim, 4, up=False)]
+        torgbs = [ToRGB(ch[4], config.w_dim)]
+        for res in config.resolutions[1:]:
+            convs.append(StyleConv(ch[res // 2], ch[res], config.w_dim, res, up=True))
+            convs.append(StyleConv(ch[res], ch[res], config.w_dim, res, up=False))
+            torgbs.append(ToRGB(ch[res], config.w_dim))
+        self.convs = nn.ModuleList(convs)
+        self.torgbs = nn.ModuleList(torgbs)
+        self.register_buffer("fir", fir_kernel(), persistent=False)
+        if not self.const.is_meta:
+            self.reset_w_avg()
+
+    # -- mapping ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_w_avg(self, num_samples: int = 4096, seed: int = 0) -> torch.Tensor:
+        """Set ``w_avg`` to the mean mapping output over ``num_samples`` seeded z (does not touch the global RNG)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        z = torch.randn(num_samples, self.z_dim, generator=gen).to(self.w_avg.device)
+        dtype = self.mapping_fcs[0].weight.dtype
+        self.w_avg.copy_(self._map(z.to(dtype)).mean(0).to(self.w_avg.dtype))
+        return self.w_avg
+
+    def _map(self, z: torch.Tensor) -> torch.Tensor:
+        x = z * torch.rsqrt(z.square().mean(dim=1, keepdim=True) + 1e-8)  # PixelNorm
+        for fc in self.mapping_fcs:
+            x = F.leaky_relu(fc(x), LRELU_SLOPE) * SQRT2
+        return x
+
+    def mapping(self, z: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: Optional[int] = None):
+        """z (N, z_dim) → ws (N, num_ws, w_dim); truncation ``w_avg + ψ (w - w_avg)`` on the first
+        ``truncation_cutoff`` rows (all rows when None)."""
+        if z.ndim != 2 or z.shape[1] != self.z_dim:
+            raise InvalidInput(f"z must be (N, {self.z_dim}), got {tuple(z.shape)}")
+        dtype = self.mapping_fcs[0].weight.dtype
+        w = self._map(z.to(dtype))
+        ws = w.unsqueeze(1).repeat(1, self.num_ws, 1)
+        if truncation_psi != 1:
+            avg = self.w_avg.to(ws.dtype)
+            if truncation_cutoff is None:
+                ws = avg.lerp(ws, truncation_psi)
+            else:
+                ws = ws.clone()
+                ws[:, :truncation_cutoff] = avg.lerp(ws[:, :truncation_cutoff], truncation_psi)
+        return ws
+
+    # -- synthesis ----------------------------------------------------------------------------------------------
+
+    def style_layers(self) -> list:
+        """Every affine of the synthesis network in synthesis order (see :class:`StyleLayer`)."""
+        out = []
+        res_list = self.config.resolutions
+        for i, res in enumerate(res_list):
+            k = int(math.log2(res))
+            if i == 0:
+                mods = [(self.convs[0], "conv", 0), (self.torgbs[0], "torgb", 1)]
+            else:
+                mods = [
+                    (self.convs[2 * i - 1], "conv", 2 * k - 5),
+                    (self.convs[2 * i], "conv", 2 * k - 4),
+                    (self.torgbs[i], "torgb", 2 * k - 3),
+                ]
+            for mod, kind, wi in mods:
+                out.append(StyleLayer(len(out), wi, mod.affine.weight, mod.affine.bias, kind,
+                                      mod.affine.weight.shape[0], res))
+        return out
+
+    def synthesis(
+        self,
+        ws: torch.Tensor,
+        noise_mode: str = "const",
+        style_deltas: Optional[dict] = None,
+        noise: Optional[Sequence[torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """ws (N, num_ws, w_dim) → images (N,3,H,W), ≈[-1,1] (not clamped).
+
+        ``noise_mode``: "const" (stored buffers), "random" (fresh N(0,1)), "none". ``noise``: explicit tensors, one
+        per conv in synthesis order (each broadcastable to (N,1,R,R)); overrides ``noise_mode``.
+        ``style_deltas``: {style_layer_index: (C_in,) or (N, C_in)} added to that layer's affine output.
+        """
+        if ws.ndim != 3 or ws.shape[1] != self.num_ws or ws.shape[2] != self.w_dim:
+            raise InvalidInput(f"ws must be (N, {self.num_ws}, {self.w_dim}), got {tuple(ws.shape)}")
+        if noise_mode not in ("const", "random", "none"):
+            raise InvalidInput(f"noise_mode must be 'const', 'random' or 'none', got {noise_mode!r}")
+        if noise is not None and len(noise) != len(self.convs):
+            raise InvalidInput(f"noise must list {len(self.convs)} tensors, got {len(noise)}")
+        deltas = style_deltas or {}
+        n_styles = 3 * len(self.torgbs) - 1
+        bad = [k for k in deltas if not 0 <= int(k) < n_styles]
+        if bad:
+            raise InvalidInput(f"style_deltas keys out of range 0..{n_styles - 1}: {bad}")
+        dtype = self.const.dtype
+        if torch.is_autocast_enabled(ws.device.type) and ws.device.type != "cpu":
+            dtype = torch.get_autocast_dtype(ws.device.type)
+        ws = ws.to(dtype)
+        fir = self.fir.to(dtype)
+        noise_mode = "none" if noise_mode == "none" else noise_mode
+        x = self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+        img = None
+        si = 0  # style layer index
+        ci = 0  # conv index
+        with torch.autocast(ws.device.type, enabled=False):
+            for i, torgb in enumerate(self.torgbs):
+                k = i + 2
+                rows = [0] if i == 0 else [2 * k - 5, 2 * k - 4]
+                for r in rows:
+                    nz = None if noise is None else noise[ci]
+                    x = self.convs[ci](x, ws[:, r], fir, noise_mode, nz, deltas.get(si))
+                    ci += 1
+                    si += 1
+                r = 1 if i == 0 else 2 * k - 3
+                y = torgb(x, ws[:, r], deltas.get(si))
+                si += 1
+                img = y if img is None else upsample_fir(img, fir).add_(y)
+        return img
+
+    def forward(self, z: torch.Tensor, truncation_psi: float = 1.0, noise_mode: str = "const") -> torch.Tensor:
+        """z (N, z_dim) → images (N,3,H,W)."""
+        return self.synthesis(self.mapping(z, truncation_psi), noise_mode=noise_mode)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"resolution={c.resolution}, z_dim={c.z_dim}, w_dim={c.w_dim}, mapping_layers={c.mapping_layers}"
