@@ -1,0 +1,264 @@
+"""plugins/common: the stdlib HTTP client against a scripted loopback HTTP server, and the pixel helpers.
+
+The scripted server here is a test double for transport behaviour (auth header, error bodies, timeouts,
+job polling); the real server is exercised by tests/server and tests/hosts.
+"""
+from __future__ import annotations
+
+import http.server
+import socket
+import struct
+import threading
+
+import msgpack
+import numpy as np
+import pytest
+
+from plugins.common import client as C
+from plugins.common import pixels as P
+
+TOKEN = "s3cret-token"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    routes: dict = {}
+    log: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def _handle(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(n) if n else b""
+        body = msgpack.unpackb(raw, raw=False) if raw else None
+        self.log.append((self.command, self.path, self.headers.get("Authorization"), self.headers.get("Content-Type"), body))
+        fn = self.routes.get((self.command, self.path))
+        if fn is None:
+            status, out = 404, {"error": "not_found", "message": "no route " + self.path, "field": None}
+        else:
+            status, out = fn(self, body)
+        if self.path != "/v1/health" and self.headers.get("Authorization") != "Bearer " + TOKEN:
+            status, out = 401, {"error": "unauthorized", "message": "bad or missing token", "field": None}
+        data = msgpack.packb(out, use_bin_type=True)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/msgpack")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_DELETE = _handle
+
+
+@pytest.fixture
+def server(tmp_path):
+    Handler.routes, Handler.log = {}, []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    yield httpd, "http://127.0.0.1:%d" % httpd.server_address[1], token_file
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_health_needs_no_token_and_models_sends_bearer(server, monkeypatch):
+    _, url, token_file = server
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:1")  # a proxy must never be used for loopback
+    Handler.routes[("GET", "/v1/health")] = lambda h, b: (200, {"version": "1", "models": ["face64"]})
+    Handler.routes[("GET", "/v1/models")] = lambda h, b: (200, {"models": [{"name": "face64", "directions": []}]})
+    c = C.Client(url, token_file=str(token_file))
+    assert c.health()["models"] == ["face64"]
+    assert Handler.log[-1][2] is None
+    assert c.models() == [{"name": "face64", "directions": []}]
+    assert Handler.log[-1][2] == "Bearer " + TOKEN
+
+
+def test_wrong_or_missing_token(server, tmp_path):
+    _, url, _ = server
+    Handler.routes[("GET", "/v1/models")] = lambda h, b: (200, {"models": []})
+    bad = tmp_path / "bad"
+    bad.write_text("nope")
+    with pytest.raises(C.Unauthorized, match="rejected the token"):
+        C.Client(url, token_file=str(bad)).models()
+    with pytest.raises(C.Unauthorized, match="does not exist"):
+        C.Client(url, token_file=str(tmp_path / "missing")).models()
+    empty = tmp_path / "empty"
+    empty.write_text("  \n")
+    with pytest.raises(C.Unauthorized, match="empty"):
+        C.Client(url, token_file=str(empty)).models()
+
+
+def test_server_not_running():
+    c = C.Client("http://127.0.0.1:%d" % free_port(), token="x", timeout=2)
+    with pytest.raises(C.ServerNotRunning, match="not running at http://127.0.0.1"):
+        c.health()
+
+
+def test_bad_url_is_refused():
+    with pytest.raises(C.ClientError, match="not an http"):
+        C.Client("ftp://x")
+
+
+def test_timeout_is_reported():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)  # accepts the connection, never answers
+    try:
+        c = C.Client("http://127.0.0.1:%d" % s.getsockname()[1], token="x", timeout=0.5)
+        with pytest.raises(C.ServerTimeout, match="did not answer"):
+            c.health()
+    finally:
+        s.close()
+
+
+def test_error_body_becomes_server_error(server):
+    _, url, token_file = server
+    Handler.routes[("POST", "/v1/sessions")] = lambda h, b: (422, {"error": "invalid_field", "message": "method: must be one of pti",
+                                                                   "field": "method"})
+    c = C.Client(url, token_file=str(token_file))
+    with pytest.raises(C.ServerError) as ei:
+        c.create_session(P.pack_layer(bytes(8 * 8 * 4), 8, 8, "rgba8"), method="bogus")
+    assert (ei.value.status, ei.value.code, ei.value.field) == (422, "invalid_field", "method")
+    assert "must be one of" in str(ei.value)
+
+
+def test_create_session_body_and_job_polling_with_cancel(server):
+    _, url, token_file = server
+    polls = []
+
+    def job(h, b):
+        polls.append(1)
+        if any(entry[0] == "DELETE" for entry in Handler.log):
+            return 200, {"state": "cancelled", "progress": 0.5, "stage": "project", "message": "cancelled"}
+        return 200, {"state": "running", "progress": 0.1 * len(polls), "stage": "project", "message": ""}
+
+    Handler.routes[("POST", "/v1/sessions")] = lambda h, b: (201, {"session_id": "s1", "job_id": "j1"})
+    Handler.routes[("GET", "/v1/jobs/j1")] = job
+    Handler.routes[("DELETE", "/v1/jobs/j1")] = lambda h, b: (200, {"state": "cancelling"})
+    c = C.Client(url, token_file=str(token_file))
+    layer = P.pack_layer(bytes(range(256)) * 1, 8, 8, "rgba8", x=3, y=4)
+    sel = P.pack_selection(bytes([255]) * 64, 8, 8, 3, 4)
+    out = c.create_session(layer, sel, model="face64", method="w", align="none", options={"project_steps": 10})
+    assert out == {"session_id": "s1", "job_id": "j1"}
+    method, path, auth, ctype, body = Handler.log[-1]
+    assert ctype == "application/msgpack"
+    assert body["layer"]["data"] == layer["data"] and body["layer"]["x"] == 3
+    assert body["selection"]["format"] == "gray8"
+    assert (body["model"], body["method"], body["align"], body["options"]) == ("face64", "w", "none", {"project_steps": 10})
+    seen = []
+    with pytest.raises(C.JobCancelled):
+        c.wait_job("j1", on_progress=seen.append, should_cancel=lambda: len(seen) >= 2, poll_interval=0.01)
+    assert [e[0] for e in Handler.log].count("DELETE") == 1
+    assert seen[-1]["state"] == "cancelled"
+
+
+def test_failed_job_carries_code_and_friendly_message():
+    with pytest.raises(C.JobFailed) as ei:
+        C.check_job({"state": "failed", "error": {"error": "no_face", "message": "no face detected", "field": None}})
+    assert ei.value.code == "no_face" and "No face was found" in str(ei.value)
+    with pytest.raises(C.JobFailed, match="boom"):
+        C.check_job({"state": "failed", "error": "internal", "message": "boom"})
+    C.check_job({"state": "running"})
+
+
+def test_render_request_and_result_layers(server):
+    _, url, token_file = server
+    res = P.pack_layer(bytes(16 * 4), 4, 4, "rgba8")
+    Handler.routes[("POST", "/v1/sessions/s1/render")] = lambda h, b: (200, {"layer": res})
+    c = C.Client(url, token_file=str(token_file))
+    out = c.render("s1", [("smile", 1.5)], feather=4, format="rgba16")
+    assert Handler.log[-1][4] == {"edits": [{"direction": "smile", "strength": 1.5}], "feather": 4.0, "format": "rgba16"}
+    assert C.result_layers(out) == [res]
+    assert C.result_layers({"layers": [res, res]}) == [res, res]
+    with pytest.raises(C.ServerError, match="no layer"):
+        C.result_layers({"foo": 1})
+
+
+# --- pixels ---
+
+def test_swap_red_blue_8_16_bit():
+    rng = np.random.default_rng(0)
+    bgra8 = rng.integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    rgba = np.frombuffer(P.swap_red_blue(bgra8.tobytes(), 1), np.uint8).reshape(5, 7, 4)
+    assert (rgba == bgra8[..., [2, 1, 0, 3]]).all()
+    bgra16 = rng.integers(0, 65536, (5, 7, 4), dtype=np.uint16).astype("<u2")
+    rgba16 = np.frombuffer(P.swap_red_blue(bgra16.tobytes(), 2), "<u2").reshape(5, 7, 4)
+    assert (rgba16 == bgra16[..., [2, 1, 0, 3]]).all()
+    assert P.swap_red_blue(P.swap_red_blue(bgra16.tobytes(), 2), 2) == bgra16.tobytes()
+    with pytest.raises(P.PixelError):
+        P.swap_red_blue(b"abc", 1)
+
+
+def test_depth_conversions_are_exact_where_they_can_be():
+    v8 = np.arange(256, dtype=np.uint8)
+    v16 = np.frombuffer(P.convert_samples(v8.tobytes(), "rgba8", "rgba16"), "<u2")
+    assert (v16 == v8.astype(np.uint32) * 257).all()
+    assert P.convert_samples(v16.tobytes(), "rgba16", "rgba8") == v8.tobytes()
+    any16 = np.arange(0, 65536, 7, dtype="<u2")
+    back8 = np.frombuffer(P.convert_samples(any16.tobytes(), "rgba16", "rgba8"), np.uint8)
+    assert (back8 == np.rint(any16 / 257.0)).all()
+    f = np.frombuffer(P.convert_samples(v8.tobytes(), "rgba8", "rgbaf32"), "<f4")
+    assert np.allclose(f, v8 / 255.0)
+    assert P.convert_samples(f.tobytes(), "rgbaf32", "rgba8") == v8.tobytes()
+    odd = np.array([-1.0, 2.0, np.nan, 0.5], "<f4")
+    assert list(P.convert_samples(odd.tobytes(), "rgbaf32", "rgba8")) == [0, 255, 0, 128]
+    assert list(np.frombuffer(P.convert_samples(odd.tobytes(), "rgbaf32", "rgba16"), "<u2")) == [0, 65535, 0, 32768]
+
+
+def test_half_float_round_trip():
+    vals = np.array([0.0, 0.25, 1.0, -2.0, 0.1], np.float16)
+    f32 = np.frombuffer(P.half_to_float32(vals.astype("<f2").tobytes()), "<f4")
+    assert (f32 == vals.astype(np.float32)).all()
+    assert P.float32_to_half(f32.tobytes()) == vals.astype("<f2").tobytes()
+
+
+def test_transfer_curves_match_srgb_formula_and_keep_alpha():
+    lin = np.array([[0.0, 0.001, 0.2, 0.7], [1.0, 0.5, 0.05, 0.3]], "<f4")
+    enc = np.frombuffer(P.transfer_rgb(lin.tobytes(), "rgbaf32", True), "<f4").reshape(2, 4)
+    ref = np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * np.power(lin, 1 / 2.4) - 0.055)
+    assert np.allclose(enc[:, :3], ref[:, :3], atol=1e-6) and (enc[:, 3] == lin[:, 3]).all()
+    dec = np.frombuffer(P.transfer_rgb(enc.tobytes(), "rgbaf32", False), "<f4").reshape(2, 4)
+    assert np.allclose(dec, lin, atol=1e-6)
+    v16 = (lin * 65535).round().astype("<u2")
+    e16 = np.frombuffer(P.transfer_rgb(v16.tobytes(), "rgba16", True), "<u2").reshape(2, 4)
+    assert np.abs(e16[:, :3].astype(float) / 65535 - ref[:, :3]).max() < 2e-4 and (e16[:, 3] == v16[:, 3]).all()
+
+
+def test_pack_and_unpack_layer_with_stride():
+    data = bytes(range(48))
+    wire = P.pack_layer(data, 3, 4, "rgba8", 5, 6, "face")
+    assert wire == {"width": 3, "height": 4, "format": "rgba8", "stride": 12, "data": data, "x": 5, "y": 6, "name": "face"}
+    padded = b"".join(data[r * 12:(r + 1) * 12] + b"\xee" * 4 for r in range(4))
+    assert P.unpack_layer({"width": 3, "height": 4, "format": "rgba8", "stride": 16, "data": padded}) == (data, 3, 4, "rgba8", 0, 0)
+    with pytest.raises(P.PixelError, match="needs 48 bytes"):
+        P.pack_layer(data[:-1], 3, 4, "rgba8")
+    with pytest.raises(P.PixelError, match="unknown"):
+        P.unpack_layer({"width": 1, "height": 1, "format": "cmyk", "data": b""})
+    with pytest.raises(P.PixelError, match="too short"):
+        P.unpack_layer({"width": 3, "height": 4, "format": "rgba16", "data": data})
+
+
+def test_selection_helpers():
+    m = np.zeros((6, 9), np.uint8)
+    m[2:4, 3:7] = 200
+    m[5, 8] = 10
+    assert P.selection_bbox(m.tobytes(), 9, 6) == (3, 2, 9, 6)
+    assert P.selection_bbox(m.tobytes(), 9, 6, threshold=127) == (3, 2, 7, 4)
+    assert P.selection_bbox(bytes(54), 9, 6) is None
+    assert P.pack_selection(m.tobytes(), 9, 6, 1, 2)["stride"] == 9
+    with pytest.raises(P.PixelError):
+        P.pack_selection(b"\x00", 9, 6)
+
+
+def test_float_wire_is_little_endian():
+    wire = P.pack_layer(struct.pack("<4f", 0.0, 0.5, 1.0, 1.0), 1, 1, "rgbaf32")
+    assert np.frombuffer(wire["data"], "<f4").tolist() == [0.0, 0.5, 1.0, 1.0]
