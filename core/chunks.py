@@ -1,0 +1,488 @@
+"""ChunkyGAN (Šubrtová et al. 2022) segment inversion, local edits and seamless compositing.
+
+n segments with soft masks ``S_i`` (normalised to sum 1 where anything is selected) each get their own
+latent code ``X_i``; the output is
+
+    O = S^X·I + (1 − S^X)·Σ_i G(X_i)·S_i            S^X = 1 where the masks sum to 0 (the static region)
+
+and the codes minimise  masked LPIPS(O, I) + λ_L2·masked MSE(O, I) + λ_reg Σ_i ‖X_i − X̄‖²  (Eq. 2–3), the
+image terms evaluated on the dilated selection's bounding box only. Optional extras: low-resolution soft-mask
+refinement for several segments, segment-restricted pivotal tuning (PTI on the masked loss only) and
+hole-filling refinement (§5): re-fit one code inside a correction mask starting from the edited code.
+
+A :class:`SegmentSession` keeps the codes, masks and unedited renders, so a re-edit is one generator forward
+(of the edited segments' codes, batched) plus compositing. Pixels where the composite alpha is 0 are
+bit-identical to the input image.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from core.blend import color_match as _color_match
+from core.blend import composite, feather_mask, poisson_blend
+from core.common import CancelLike, InvalidInput, ProgressFn, check_cancel
+from core.project import learning_rate
+
+SPACES = ("w", "w+")
+BLENDS = ("alpha", "poisson")
+
+
+@dataclasses.dataclass
+class ChunksOptions:
+    """Segment-inversion settings; defaults cite their source."""
+
+    steps: int = 200  # Chunkmogrify README: "100 or 200 is ok, 500 is max"
+    initial_learning_rate: float = 0.1  # Chunkmogrify _config.yaml lr 0.1 (= Karras et al. 2020 projector)
+    lr_rampup_length: float = 0.05  # Karras et al. 2020 projector
+    lr_rampdown_length: float = 0.25  # Karras et al. 2020 projector
+    initial_noise_factor: float = 0.05  # Karras et al. 2020 projector: code noise × w std, ramped down
+    noise_ramp_length: float = 0.75  # Karras et al. 2020 projector
+    w_avg_samples: int = 600  # PTI base_coach.py: 600 samples for w_avg / w_std
+    reg: float = 1.0  # ChunkyGAN Eq. 3 λ_reg = 1 (W+); here per element, in units of the W distribution's variance
+    lpips_weight: float = 1.0  # ChunkyGAN Eq. 2: LPIPS reconstruction loss
+    l2_weight: float = 1.0  # PTI hyperparameters pt_l2_lambda = 1 (Chunkmogrify tunes on MSE + LPIPS); our choice here
+    net: str = "vgg"  # Chunkmogrify / Karras projector: VGG16 LPIPS
+    lpips_size: int = 256  # PTI w_projector: LPIPS at 256² (area downsampling)
+    dilate: int = 3  # Chunkmogrify: the loss sees the region inside a 7×7-dilated mask (radius 3)
+    crop_pad: int = 8  # extra context around the dilated mask's bounding box; our choice
+    noise_mode: str = "const"  # PTI synthesis noise_mode='const'
+    refine_masks: bool = False  # Chunkmogrify "multimask descent"; only with several segments
+    mask_resolution: int = 16  # low-resolution grid of the refined soft-mask logits; our choice
+    mask_lr: float = 0.05  # learning rate of the mask logits; our choice
+    tune_lr: float = 3e-4  # PTI hyperparameters pti_learning_rate; Chunkmogrify stylegan_tune.py
+    feather: float = 4.0  # default inward feather (generator pixels) of SegmentSession.render; our choice
+    refine_steps: int = 100  # hole-filling refinement steps; our choice (half the inversion budget)
+    refine_anchor: float = 0.1  # ‖X' − X_edited‖² weight during hole filling (per element / w variance); our choice
+    ring: int = 4  # width (px) of the static ring matched to the input around a correction; our choice
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+def _check_image(G, image: torch.Tensor) -> torch.Tensor:
+    if not torch.is_tensor(image):
+        raise InvalidInput(f"image must be a tensor, got {type(image).__name__}")
+    if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
+        raise InvalidInput(f"image must be (1,3,H,W); got {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise InvalidInput(f"image must be a float tensor in [-1,1]; got dtype {image.dtype}")
+    res = int(G.resolution)
+    if tuple(image.shape[-2:]) != (res, res):
+        raise InvalidInput(f"image is {tuple(image.shape[-2:])} but the generator's resolution is {res}×{res}")
+    if not bool(torch.isfinite(image).all()):
+        raise InvalidInput("image contains NaN or infinite values")
+    return image.float()
+
+
+def check_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Validate segment masks: ``(H,W)``, ``(n,H,W)`` or ``(n,1,H,W)`` in [0,1] -> ``(n,1,H,W)`` float32.
+
+    Raises InvalidInput for a wrong size, NaN / out-of-range values and empty segments.
+    """
+    if not torch.is_tensor(masks):
+        raise InvalidInput(f"masks must be a tensor, got {type(masks).__name__}")
+    if masks.dtype == torch.bool:
+        masks = masks.float()
+    if not masks.is_floating_point():
+        raise InvalidInput(f"masks must be float in [0,1]; got dtype {masks.dtype}")
+    if masks.ndim == 2:
+        masks = masks[None, None]
+    elif masks.ndim == 3:
+        masks = masks[:, None]
+    if masks.ndim != 4 or masks.shape[1] != 1 or masks.shape[0] < 1:
+        raise InvalidInput(f"masks must be (n,H,W); got {tuple(masks.shape)}")
+    if tuple(masks.shape[-2:]) != tuple(size):
+        raise InvalidInput(f"masks are {tuple(masks.shape[-2:])} but the image is {tuple(size)}")
+    if not bool(torch.isfinite(masks).all()):
+        raise InvalidInput("masks contain NaN or infinite values")
+    if float(masks.min()) < 0 or float(masks.max()) > 1:
+        raise InvalidInput(f"mask values must lie in [0,1]; got [{float(masks.min()):.3g}, {float(masks.max()):.3g}]")
+    empty = [i for i in range(masks.shape[0]) if not bool((masks[i] > 0).any())]
+    if empty:
+        raise InvalidInput(f"segment mask(s) {empty} are empty (nothing selected)")
+    return masks.float()
+
+
+def normalize_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment weights ``S`` (n,1,H,W) summing to 1 where any mask is > 0 (0 elsewhere), and the soft
+    coverage ``clamp(Σ masks, 0, 1)`` (1,1,H,W) that becomes the composite alpha before feathering."""
+    total = masks.sum(0, keepdim=True)
+    S = torch.where(total > 0, masks / total.clamp(min=1e-12), torch.zeros_like(masks))
+    return S, total.clamp(0.0, 1.0)
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Square (2r+1)² max-filter dilation. ``(N,1,H,W)`` -> same."""
+    if radius <= 0:
+        return mask
+    return F.max_pool2d(mask, 2 * radius + 1, stride=1, padding=radius)
+
+
+# ------------------------------------------------------------------------------------------------ latents
+
+def w_stats(G, samples: int, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """``w_avg`` (w_dim,) and the per-element variance of W around it (core.project.w_statistics)."""
+    from core.project import w_statistics
+
+    w_avg, w_std = w_statistics(G, samples, seed)
+    return w_avg.reshape(-1), max(w_std * w_std / G.w_dim, 1e-8)
+
+
+def code_spread(ws: torch.Tensor) -> float:
+    """Mean over segments of ``‖X_i − X̄‖²`` per element (0 for one segment). ws ``(n,num_ws,w_dim)``."""
+    return float((ws - ws.mean(0, keepdim=True)).square().mean())
+
+
+def seam_energy(delta: torch.Tensor, masks: torch.Tensor) -> float:
+    """Mean squared jump of ``delta`` (an edit's image change, (1,C,H,W)) between 4-neighbours that belong
+    to different segments (arg-max of ``masks`` (n,1,H,W), inside the selection). Lower = more coherent."""
+    labels = masks.argmax(0)[0]  # (H,W)
+    inside = masks.sum(0)[0] > 0
+    d = delta[0]
+    jumps = []
+    for dy, dx in ((0, 1), (1, 0)):
+        a_l, b_l = labels[: labels.shape[0] - dy, : labels.shape[1] - dx], labels[dy:, dx:]
+        a_in, b_in = inside[: inside.shape[0] - dy, : inside.shape[1] - dx], inside[dy:, dx:]
+        pair = (a_l != b_l) & a_in & b_in
+        if bool(pair.any()):
+            diff = d[:, : d.shape[1] - dy, : d.shape[2] - dx] - d[:, dy:, dx:]
+            jumps.append(diff.square().sum(0)[pair])
+    if not jumps:
+        return 0.0
+    return float(torch.cat(jumps).mean())
+
+
+def edit_inputs(G, ws: torch.Tensor, edits, registry=None) -> tuple[torch.Tensor, Optional[dict]]:
+    """``(edited ws, style_deltas or None)`` for ``edits`` [(direction, strength[, layers]), ...] where a
+    direction is a ``core.edits.Direction``, a name in ``registry`` or a raw W tensor (w_dim,)/(num_ws,w_dim)."""
+    from core.edits import Direction
+    from core.edits import edit_inputs as _inputs
+
+    items = []
+    for item in edits:
+        if isinstance(item, (tuple, list)) and item and torch.is_tensor(item[0]):
+            item = (Direction(name="tensor", vector=item[0]), *item[1:])
+        items.append(item)
+    ws_e, deltas = _inputs(ws, items, G, registry)
+    return ws_e, (deltas or None)
+
+
+# -------------------------------------------------------------------------------------------------- session
+
+class SegmentSession:
+    """Inversion state of one image: generator (possibly tuned), codes, masks and cached unedited renders.
+
+    ``image`` (1,3,H,W) in [-1,1]; ``masks`` normalised segment weights (n,1,H,W) summing to 1 on the
+    selection; ``coverage`` (1,1,H,W) the soft selection; ``ws`` (n,num_ws,w_dim).
+    """
+
+    def __init__(self, G, image: torch.Tensor, masks: torch.Tensor, coverage: torch.Tensor, ws: torch.Tensor,
+                 options: Optional[ChunksOptions] = None, base_G=None, directions=None, info=None):
+        self.G = G
+        self.base_G = base_G if base_G is not None else G
+        self.image = image
+        self.masks = masks
+        self.coverage = coverage
+        self.ws = ws.detach()
+        self.options = options or ChunksOptions()
+        self.directions = directions
+        self.info = dict(info or {})
+        self._rec: Optional[torch.Tensor] = None  # (n,3,H,W) unedited G(X_i)
+
+    @property
+    def tuned(self) -> bool:
+        return self.G is not self.base_G
+
+    @property
+    def support(self) -> torch.Tensor:
+        """(1,1,H,W) bool: pixels belonging to some segment."""
+        return self.masks.sum(0, keepdim=True) > 0
+
+    @torch.no_grad()
+    def synthesize(self, ws: torch.Tensor, style_deltas: Optional[dict] = None) -> torch.Tensor:
+        """One batched generator forward: ws (k,num_ws,w_dim) -> (k,3,H,W)."""
+        if style_deltas:
+            return self.G.synthesis(ws, noise_mode=self.options.noise_mode, style_deltas=style_deltas)
+        return self.G.synthesis(ws, noise_mode=self.options.noise_mode)
+
+    def reconstructions(self) -> torch.Tensor:
+        """Cached unedited renders G(X_i), (n,3,H,W)."""
+        if self._rec is None:
+            self._rec = self.synthesize(self.ws)
+        return self._rec
+
+    def edited_codes(self, edits=None, segments: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Codes with the W-space ``edits`` applied to ``segments`` (all by default). (n,num_ws,w_dim).
+        Raises InvalidInput for StyleSpace edits (they are synthesis inputs, not codes)."""
+        idx = self._segments(segments)
+        if not edits or not idx:
+            return self.ws
+        ws = self.ws.clone()
+        ws[idx], deltas = edit_inputs(self.G, self.ws[idx], edits, self.directions)
+        if deltas:
+            raise InvalidInput("StyleSpace (S) edits cannot be baked into latent codes; use W-space edits here")
+        return ws
+
+    def _segments(self, segments) -> list[int]:
+        n = self.ws.shape[0]
+        if segments is None:
+            return list(range(n))
+        idx = sorted({int(s) for s in segments})
+        if any(i < 0 or i >= n for i in idx):
+            raise InvalidInput(f"segment indices {idx} out of range for {n} segment(s)")
+        return idx
+
+    def generated(self, edits=None, segments: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """``Σ_i G(X_i)·S_i`` on the selection, the input image elsewhere; (1,3,H,W).
+
+        Only the edited segments' codes are synthesised (one batched forward); the rest come from the cache.
+        """
+        rec = self.reconstructions()
+        idx = self._segments(segments)
+        if edits and idx:
+            outs = rec.clone()
+            ws_e, deltas = edit_inputs(self.G, self.ws[idx], edits, self.directions)
+            outs[idx] = self.synthesize(ws_e, deltas)
+        else:
+            outs = rec
+        mixed = (outs * self.masks).sum(0, keepdim=True)
+        return torch.where(self.support, mixed, self.image)
+
+    def layers(self, edits=None, feather: Optional[float] = None, blend: str = "alpha",
+               segments: Optional[Sequence[int]] = None, color_match: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The overlay (1,3,H,W) and its alpha (1,1,H,W): alpha is the feathered soft selection, exactly 0
+        outside it. ``blend="poisson"`` solves for the overlay in the gradient domain inside alpha > 0;
+        ``color_match`` applies the colour transfer that maps the unedited reconstruction onto the input."""
+        if blend not in BLENDS:
+            raise InvalidInput(f"blend must be one of {BLENDS}; got {blend!r}")
+        feather = self.options.feather if feather is None else float(feather)
+        if not math.isfinite(feather) or feather < 0:
+            raise InvalidInput(f"feather must be a finite radius >= 0; got {feather}")
+        gen = self.generated(edits, segments)
+        if color_match:
+            rec = self.generated()
+            gen = _color_match(rec, self.image, self.coverage, target=gen)
+        alpha = feather_mask(self.coverage * self.support, feather)
+        if blend == "poisson":
+            gen = poisson_blend(self.image, gen, alpha > 0)
+        return gen, alpha
+
+    @torch.no_grad()
+    def render(self, edits=None, feather: Optional[float] = None, blend: str = "alpha",
+               segments: Optional[Sequence[int]] = None, color_match: bool = False) -> torch.Tensor:
+        """The edited image (1,3,H,W) in [-1,1]; bit-identical to the input where the alpha is 0.
+
+        ``edits``: [(direction, strength), ...] with direction a tensor (w_dim,) / (num_ws,w_dim), a
+        ``core.edits.Direction`` or a name in ``self.directions``; applied to ``segments`` (all by default).
+        """
+        overlay, alpha = self.layers(edits, feather, blend, segments, color_match)
+        return composite(self.image, overlay, alpha)
+
+    def refine(self, correction_mask: torch.Tensor, edits=None, steps: Optional[int] = None,
+               segment: Optional[int] = None, segments: Optional[Sequence[int]] = None,
+               progress: ProgressFn = None, cancel: CancelLike = None) -> "SegmentSession":
+        """Hole filling (ChunkyGAN §5, Fig. 10): let edited content continue past a segment boundary.
+
+        The correction mask ``C`` (H,W) joins segment ``segment`` (default: the one it touches most). That
+        segment's code is re-fitted starting from its *edited* code: it must keep reproducing the edited render
+        on its old area and the input on a ring of static pixels just outside ``C``; inside ``C`` it is free.
+        Returns a new session whose codes have ``edits`` baked in for ``segments`` (render() with no edits
+        shows the edited, hole-filled result). ``self`` is not modified.
+        """
+        opts = self.options
+        steps = opts.refine_steps if steps is None else int(steps)
+        C = check_masks(correction_mask, tuple(self.image.shape[-2:]))
+        if C.shape[0] != 1:
+            raise InvalidInput("refine takes a single correction mask (H,W)")
+        ws_e = self.edited_codes(edits, segments)
+        n = ws_e.shape[0]
+        if segment is None:
+            touch = (self.masks * (dilate(C, 2) > 0)).flatten(1).sum(1)
+            segment = int(touch.argmax())
+        if not 0 <= segment < n:
+            raise InvalidInput(f"segment {segment} out of range for {n} segment(s)")
+        with torch.no_grad():
+            rec_e = self.synthesize(ws_e)
+            target = torch.where(self.support, (rec_e * self.masks).sum(0, keepdim=True), self.image)
+        # new masks: C taken from every segment and given to ``segment``
+        new_masks = self.masks * (1 - C)
+        new_masks[segment] = new_masks[segment] + C[0]
+        new_cov = torch.maximum(self.coverage, C[0])
+        old_area = self.masks[segment:segment + 1]
+        new_area = (new_masks[segment:segment + 1] > 0).float()
+        ring = (dilate(new_area, opts.ring) > 0).float() * (~self.support).float() * (1 - C[0])
+        weight = torch.clamp(old_area * (1 - C[0]) + ring, 0, 1)
+        _, w_var = w_stats(self.G, opts.w_avg_samples, opts.seed)
+        x0 = ws_e[segment:segment + 1].detach()
+        x = x0.clone().requires_grad_(True)
+        optim = torch.optim.Adam([x], lr=opts.initial_learning_rate)
+        lp = _lpips_for(opts)
+        t0 = time.perf_counter()
+        losses = []
+        for step in range(steps):
+            check_cancel(cancel)
+            optim.param_groups[0]["lr"] = 0.1 * learning_rate(step, steps, opts)  # a gentle re-fit: 1/10 lr
+            img = self.G.synthesis(x, noise_mode=opts.noise_mode)
+            loss = _image_loss(img, target, weight, lp, opts).sum()
+            loss = loss + opts.refine_anchor * (x - x0).square().mean() / w_var
+            (x.grad,) = torch.autograd.grad(loss, [x])  # G's parameters and their .grad stay untouched
+            optim.step()
+            losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(step + 1, steps, losses[-1])
+        ws_new = ws_e.clone()
+        ws_new[segment] = x.detach()[0]
+        info = dict(self.info, refine_steps=steps, refine_seconds=time.perf_counter() - t0, refine_losses=losses)
+        return SegmentSession(self.G, self.image, new_masks, new_cov, ws_new, opts, base_G=self.base_G,
+                              directions=self.directions, info=info)
+
+    # ---- persistence (plain tensors; the generator is saved by the caller) ----
+    def state_dict(self) -> dict:
+        return {"image": self.image, "masks": self.masks, "coverage": self.coverage, "ws": self.ws}
+
+    @classmethod
+    def from_state(cls, G, state: dict, options: Optional[ChunksOptions] = None, base_G=None,
+                   directions=None, info=None) -> "SegmentSession":
+        return cls(G, state["image"], state["masks"], state["coverage"], state["ws"], options,
+                   base_G=base_G, directions=directions, info=info)
+
+
+# ------------------------------------------------------------------------------------------------ inversion
+
+def _lpips_for(opts: ChunksOptions):
+    if not opts.lpips_weight:
+        return None
+    from core.losses import perceptual_loss
+
+    return perceptual_loss(opts.net)
+
+
+def _image_loss(x, y, mask, lp, opts: ChunksOptions) -> torch.Tensor:
+    """Masked LPIPS + λ_L2·MSE on the mask's bounding box, per image (N,)."""
+    from core.losses import image_loss
+
+    total, _, _ = image_loss(x, y, mask, lp, lpips_weight=opts.lpips_weight, l2_weight=opts.l2_weight,
+                             max_size=opts.lpips_size, crop=True, crop_pad=opts.crop_pad)
+    return total
+
+
+def invert_segments(G, image: torch.Tensor, masks: torch.Tensor, steps: Optional[int] = None, space: str = "w+",
+                    reg: Optional[float] = None, tune_steps: int = 0, progress: ProgressFn = None,
+                    cancel: CancelLike = None, options: Optional[ChunksOptions] = None,
+                    init_ws: Optional[torch.Tensor] = None) -> SegmentSession:
+    """Fit one latent code per segment so that the composite reproduces ``image`` inside the masks.
+
+    image (1,3,H,W) in [-1,1] at the generator's resolution; masks (n,H,W) in [0,1] (a selection is one
+    segment); the static region is where they sum to 0. All-selected masks are allowed: the static region is
+    empty and this is a global inversion. ``space`` "w+" (ChunkyGAN default) or "w". ``reg`` λ_reg (default
+    ``options.reg``). ``tune_steps`` > 0 then tunes a copy of G on the masked loss only (segment-restricted PTI;
+    ``G`` itself is never modified). ``init_ws`` (1|n,num_ws,w_dim) starts from given codes instead of w_avg.
+    ``progress(step, total, loss)`` is called after every step; ``cancel`` is checked before every step.
+    """
+    opts = dataclasses.replace(options) if options is not None else ChunksOptions()
+    if steps is not None:
+        opts.steps = int(steps)
+    if reg is not None:
+        opts.reg = float(reg)
+    if space not in SPACES:
+        raise InvalidInput(f"space must be one of {SPACES}; got {space!r}")
+    if opts.steps < 0 or tune_steps < 0:
+        raise InvalidInput("steps and tune_steps must be >= 0")
+    image = _check_image(G, image)
+    raw = check_masks(masks, tuple(image.shape[-2:])).to(image.device)
+    S, coverage = normalize_masks(raw)
+    n = S.shape[0]
+    support = (S.sum(0, keepdim=True) > 0).float()
+    loss_mask = dilate(support, opts.dilate)
+
+    w_avg, w_var = w_stats(G, opts.w_avg_samples, opts.seed)
+    w_std = math.sqrt(float(w_var) * G.w_dim)  # Karras et al.: sqrt(E‖w − w̄‖²)
+    num_ws = int(G.num_ws)
+    if init_ws is not None:
+        start = init_ws.detach().to(w_avg).expand(n, num_ws, -1).clone()
+    else:
+        start = w_avg.view(1, 1, -1).expand(n, num_ws, -1).clone()
+    x = (start[:, :1] if space == "w" else start).clone().requires_grad_(True)
+    params = [x]
+    logits = None
+    refine = opts.refine_masks and n > 1
+    if refine:
+        r = max(4, min(opts.mask_resolution, image.shape[-1]))
+        low = F.adaptive_avg_pool2d(S[:, 0][None], r)[0]  # (n,r,r)
+        logits = torch.log(low.clamp(min=1e-3)).requires_grad_(True)
+        params.append(logits)
+    optim = torch.optim.Adam([{"params": [x], "lr": opts.initial_learning_rate}] +
+                             ([{"params": [logits], "lr": opts.mask_lr}] if refine else []),
+                             betas=(0.9, 0.999))
+    lp = _lpips_for(opts)
+    noise_gen = torch.Generator().manual_seed(opts.seed)
+    total_steps = opts.steps + int(tune_steps)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+
+    def segment_weights() -> torch.Tensor:
+        if not refine:
+            return S
+        up = F.interpolate(logits[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
+        return torch.softmax(up, 0)[:, None] * support
+
+    for step in range(opts.steps):
+        check_cancel(cancel)
+        t = step / max(opts.steps, 1)
+        optim.param_groups[0]["lr"] = learning_rate(step, opts.steps, opts)
+        noise_scale = w_std * opts.initial_noise_factor * max(0.0, 1.0 - t / opts.noise_ramp_length) ** 2
+        codes = x.expand(n, num_ws, -1) if space == "w" else x
+        if noise_scale > 0:
+            codes = codes + noise_scale * torch.randn(codes.shape, generator=noise_gen).to(codes)
+        imgs = G.synthesis(codes, noise_mode=opts.noise_mode)
+        Sw = segment_weights()
+        out = (imgs * Sw).sum(0, keepdim=True) * support + image * (1 - support)
+        loss = _image_loss(out, image, loss_mask, lp, opts).sum()
+        if opts.reg and n > 1:
+            xs = x.expand(n, num_ws, -1) if space == "w" else x
+            loss = loss + opts.reg * (xs - xs.mean(0, keepdim=True)).square().mean(dim=(1, 2)).sum() / w_var
+        grads = torch.autograd.grad(loss, params)  # G's parameters and their .grad stay untouched
+        for p, g in zip(params, grads):
+            p.grad = g
+        optim.step()
+        losses.append(float(loss.detach()))
+        if progress is not None:
+            progress(step + 1, total_steps, losses[-1])
+
+    ws = (x.expand(n, num_ws, -1) if space == "w" else x).detach().clone()
+    with torch.no_grad():
+        S_final = segment_weights().detach() if refine else S
+    seconds = time.perf_counter() - t0
+    info = {"steps": opts.steps, "space": space, "reg": opts.reg, "losses": losses, "seconds": seconds,
+            "code_spread": code_spread(ws), "segments": n}
+    G_out = G
+    if tune_steps:
+        G_out = tune_segments(G, ws, image, S_final, int(tune_steps), opts,
+                              progress=None if progress is None else
+                              (lambda s, tot, loss=None, *a, **k: progress(opts.steps + s, total_steps, loss)),
+                              cancel=cancel)
+        info["tune_steps"] = int(tune_steps)
+        info["seconds"] = time.perf_counter() - t0
+    return SegmentSession(G_out, image, S_final, coverage, ws, opts, base_G=G, info=info)
+
+
+def tune_segments(G, ws: torch.Tensor, image: torch.Tensor, masks: torch.Tensor, steps: int,
+                  opts: Optional[ChunksOptions] = None, progress: ProgressFn = None,
+                  cancel: CancelLike = None):
+    """Segment-restricted PTI: a tuned copy of ``G`` such that ``G(X_i)`` matches ``image`` on segment i's
+    dilated area only (multi-pivot pivotal tuning, core.pti). ws (n,num_ws,w_dim), masks (n,1,H,W)."""
+    opts = opts or ChunksOptions()
+    from core.pti import pivotal_tune
+
+    n = ws.shape[0]
+    seg_masks = dilate((masks > 0).float(), opts.dilate)
+    return pivotal_tune(G, ws, image.expand(n, -1, -1, -1), steps=steps, mask=seg_masks,
+                        progress=progress, cancel=cancel)
