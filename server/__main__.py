@@ -1,0 +1,142 @@
+"""``python -m server``: start the Latent Edit server (see ``--help`` and docs/protocol.md).
+
+When it listens it prints one line to stdout that plugins and tests wait for::
+
+    latent-edit server ready at http://127.0.0.1:8765/
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import ipaddress
+import logging
+import os
+import platform
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+DEFAULT_PORT = 8765
+READY_PREFIX = "latent-edit server ready at "
+
+
+def default_data_dir() -> Path:
+    """Per-user data folder: ~/.local/share/latent-edit (XDG_DATA_HOME), %LOCALAPPDATA%\\latent-edit,
+    ~/Library/Application Support/latent-edit."""
+    system = platform.system()
+    if system == "Windows":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif system == "Darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "latent-edit"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server", description="Latent Edit local server (aiohttp + msgpack).")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; anything else is "
+                                                       "reachable from the network: the token is then all that protects it)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0 = any free port)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"sessions, job inputs, SQLite and the token (default {default_data_dir()})")
+    p.add_argument("--token-file", type=Path, default=None, help="bearer token file (default DATA_DIR/token; "
+                                                                 "created with mode 0600 when missing)")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="folder scanned for extra generator checkpoints (default DATA_DIR/models)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="torch device (default auto: cuda when available, else cpu)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="log verbosity on stderr (default info)")
+    p.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body in MiB (default 256)")
+    p.add_argument("--max-queue", type=int, default=16, help="jobs that may wait in the queue (default 16; more: 429)")
+    p.add_argument("--job-timeout", type=float, default=3600.0, help="default per-job time limit in s (default 3600)")
+    p.add_argument("--cache-mb", type=float, default=4096.0,
+                   help="disk budget for sessions and kept inputs in MiB; least recently used are evicted (default 4096)")
+    p.add_argument("--live-sessions", type=int, default=4, help="finished sessions kept loaded in memory (default 4)")
+    p.add_argument("--engine", default=None, help=argparse.SUPPRESS)  # tests: MODULE:FACTORY, factory(args) -> engine
+    return p
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request, without the query string (it may carry the status page token)."""
+
+    def log(self, request, response, time):
+        self.logger.info("%s %s %s %.1fms", request.method, request.path, response.status, time * 1000)
+
+
+def resolve_device(choice: str) -> str:
+    if choice == "cpu":
+        return "cpu"
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no CUDA device")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from server import __version__
+    from server.app import ENGINE, ServerConfig, create_app
+    from server.auth import load_or_create_token
+    from server.protocol import Limits
+
+    log = logging.getLogger("server")
+    data_dir = (args.data_dir or default_data_dir()).expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token_file = (args.token_file or data_dir / "token").expanduser()
+    token = load_or_create_token(token_file)
+    models_dir = (args.models_dir or data_dir / "models").expanduser()
+    device = resolve_device(args.device)
+    config = ServerConfig(data_dir=data_dir, token=token, models_dir=models_dir, device=device,
+                          limits=Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024)),
+                          max_queue=args.max_queue, job_timeout_s=args.job_timeout,
+                          cache_max_bytes=int(args.cache_mb * 1024 * 1024), live_sessions=args.live_sessions)
+    engine = None
+    if args.engine:
+        module, _, factory = args.engine.partition(":")
+        engine = getattr(importlib.import_module(module), factory)(config)
+    app = create_app(config, engine=engine)
+    try:
+        if not ipaddress.ip_address(args.host).is_loopback:
+            log.warning("binding %s: the server is reachable from other machines", args.host)
+    except ValueError:
+        log.warning("binding host name %s; use 127.0.0.1 to stay local", args.host)
+    runner = web.AppRunner(app, access_log_class=AccessLogger, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise SystemExit(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+    host, port = runner.addresses[0][:2]
+    url_host = f"[{host}]" if ":" in host else host
+    log.info("latent-edit %s on %s; data %s; token file %s; models dir %s; models: %s", __version__, device, data_dir,
+             token_file, models_dir, ", ".join(app[ENGINE].model_names()) or "none")
+    print(f"{READY_PREFIX}http://{url_host}:{port}/", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # Windows
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
+    await stop.wait()
+    log.info("shutting down")
+    await runner.cleanup()
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The server's only view of the engine: a model registry plus ``core.session``'s three entry points.
+
+:class:`Engine` is deliberately thin; tests build it from an in-test fake registry and session API that
+honour the same contract (docs/architecture.md, "core.session" and "core.models").
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import threading
+from typing import Any, Callable, Optional
+
+log = logging.getLogger("server.engine")
+
+
+class Engine:
+    """``registry``: has ``list()`` and ``get(name) -> LoadedModel(generator, directions)``.
+    ``session_api``: has ``create_session``, ``EditSession`` (with ``.load``) and ``SessionOptions``.
+    ``backbone``: callable returning a short description of the active perceptual backbone.
+    """
+
+    def __init__(self, registry, session_api, device: str = "cpu", backbone: Optional[Callable[[], str]] = None):
+        self.registry, self.api, self.device = registry, session_api, device
+        self._backbone_fn = backbone
+        self._backbone: Optional[str] = None
+        self._lock = threading.Lock()  # registry.get may load weights: once, from any thread
+        self._models_cache: Optional[list] = None
+
+    @classmethod
+    def from_core(cls, models_dir, device: str = "cpu") -> "Engine":
+        """The real engine: ``core.models.ModelRegistry`` + ``core.session``."""
+        from core import session as session_api
+        from core.models import ModelRegistry
+
+        def backbone() -> str:
+            from core.losses import perceptual_loss
+            return str(getattr(perceptual_loss("vgg", device=device), "backbone", "unknown"))
+
+        return cls(ModelRegistry(models_dir, device), session_api, device, backbone)
+
+    # --- description -----------------------------------------------------------------------------
+    def models(self) -> list:
+        """JSON-able model list as the registry gives it (name, resolution, directions, presets...)."""
+        if self._models_cache is None:
+            self._models_cache = list(self.registry.list())
+        return self._models_cache
+
+    def model_names(self) -> list:
+        return [str(m["name"]) for m in self.models()]
+
+    def default_model(self) -> Optional[str]:
+        models = self.models()
+        for m in models:
+            if m.get("default"):
+                return str(m["name"])
+        return str(models[0]["name"]) if models else None
+
+    def direction_names(self, model: str) -> set:
+        for m in self.models():
+            if m["name"] == model:
+                dirs = m.get("directions") or []
+                if isinstance(dirs, dict):
+                    return set(dirs)
+                return {d["name"] if isinstance(d, dict) else str(d) for d in dirs}
+        return set()
+
+    def backbone(self) -> str:
+        """The active perceptual backbone, ``"loading"`` until :meth:`warm_up` has run."""
+        if self._backbone_fn is None:
+            return "none"
+        return self._backbone or "loading"
+
+    def warm_up(self, model: Optional[str]) -> None:
+        """Load the default model and the perceptual backbone (called on the worker thread)."""
+        if model:
+            self.loaded(model)
+        if self._backbone_fn is not None and self._backbone is None:
+            try:
+                self._backbone = self._backbone_fn()
+            except Exception as exc:  # reported in health, never fatal
+                log.warning("perceptual backbone unavailable: %s", exc)
+                self._backbone = f"unavailable ({exc.__class__.__name__})"
+
+    # --- work ------------------------------------------------------------------------------------
+    def loaded(self, model: str):
+        with self._lock:
+            return self.registry.get(model)
+
+    def options(self, fields: dict):
+        """SessionOptions from validated wire fields (unknown names are a server bug, not a client one)."""
+        cls = self.api.SessionOptions
+        names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(fields)
+        return cls(**{k: v for k, v in fields.items() if k in names})
+
+    def create(self, model: str, image, selection, options: dict, progress, cancel) -> Any:
+        lm = self.loaded(model)
+        return self.api.create_session(lm.generator, image, selection, options=self.options(options),
+                                       progress=progress, cancel=cancel, directions=lm.directions)
+
+    def load(self, directory, model: str) -> Any:
+        lm = self.loaded(model)
+        load = self.api.EditSession.load
+        kwargs = {}
+        try:
+            if "directions" in inspect.signature(load).parameters:
+                kwargs["directions"] = lm.directions
+        except (TypeError, ValueError):
+            pass
+        return load(directory, lm.generator, **kwargs)
+
