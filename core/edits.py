@@ -411,6 +411,27 @@ def s_direction(name: str, edits: Sequence, **fields) -> Direction:
     return Direction(name, space="s", s_edits=list(edits), **fields)
 
 
+@torch.no_grad()
+def style_std(G, n_samples: int = 2048, seed: int = 0) -> list:
+    """Per-channel std of every style layer's affine output over W samples: ``[(C_in,) tensor]`` in
+    ``G.style_layers()`` order (affine weights are used × 1/√w_dim; the bias does not change the spread)."""
+    w = sample_w(G, n_samples, seed=seed)
+    gain = 1.0 / math.sqrt(G.w_dim)
+    return [(w @ layer.affine_weight.detach().float().cpu().T * gain).std(dim=0) for layer in G.style_layers()]
+
+
+def s_in_std_units(direction: Direction, G, n_samples: int = 2048, seed: int = 0) -> Direction:
+    """A copy of an S-space direction whose deltas are multiplied by their channel's style std, so one unit
+    of strength is one standard deviation of that channel (StyleSpace, Wu et al. 2021, §4 edits in std steps)."""
+    if direction.space != "s":
+        raise DirectionError(f"{direction.name!r} is not an S-space direction")
+    dims = [int(layer.affine_weight.shape[0]) for layer in G.style_layers()]
+    direction.check(G.num_ws, G.w_dim, dims)
+    stds = style_std(G, n_samples, seed)
+    edits = [(layer, channel, delta * float(stds[layer][channel])) for layer, channel, delta in direction.s_edits]
+    return dataclasses.replace(direction, s_edits=edits)
+
+
 def read_manifest(path_or_dict, base_dir=None) -> dict:
     """Directions from a ``*.directions.json`` manifest (a path, or the parsed dict with ``base_dir`` for files).
 

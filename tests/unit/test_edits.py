@@ -410,3 +410,17 @@ def test_bad_files_and_manifests(tmp_path):
         apply_edits(torch.zeros(8, 32), [])
     with pytest.raises(InvalidInput, match="must be \\(direction, strength\\)"):
         apply_edits(torch.zeros(1, 8, 32), ["smile"])
+
+
+def test_s_space_std_units(G, G_ws):
+    from core.edits import s_in_std_units, style_std
+
+    stds = style_std(G, n_samples=2048)
+    layers = G.style_layers()
+    assert [s.shape[0] for s in stds] == [layer.channels for layer in layers]
+    # the std of the styles the generator computes itself: affine output over W samples
+    w = G.mapping(torch.randn(2048, G.z_dim, generator=torch.Generator().manual_seed(0)))[:, 0].detach()
+    conv = G.convs[0].affine
+    torch.testing.assert_close(stds[0], conv(w).std(dim=0).detach(), rtol=1e-4, atol=1e-6)
+    d = s_in_std_units(s_direction("x", [(0, 3, 2.0)]), G)
+    assert d.s_edits == [(0, 3, pytest.approx(2.0 * float(stds[0][3]), rel=1e-5))]
