@@ -21,7 +21,7 @@ from .msgpack_codec import MsgpackError, packb, unpackb
 MSGPACK = "application/msgpack"
 DEFAULT_URL = "http://127.0.0.1:8765"
 FINISHED_STATES = ("done", "succeeded", "finished", "completed")
-FAILED_STATES = ("failed", "error")
+FAILED_STATES = ("failed", "error", "interrupted")
 CANCELLED_STATES = ("cancelled", "canceled")
 
 

@@ -1,0 +1,177 @@
+"""Non-interactive entry point (tests, scripted use): Krita started with ``LATENT_EDIT_KRITA_JOB=job.json``
+opens a document, prepares it, triggers the real "Latent Edit…" action with the job's options, saves and quits.
+
+job.json keys (all paths absolute):
+  out_dir       where result.json, log.txt and raw pixel dumps go (required)
+  open          image/.kra to open (required)
+  convert       optional {"depth": "U16", "profile": "sRGB-elle-V2-srgbtrc.icc"}: Document.setColorSpace
+  add_layers    optional [{"name", "raw", "x", "y", "w", "h"}]: extra paint layers from raw bytes in Krita's layout
+  selection     optional path of a gray8 file (document width*height bytes) made the global selection
+  layers        optional layer names to edit (several = batch); default: the active layer
+  settings      optional {"server_url", "token_file", ...}: written to Krita's settings, then read back
+  options       EditOptions fields: edits [[name, strength]], model, method, align, feather, project_steps...
+  apply_twice   optional: run the action a second time with "options2" (re-edit of the cached session)
+  save_kra, save_png   outputs
+Exit: rc 0 (file_quit) on success; os._exit(11) on failure (QApplication.exit segfaults in Krita 5.1.5).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+
+import krita
+from krita import InfoObject, Krita, Selection
+from PyQt5.QtCore import QTimer
+
+from . import model, settings
+
+SETTLE_MS = 250
+
+
+class Automation:
+    def __init__(self, ext, job_path: str):
+        self.ext = ext
+        with open(job_path, "r", encoding="utf-8") as f:
+            self.job = json.load(f)
+        self.out = self.job["out_dir"]
+        os.makedirs(self.out, exist_ok=True)
+        self.result = {"code": None, "errors": [], "runs": []}
+        self.started = False
+
+    def log(self, *parts):
+        with open(os.path.join(self.out, "log.txt"), "a", encoding="utf-8") as f:
+            f.write("%.2f %s\n" % (time.time(), " ".join(str(p) for p in parts)))
+
+    def excepthook(self, kind, value, tb):
+        text = "".join(traceback.format_exception(kind, value, tb))
+        self.result["errors"].append(text)
+        self.log("uncaught:", text)
+
+    def start(self):
+        if self.started:
+            return
+        self.started = True
+        from .extension import drive
+
+        drive(self.steps(), self.finish_ok, self.finish_error)
+
+    def dump(self, name: str, data: bytes):
+        with open(os.path.join(self.out, name), "wb") as f:
+            f.write(bytes(data))
+
+    def steps(self):
+        app = Krita.instance()
+        job = self.job
+        doc = app.openDocument(job["open"])
+        if doc is None:
+            raise RuntimeError("Krita could not open %s" % job["open"])
+        app.activeWindow().addView(doc)
+        doc.setBatchmode(True)
+        doc.waitForDone()
+        yield SETTLE_MS
+        if job.get("convert"):
+            c = job["convert"]
+            ok = doc.setColorSpace(c.get("model", "RGBA"), c["depth"], c.get("profile", ""))
+            self.log("setColorSpace", c, ok)
+            doc.waitForDone()
+            yield SETTLE_MS
+        root = doc.rootNode()
+        for spec in job.get("add_layers") or []:
+            node = doc.createNode(spec["name"], "paintlayer")
+            root.addChildNode(node, None)
+            with open(spec["raw"], "rb") as f:
+                node.setPixelData(f.read(), spec["x"], spec["y"], spec["w"], spec["h"])
+            doc.waitForDone()
+            yield SETTLE_MS
+        if job.get("selection"):
+            with open(job["selection"], "rb") as f:
+                mask = f.read()
+            sel = Selection()
+            sel.setPixelData(mask, 0, 0, doc.width(), doc.height())
+            doc.setSelection(sel)
+        for key, value in (job.get("settings") or {}).items():
+            app.writeSetting(settings.GROUP, key, str(value))
+        conf = settings.load(app)
+        self.log("settings", vars(conf))
+        names = job.get("layers")
+        if names:
+            nodes = [doc.nodeByName(n) for n in names]
+            missing = [n for n, node in zip(names, nodes) if node is None]
+            if missing:
+                raise RuntimeError("no layer named %s" % ", ".join(missing))
+        else:
+            paint = [n for n in doc.topLevelNodes() if n.type() == "paintlayer"]
+            doc.setActiveNode(paint[0])
+            doc.waitForDone()
+            yield SETTLE_MS
+            nodes = [doc.activeNode()]
+        for i, node in enumerate(nodes):
+            self.dump("source%d_before.raw" % i, node.pixelData(0, 0, doc.width(), doc.height()))
+        self.result.update(width=doc.width(), height=doc.height(), depth=doc.colorDepth(), model=doc.colorModel(),
+                           profile=doc.colorProfile(), sources=[n.name() for n in nodes])
+        passes = [job["options"]] + ([job["options2"]] if job.get("options2") else [])
+        for k, opts in enumerate(passes):
+            options = model.EditOptions(**{**opts, "edits": [tuple(e) for e in opts.get("edits", [])]})
+            box = {}
+            self.ext.automation_request = {"nodes": nodes, "options": options,
+                                           "on_finished": lambda added, err, box=box: box.update(added=added, err=err)}
+            t0 = time.time()
+            app.action("latent_edit_dialog").trigger()  # the real menu action
+            while "err" not in box:
+                yield 100
+            if box["err"] is not None:
+                raise box["err"]
+            run = self.ext.running
+            self.result["runs"].append({"seconds": round(time.time() - t0, 2), "reused": run.reused,
+                                        "groups": [g.name() for g, _l, _m in box["added"]]})
+            for j, (group, layer, mask) in enumerate(box["added"]):
+                self.dump("run%d_result%d.raw" % (k, j), layer.pixelData(0, 0, doc.width(), doc.height()))
+                if mask is not None:
+                    self.dump("run%d_mask%d.raw" % (k, j), mask.pixelData(0, 0, doc.width(), doc.height()))
+            doc.waitForDone()
+            yield SETTLE_MS
+        for i, node in enumerate(nodes):
+            self.dump("source%d_after.raw" % i, node.pixelData(0, 0, doc.width(), doc.height()))
+        sel = doc.selection()
+        self.result["selection_after"] = None if sel is None else [sel.x(), sel.y(), sel.width(), sel.height()]
+        self.result["tree"] = tree(doc.rootNode())
+        doc.refreshProjection()
+        doc.waitForDone()
+        if job.get("save_kra"):
+            self.result["saved_kra"] = bool(doc.saveAs(job["save_kra"]))
+        if job.get("save_png"):
+            self.result["saved_png"] = bool(doc.exportImage(job["save_png"], InfoObject()))
+        self.doc = doc
+
+    def write_result(self, code: int):
+        self.result["code"] = code
+        with open(os.path.join(self.out, "result.json"), "w", encoding="utf-8") as f:
+            json.dump(self.result, f, indent=1)
+
+    def finish_ok(self, _value):
+        code = 1 if self.result["errors"] else 0
+        self.write_result(code)
+        if code:
+            os._exit(11)
+        for d in Krita.instance().documents():
+            d.setModified(False)  # else a "save changes?" dialog blocks the quit
+        QTimer.singleShot(0, lambda: Krita.instance().action("file_quit").trigger())
+
+    def finish_error(self, err):
+        self.result["errors"].append("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+        self.result["error_message"] = str(err)
+        self.result["error_type"] = type(err).__name__
+        self.log("failed:", self.result["errors"][-1])
+        self.write_result(2)
+        os._exit(12)
+
+
+def tree(node) -> dict:
+    """{name, type, children} of a node and its descendants (bottom to top, as Krita lists them)."""
+    return {"name": node.name(), "type": node.type(), "visible": bool(node.visible()),
+            "children": [tree(c) for c in node.childNodes()]}
+
+
+__all__ = ["Automation", "krita"]

@@ -1,0 +1,64 @@
+"""Persistent plugin settings in Krita's own settings file (kritarc, group ``latent_edit``)."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, fields
+
+from ._common import client as cl
+
+GROUP = "latent_edit"
+
+
+def default_token_file() -> str:
+    """DATA_DIR/token for the server's default data folder (``python -m server`` without --data-dir):
+    ~/.local/share/latent-edit (XDG_DATA_HOME), %LOCALAPPDATA%\\latent-edit, ~/Library/Application Support/latent-edit."""
+    if sys.platform.startswith("win"):
+        base = os.environ.get("LOCALAPPDATA") or os.path.join(os.path.expanduser("~"), "AppData", "Local")
+    elif sys.platform == "darwin":
+        base = os.path.join(os.path.expanduser("~"), "Library", "Application Support")
+    else:
+        base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "latent-edit", "token")
+
+
+@dataclass
+class Settings:
+    server_url: str = cl.DEFAULT_URL
+    token_file: str = ""  # empty: default_token_file()
+    model: str = ""  # empty: the server's default model
+    method: str = "pti"
+    feather: float = 8.0  # core.session.SessionOptions default
+    project_steps: int = 0  # 0: the method's default
+    tune_steps: int = 0
+
+    def resolved_token_file(self) -> str:
+        return os.path.expanduser(self.token_file) if self.token_file else default_token_file()
+
+    def client(self):
+        return cl.Client(self.server_url, token_file=self.resolved_token_file())
+
+
+def load(app) -> Settings:
+    """Read settings with ``app.readSetting(group, key, default)`` (Krita stores strings)."""
+    s = Settings()
+    for f in fields(Settings):
+        raw = app.readSetting(GROUP, f.name, str(getattr(s, f.name)))
+        try:
+            setattr(s, f.name, _cast(type(getattr(s, f.name)), raw))
+        except (TypeError, ValueError):
+            pass  # keep the default for a corrupt entry
+    return s
+
+
+def save(app, s: Settings) -> None:
+    for f in fields(Settings):
+        app.writeSetting(GROUP, f.name, str(getattr(s, f.name)))
+
+
+def _cast(kind, raw):
+    if kind is float:
+        return float(raw)
+    if kind is int:
+        return int(float(raw))
+    return str(raw)
