@@ -388,25 +388,27 @@ class JobManager:
                 done_ids.append(sid)
         except Cancelled:
             if job.timed_out:
-                self._finish(job, "failed", "timeout", f"the job ran longer than its {timeout:g} s limit")
+                outcome = ("failed", "timeout", f"the job ran longer than its {timeout:g} s limit")
             else:
-                self._finish(job, "cancelled", message="cancelled")
+                outcome = ("cancelled", None, "cancelled")
         except LatentEditError as exc:
             log.info("job %s failed: %s: %s", job.id, exc.__class__.__name__, exc)
-            self._finish(job, "failed", getattr(exc, "code", "error"), str(exc) or exc.__class__.__name__)
+            outcome = ("failed", getattr(exc, "code", "error"), str(exc) or exc.__class__.__name__)
         except MemoryError:
             log.exception("job %s ran out of memory", job.id)
-            self._finish(job, "failed", "out_of_memory", "out of memory; try a smaller layer or fewer steps")
+            outcome = ("failed", "out_of_memory", "out of memory; try a smaller layer or fewer steps")
         except Exception as exc:
             log.exception("job %s crashed", job.id)
-            self._finish(job, "failed", "internal", f"internal error ({exc.__class__.__name__}); see the server log")
+            outcome = ("failed", "internal", f"internal error ({exc.__class__.__name__}); see the server log")
         else:
             self.storage.delete_inputs(job.id)
-            self._finish(job, "done", message="done")
+            outcome = ("done", None, "done")
         finally:
             timer.cancel()
-            for sid in self.storage.evict(self.cache_max_bytes, keep=done_ids):
-                self.live.drop(sid)
+        # bound the cache before announcing the end, so a client that saw "end" sees the final disk state
+        for sid in self.storage.evict(self.cache_max_bytes, keep=done_ids):
+            self.live.drop(sid)
+        self._finish(job, outcome[0], outcome[1], outcome[2])
 
     def _on_timeout(self, job: Job) -> None:
         if job.state == "running":

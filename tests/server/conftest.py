@@ -134,13 +134,13 @@ def box_selection(h: int, w: int) -> np.ndarray:
 
 
 async def collect_events(port: int, token: str, job_id: str, previews: bool = False, on_event=None,
-                         timeout: float = 60) -> list:
-    """Follow WS /v1/jobs/{id}/events until ``end``; ``on_event(event)`` may be a coroutine function."""
+                         timeout: float = 60, until=None) -> list:
+    """Follow WS /v1/jobs/{id}/events until ``end`` (or ``until(event)``); ``on_event`` may be a coroutine function."""
     events = []
     q = "?previews=1" if previews else ""
     async with ClientSession() as s:
         async with s.ws_connect(f"http://127.0.0.1:{port}/v1/jobs/{job_id}/events{q}",
-                                headers={"Authorization": f"Bearer {token}"}, timeout=timeout) as ws:
+                                headers={"Authorization": f"Bearer {token}"}) as ws:
             async with asyncio.timeout(timeout):
                 async for msg in ws:
                     if msg.type != WSMsgType.TEXT:
@@ -151,7 +151,7 @@ async def collect_events(port: int, token: str, job_id: str, previews: bool = Fa
                         r = on_event(ev)
                         if asyncio.iscoroutine(r):
                             await r
-                    if ev["type"] == "end":
+                    if ev["type"] == "end" or (until is not None and until(ev)):
                         break
     return events
 
@@ -163,6 +163,13 @@ def wait_job(server, job_id: str, timeout: float = 60) -> dict:
     r = server.request("GET", f"/v1/jobs/{job_id}")
     assert r.status == 200
     return r.body
+
+
+def wait_running(server, job_id: str, timeout: float = 30) -> None:
+    """Block until the job has reported progress from the engine (it is running, past its first step)."""
+    events = asyncio.run(collect_events(server.port, server.token, job_id, timeout=timeout,
+                                        until=lambda ev: ev["state"] == "running" and ev["progress"] > 0))
+    assert events[-1]["state"] == "running", events
 
 
 @pytest.fixture
