@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Latent Edit for GIMP 3: Filters ▸ Latent Edit…
+
+Sends the active layer (or every selected layer, with "batch") and the selection to the local Latent Edit
+server, follows the inversion job with GIMP's progress bar, renders the chosen edits and inserts each result
+as a new layer with a layer mask, inside a layer group named after the edit, directly above its source, all in
+one undo group.  The source layer is never modified.
+
+Non-interactive use (scripts, batch mode) passes every option as a procedure argument; see
+``docs/plugins.md``.  Standard library + GIMP's GObject introspection only: the protocol code is the shared
+``common`` package that the installer copies next to this file.
+"""
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gi  # noqa: E402
+
+gi.require_version("Gimp", "3.0")
+from gi.repository import GLib, GObject, Gimp  # noqa: E402
+
+import gimp_document as doc  # noqa: E402
+from common import client as le_client  # noqa: E402
+from common import pixels as le_pixels  # noqa: E402
+from common import flow as le_flow  # noqa: E402
+
+PROC = "python-fu-latent-edit"
+METHODS = [("pti", "PTI (best fidelity)"), ("chunks", "Segments (selection only)"), ("w", "W (fast)"),
+           ("wplus", "W+ (fast, more detail)")]
+ALIGN = [("auto", "Find and align the face"), ("none", "Layer is already an aligned crop")]
+EDIT_SLOTS = 3
+
+
+def _choice(items):
+    choice = Gimp.Choice.new()
+    for i, (nick, label) in enumerate(items):
+        choice.add(nick, i, label, "")
+    return choice
+
+
+def _error(procedure, message):
+    return procedure.new_return_values(Gimp.PDBStatusType.EXECUTION_ERROR, GLib.Error(message))
+
+
+def _edits_from_config(config):
+    """[(name, strength)] from the three edit slots and the free-form 'edits' string."""
+    edits = []
+    for i in range(1, EDIT_SLOTS + 1):
+        name = (config.get_property("edit-%d" % i) or "").strip()
+        strength = config.get_property("strength-%d" % i)
+        if name and strength:
+            edits.append((name, float(strength)))
+    edits += le_flow.parse_edits(config.get_property("edits") or "")
+    return edits
+
+
+class _Progress:
+    """GIMP's progress bar fed from job polls; Ctrl-C / SIGTERM ask the server to cancel."""
+
+    def __init__(self):
+        self.stop = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, *_):
+        self.stop = True
+
+    def __call__(self, job):
+        fraction = float(job.get("progress") or 0.0)
+        stage = job.get("stage") or job.get("state") or ""
+        Gimp.progress_set_text("Latent Edit: %s %d%%" % (stage, round(fraction * 100)))
+        Gimp.progress_update(min(max(fraction, 0.0), 1.0))
+
+
+def run(procedure, run_mode, image, drawables, config, data):
+    try:
+        return _run(procedure, run_mode, image, drawables, config)
+    except (doc.DocumentError, le_client.ClientError, le_pixels.PixelError, le_flow.FlowError) as exc:
+        if run_mode == Gimp.RunMode.INTERACTIVE:
+            Gimp.message("Latent Edit: %s" % exc)
+        return _error(procedure, str(exc))
+
+
+def _run(procedure, run_mode, image, drawables, config):
+    if run_mode == Gimp.RunMode.INTERACTIVE:
+        gi.require_version("GimpUi", "3.0")
+        from gi.repository import GimpUi
+
+        GimpUi.init(PROC)
+        dialog = GimpUi.ProcedureDialog.new(procedure, config, "Latent Edit")
+        dialog.fill(None)
+        ok = dialog.run()
+        dialog.destroy()
+        if not ok:
+            return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, None)
+
+    layers = list(drawables or [])
+    if not layers:
+        raise doc.DocumentError("no layer is active; click the layer to edit")
+    if not config.get_property("batch"):
+        layers = layers[:1]
+    edits = _edits_from_config(config)
+    if not edits:
+        raise le_flow.FlowError("choose at least one edit with a non-zero strength (e.g. smile +1.5)")
+
+    client = le_client.Client(config.get_property("server-url") or le_client.DEFAULT_URL,
+                              token_file=config.get_property("token-file") or le_flow.default_token_file())
+    client.health()  # a clear "server not running" before any upload
+    options = {}
+    for key, prop in (("project_steps", "steps"), ("tune_steps", "tune-steps")):
+        if config.get_property(prop) > 0:
+            options[key] = int(config.get_property(prop))
+    options["feather"] = float(config.get_property("feather"))
+
+    progress = _Progress()
+    Gimp.progress_init("Latent Edit")
+    inputs = [doc.read_layer(image, layer) for layer in layers]
+    created = []
+    image.undo_group_start()
+    try:
+        for layer, px in zip(layers, inputs):
+            result = le_flow.edit_layer(
+                client,
+                layer=le_pixels.pack_layer(px.data, px.width, px.height, px.format, px.offset_x, px.offset_y, px.name),
+                selection=(le_pixels.pack_selection(px.selection, px.width, px.height, px.offset_x, px.offset_y)
+                           if px.selection is not None else None),
+                edits=edits,
+                model=config.get_property("model") or None,
+                method=config.get_property("method"),
+                align=config.get_property("align"),
+                options=options,
+                on_progress=progress,
+                should_cancel=lambda: progress.stop,
+            )
+            data, _w, _h, fmt, _x, _y = le_pixels.unpack_layer(result.layer)
+            if fmt != px.format:
+                data = le_pixels.convert_samples(data, fmt, px.format)
+            title = le_flow.edit_title(edits)
+            group = doc.insert_result(image, layer, title, [(title + " · " + px.name, data)], px.format,
+                                      px.selection is not None)
+            created.append({"group": group.get_name(), "session_id": result.session_id})
+    finally:
+        image.undo_group_end()
+        Gimp.progress_end()
+    Gimp.displays_flush()
+    import json
+
+    return Gimp.ValueArray.new_from_values([
+        GObject.Value(Gimp.PDBStatusType, Gimp.PDBStatusType.SUCCESS),
+        GObject.Value(GObject.TYPE_STRING, json.dumps({"created": created})),
+    ])
+
+
+class LatentEdit(Gimp.PlugIn):
+    def do_query_procedures(self):
+        return [PROC]
+
+    def do_set_i18n(self, name):
+        return False
+
+    def do_create_procedure(self, name):
+        p = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, run, None)
+        p.set_image_types("RGB*")
+        p.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE | Gimp.ProcedureSensitivityMask.DRAWABLES)
+        p.set_menu_label("Latent Edit…")
+        p.add_menu_path("<Image>/Filters")
+        p.set_documentation("StyleGAN-based semantic edits (smile, age, pose…) as new layers",
+                            "Inverts the face in the active layer with the local Latent Edit server and inserts "
+                            "the edited result as a new masked layer in a group above it. The source layer is "
+                            "never modified.", name)
+        p.set_attribution("Latent Edit", "Latent Edit", "2026")
+        rw = GObject.ParamFlags.READWRITE
+        p.add_choice_argument("method", "_Method", "Inversion method", _choice(METHODS), "pti", rw)
+        p.add_choice_argument("align", "_Alignment", "Face alignment", _choice(ALIGN), "auto", rw)
+        p.add_string_argument("model", "Mo_del", "Model name on the server (empty: the server's default)", "", rw)
+        for i in range(1, EDIT_SLOTS + 1):
+            p.add_string_argument("edit-%d" % i, "Edit %d" % i, "Direction name (e.g. smile)",
+                                  "smile" if i == 1 else "", rw)
+            p.add_double_argument("strength-%d" % i, "Strength %d" % i, "Edit strength", -10.0, 10.0,
+                                  1.5 if i == 1 else 0.0, rw)
+        p.add_string_argument("edits", "More edits", "Extra edits as 'name=strength; name=strength'", "", rw)
+        p.add_double_argument("feather", "_Feather", "Feather radius in pixels", 0.0, 200.0, 8.0, rw)
+        p.add_int_argument("steps", "Inversion steps", "0 = the method's default", 0, 5000, 0, rw)
+        p.add_int_argument("tune-steps", "Tuning steps", "PTI tuning steps (0 = default)", 0, 5000, 0, rw)
+        p.add_boolean_argument("batch", "_Batch over selected layers", "Edit every selected layer", False, rw)
+        p.add_string_argument("server-url", "Server URL", None, le_client.DEFAULT_URL, rw)
+        p.add_string_argument("token-file", "Token file", "Empty: the server's default token file", "", rw)
+        p.add_string_return_value("result", "Result", "JSON: created groups and sessions", "", rw)
+        return p
+
+
+Gimp.main(LatentEdit.__gtype__, sys.argv)
