@@ -131,9 +131,10 @@ def noise_regularization(noises: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sum over noise maps and pyramid levels (down to 8×8) of squared auto-correlations at shift 1 in x and y."""
     reg = 0.0
     for n in noises:
-        n = n.reshape(1, 1, *n.shape[-2:])
+        n = n.reshape(-1, 1, *n.shape[-2:])  # (N,1,H,W): each image's maps are regularised separately
         while True:
-            reg = reg + (n * torch.roll(n, 1, dims=3)).mean().square() + (n * torch.roll(n, 1, dims=2)).mean().square()
+            for dim in (3, 2):
+                reg = reg + (n * torch.roll(n, 1, dims=dim)).mean((1, 2, 3)).square().sum()
             if n.shape[-1] <= 8 or n.shape[-2] <= 8:
                 break
             n = F.avg_pool2d(n, 2)
@@ -142,9 +143,10 @@ def noise_regularization(noises: Sequence[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def normalize_noise_(noises: Sequence[torch.Tensor]) -> None:
-    """Renormalise each noise map in place to zero mean, unit variance (the projector does this every step)."""
+    """Renormalise each ``(N,1,H,W)`` noise map in place to zero mean, unit variance per image (every step)."""
     for n in noises:
-        n.sub_(n.mean()).div_(n.std().clamp_min(1e-8))
+        dims = tuple(range(1, n.ndim)) if n.ndim > 2 else tuple(range(n.ndim))
+        n.sub_(n.mean(dims, keepdim=True)).div_(n.std(dims, keepdim=True).clamp_min(1e-8))
 
 
 # --- PTI locality regularisation (Roich et al. 2021, §3.3; criteria/localitly_regulizer.py) --------------------

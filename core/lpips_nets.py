@@ -174,7 +174,8 @@ class LPIPS(nn.Module):
                  fallback_seed: int = FALLBACK_SEED, heads_mode: str = "auto"):
         super().__init__()
         self.net = _check_net(net)
-        self.features = _ARCH[net]()
+        with torch.random.fork_rng(devices=[]):  # nn.Conv2d's default init must not consume the caller's RNG
+            self.features = _ARCH[net]()
         arch_name = {"vgg": "vgg16", "alex": "alexnet"}[net]
         path = find_backbone_file(net, weights_dir)
         if path is not None:

@@ -1,0 +1,158 @@
+"""GAN inversion by optimisation: the Karras et al. (2020) projector as PTI uses it, in W or W+.
+
+``project(G, target)`` finds ``ws`` ``(N,num_ws,w_dim)`` with ``G.synthesis(ws, noise_mode="const") ≈ target``.
+Per step: lr ramps up over the first 5 % and cosine-ramps down over the last 25 %; Gaussian noise of
+``0.05·w_std`` (decaying quadratically to 0 at 75 % of the steps) is added to the code; the per-layer noise
+maps are optimised too (their own copies: the caller's ``G`` is never modified) with the auto-correlation
+regulariser (weight 1e5) and renormalised after every step.  The optimised noise is discarded at the end, as
+in the reference projector; only ``ws`` is returned.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from core.common import CancelLike, InvalidInput, ProgressFn, check_cancel
+from core.losses import as_mask, image_loss, noise_regularization, normalize_noise_, perceptual_loss
+
+
+@dataclass
+class ProjectOptions:
+    """Projector settings; defaults are PTI's (PTI@da94d59 training/projectors/w_projector.py, base_coach.py)."""
+
+    initial_learning_rate: float = 0.01  # w_projector.py: initial_learning_rate=0.01 (overrides first_inv_lr=5e-3)
+    lr_rampup_length: float = 0.05  # Karras et al. projector: lr_rampup_length=0.05
+    lr_rampdown_length: float = 0.25  # Karras et al. projector: lr_rampdown_length=0.25
+    initial_noise_factor: float = 0.05  # Karras et al. projector: initial_noise_factor=0.05 (× w_std)
+    noise_ramp_length: float = 0.75  # Karras et al. projector: noise_ramp_length=0.75
+    regularize_noise_weight: float = 1e5  # Karras et al. projector: regularize_noise_weight=1e5
+    w_avg_samples: int = 600  # PTI base_coach.py: w_avg_samples=600 (the NVIDIA projector's default is 10000)
+    optimize_noise: bool = True  # Karras et al.: noise maps are optimised and renormalised every step
+    lpips_net: str = "vgg"  # PTI / Karras et al.: VGG16 LPIPS for the projection
+    lpips_size: int = 256  # PTI w_projector.py: area-downsample to 256×256 when larger
+    lpips_weight: float = 1.0  # Karras et al.: the perceptual distance is the only image term
+    l2_weight: float = 0.0  # Karras et al.: no pixel term (an extension; see core.losses.image_loss)
+    crop_to_mask: bool = True  # ours: with a mask, compute the loss on its bounding box only (same gradients, less work)
+    crop_pad: int = 8  # ours: context pixels kept around the mask's bounding box
+    seed: int = 0  # ours: seeds w_avg sampling, initial noise maps and the code noise (deterministic runs)
+    preview_every: int = 10  # ours: pass a preview image to ``progress`` every this many steps (and at the end)
+    weights_dir: Optional[str] = None  # ours: where to look for ImageNet backbone files (see core.lpips_nets)
+
+
+def learning_rate(step: int, total: int, o: ProjectOptions) -> float:
+    """The projector's lr schedule at ``step`` of ``total``: linear ramp-up, cosine ramp-down."""
+    t = step / max(total, 1)
+    ramp = min(1.0, (1.0 - t) / o.lr_rampdown_length)
+    ramp = 0.5 - 0.5 * math.cos(ramp * math.pi)
+    ramp = ramp * min(1.0, t / o.lr_rampup_length) if o.lr_rampup_length > 0 else ramp
+    return o.initial_learning_rate * ramp
+
+
+def w_statistics(G, samples: int, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """Mean W ``(1,1,w_dim)`` and scalar spread ``sqrt(E‖w − w̄‖²)`` over ``samples`` seeded mapping outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    device = G.w_avg.device
+    with torch.no_grad():
+        z = torch.randn(samples, G.z_dim, generator=gen).to(device)
+        w = G.mapping(z)[:, :1].float()  # (S,1,w_dim)
+    w_avg = w.mean(0, keepdim=True)
+    w_std = float(((w - w_avg).square().sum() / samples).sqrt())
+    return w_avg, w_std
+
+
+def check_target(G, target: torch.Tensor, name: str = "target") -> torch.Tensor:
+    """Validate ``(N,3,R,R)`` at the generator's resolution, finite; returns it as float on G's device."""
+    if not torch.is_tensor(target) or target.ndim != 4 or target.shape[1] != 3:
+        shape = tuple(target.shape) if torch.is_tensor(target) else type(target).__name__
+        raise InvalidInput(f"{name} must be a (N,3,H,W) tensor in [-1,1], got {shape}")
+    if tuple(target.shape[-2:]) != (G.resolution, G.resolution):
+        raise InvalidInput(f"{name} is {target.shape[-1]}×{target.shape[-2]} but the generator makes "
+                           f"{G.resolution}×{G.resolution} images; resize or align it first")
+    if not torch.isfinite(target).all():
+        raise InvalidInput(f"{name} contains NaN or infinite values")
+    return target.detach().to(G.w_avg.device, torch.float32)
+
+
+def noise_count(G) -> int:
+    return len(G.convs)
+
+
+def initial_noise(G, n: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Fresh N(0,1) noise maps ``(n,1,R,R)`` per conv (the projector re-randomises the noise at start)."""
+    out = []
+    for conv in G.convs:
+        r = conv.noise_const.shape[-1]
+        out.append(torch.randn(n, 1, r, r, generator=gen).to(G.w_avg.device))
+    return out
+
+
+def project(G, target: torch.Tensor, space: str = "w", steps: int = 450, mask: Optional[torch.Tensor] = None,
+            progress: ProgressFn = None, cancel: CancelLike = None,
+            options: Optional[ProjectOptions] = None) -> torch.Tensor:
+    """Invert ``target`` ``(N,3,R,R)`` in [-1,1] into ``ws`` ``(N,num_ws,w_dim)`` (N=1 in the public contract).
+
+    ``space``: "w" (one code repeated over the layers) or "w+" (one code per layer).  ``mask`` ``(N|1,1,R,R)``
+    or ``(R,R)`` in [0,1] restricts the loss.  ``progress(step, total, loss, preview)`` is called after every
+    step (``preview`` is the current ``(N,3,R,R)`` image every ``options.preview_every`` steps, else None);
+    ``cancel`` is checked before every step and raises :class:`core.common.Cancelled`.  ``G`` is not modified.
+    """
+    o = options or ProjectOptions()
+    if space not in ("w", "w+"):
+        raise InvalidInput(f"space must be 'w' or 'w+', got {space!r}")
+    if int(steps) < 1:
+        raise InvalidInput(f"steps must be at least 1, got {steps}")
+    steps = int(steps)
+    target = check_target(G, target)
+    n = target.shape[0]
+    mask = as_mask(mask, target)
+    device = target.device
+    lpips = perceptual_loss(o.lpips_net, device, o.weights_dir) if o.lpips_weight else None
+
+    w_avg, w_std = w_statistics(G, o.w_avg_samples, o.seed)
+    gen = torch.Generator().manual_seed(o.seed + 1)
+    rows = 1 if space == "w" else G.num_ws
+    w_opt = w_avg.repeat(n, rows, 1).to(device).requires_grad_(True)
+    noises = initial_noise(G, n, gen) if o.optimize_noise else None
+    params = [w_opt] + ([nz.requires_grad_(True) for nz in noises] if noises else [])
+    opt = torch.optim.Adam(params, betas=(0.9, 0.999), lr=o.initial_learning_rate)
+    for step in range(steps):
+        check_cancel(cancel)
+        t = step / steps
+        w_noise_scale = w_std * o.initial_noise_factor * max(0.0, 1.0 - t / o.noise_ramp_length) ** 2
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, steps, o)
+        w_noise = torch.randn(w_opt.shape, generator=gen).to(device) * w_noise_scale
+        ws = (w_opt + w_noise).expand(n, G.num_ws, -1) if space == "w" else w_opt + w_noise
+        synth = G.synthesis(ws, noise_mode="const", noise=noises)
+        total, _, _ = image_loss(synth, target, mask, lpips, lpips_weight=o.lpips_weight,
+                                 l2_weight=o.l2_weight, max_size=o.lpips_size, crop=o.crop_to_mask,
+                                 crop_pad=o.crop_pad)
+        loss = total.sum()
+        if noises:
+            loss = loss + o.regularize_noise_weight * noise_regularization(noises)
+        # gradients for the code and noise copies only: G's parameters and their .grad stay untouched
+        grads = torch.autograd.grad(loss, params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        if noises:
+            normalize_noise_(noises)
+        if progress is not None:
+            last = step == steps - 1
+            preview = synth.detach() if (last or (o.preview_every and step % o.preview_every == 0)) else None
+            progress(step + 1, steps, float(total.mean()), preview)
+    w = w_opt.detach()
+    return w.expand(n, G.num_ws, -1).clone() if space == "w" else w.clone()
+
+
+def project_w(G, target, steps: int = 450, **kwargs) -> torch.Tensor:
+    """:func:`project` in W: one code, repeated over the ``num_ws`` layers."""
+    return project(G, target, space="w", steps=steps, **kwargs)
+
+
+def project_wplus(G, target, steps: int = 450, **kwargs) -> torch.Tensor:
+    """:func:`project` in W+: one code per layer, all starting at the mean W."""
+    return project(G, target, space="w+", steps=steps, **kwargs)

@@ -1,0 +1,163 @@
+"""Pivotal Tuning Inversion (Roich et al. 2021): tune a copy of the generator so fixed pivots reproduce targets.
+
+``pivotal_tune(G, ws, target)`` returns a deep copy of ``G`` whose every parameter was optimised with Adam on
+``λ_L2·MSE + λ_LPIPS·LPIPS`` at the pivot(s) ``ws``; ``G`` itself is never modified (also when cancelled).
+With locality regularisation (PTI §3.3) each step also renders random codes ``w_r`` at distance α from the
+pivot and penalises their change from the original generator.  Save the result as a delta with
+``core.stylegan2.formats.save_generator(G_tuned, path, base=G)``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from core.common import CancelLike, InvalidInput, ProgressFn, check_cancel
+from core.losses import as_mask, image_loss, locality_codes, locality_loss, perceptual_loss
+from core.project import check_target
+
+
+@dataclass
+class LocalityOptions:
+    """PTI §3.3 locality regulariser.  PTI@da94d59 configs/hyperparameters.py + criteria/localitly_regulizer.py."""
+
+    alpha: float = 30.0  # regulizer_alpha=30: w_r = w_p + α (w_z − w_p)/‖w_z − w_p‖
+    weight: float = 0.1  # λ_R=0.1 (paper §4.5); the code folds it into regulizer_{l2,lpips}_lambda=0.1
+    l2_weight: float = 1.0  # λ_R^L2=1 (paper); code: regulizer_l2_lambda = λ_R·λ_R^L2 = 0.1
+    lpips_weight: float = 1.0  # λ_R^LPIPS=1 (paper); code: regulizer_lpips_lambda = λ_R·λ_R^LPIPS = 0.1
+    num_samples: int = 1  # N_r: latent_ball_num_of_samples=1
+    interval: int = 1  # locality_regularization_interval=1 (every step)
+    psi: float = 0.5  # localitly_regulizer.py: w_z = mapping(z, truncation_psi=0.5)
+    noise_mode: str = "none"  # localitly_regulizer.py renders w_r with noise_mode='none'
+    seed: int = 0  # ours: seeds the random w_z
+
+
+@dataclass
+class PTIOptions:
+    """Tuning settings; defaults are PTI's (PTI@da94d59 configs/hyperparameters.py, training/coaches/*)."""
+
+    learning_rate: float = 3e-4  # pti_learning_rate=3e-4, Adam over all parameters of G (base_coach.py)
+    l2_weight: float = 1.0  # pt_l2_lambda=1
+    lpips_weight: float = 1.0  # pt_lpips_lambda=1
+    lpips_net: str = "alex"  # lpips_type='alex'
+    lpips_threshold: Optional[float] = 0.06  # LPIPS_value_threshold=0.06: stop once LPIPS ≤ this (single_id_coach)
+    # The threshold is calibrated for ImageNet AlexNet-LPIPS; with the random-backbone fallback its scale means
+    # nothing, so it is ignored there unless this is True (then it applies to the fallback's distance as is).
+    threshold_with_fallback: bool = False
+    lpips_size: Optional[int] = None  # PTI computes the tuning LPIPS at full resolution
+    noise_mode: str = "const"  # base_coach.py forward: noise_mode='const'
+    crop_to_mask: bool = True  # ours: with a mask, compute the loss on its bounding box only
+    crop_pad: int = 8  # ours: context pixels kept around the mask's bounding box
+    preview_every: int = 10  # ours: pass a preview image to ``progress`` every this many steps (and at the end)
+    weights_dir: Optional[str] = None  # ours: where to look for ImageNet backbone files (see core.lpips_nets)
+
+
+@dataclass
+class PTIResult:
+    """What :func:`pivotal_tune_report` returns besides the generator."""
+
+    steps_run: int
+    stopped_early: bool
+    final_lpips: float
+    final_mse: float
+    lpips_backbone: str
+    threshold_applied: bool
+
+
+def _check_ws(G, ws: torch.Tensor, n: int) -> torch.Tensor:
+    if not torch.is_tensor(ws) or ws.ndim != 3 or ws.shape[1:] != (G.num_ws, G.w_dim):
+        shape = tuple(ws.shape) if torch.is_tensor(ws) else type(ws).__name__
+        raise InvalidInput(f"ws must be (N, {G.num_ws}, {G.w_dim}), got {shape}")
+    if ws.shape[0] != n:
+        raise InvalidInput(f"{ws.shape[0]} pivots for {n} targets; give one pivot per target image")
+    if not torch.isfinite(ws).all():
+        raise InvalidInput("ws contains NaN or infinite values")
+    return ws.detach().to(G.w_avg.device, torch.float32)
+
+
+def _locality(locality: Union[bool, LocalityOptions, None]) -> Optional[LocalityOptions]:
+    if locality is True:
+        return LocalityOptions()
+    if locality is False or locality is None:
+        return None
+    if isinstance(locality, LocalityOptions):
+        return locality
+    raise InvalidInput(f"locality must be True, False or LocalityOptions, got {type(locality).__name__}")
+
+
+def pivotal_tune(G, ws: torch.Tensor, target: torch.Tensor, steps: int = 350, mask: Optional[torch.Tensor] = None,
+                 locality: Union[bool, LocalityOptions] = False, progress: ProgressFn = None,
+                 cancel: CancelLike = None, options: Optional[PTIOptions] = None):
+    """Tune a deep copy of ``G`` so ``G_tuned.synthesis(ws) ≈ target``; returns ``G_tuned``.
+
+    ``ws`` ``(N,num_ws,w_dim)`` pivots (from :func:`core.project.project`), ``target`` ``(N,3,R,R)`` in [-1,1];
+    N > 1 tunes one generator for all images (PTI's multi-ID coach).  ``steps``: at most this many (PTI: 350).
+    ``mask`` ``(N|1,1,R,R)`` / ``(R,R)`` in [0,1] restricts the reconstruction loss.  ``locality``: True for PTI's
+    §3.3 regulariser with the paper's settings, or a :class:`LocalityOptions`.  ``progress(step, total, loss,
+    preview)`` after each step; ``cancel`` checked before each step (raises Cancelled; ``G`` is untouched).
+    """
+    return pivotal_tune_report(G, ws, target, steps, mask, locality, progress, cancel, options)[0]
+
+
+def pivotal_tune_report(G, ws, target, steps: int = 350, mask=None, locality=False, progress: ProgressFn = None,
+                        cancel: CancelLike = None, options: Optional[PTIOptions] = None):
+    """:func:`pivotal_tune` that also returns a :class:`PTIResult` (steps run, early stop, final losses)."""
+    o = options or PTIOptions()
+    if int(steps) < 0:
+        raise InvalidInput(f"steps must be at least 0, got {steps}")
+    steps = int(steps)
+    target = check_target(G, target)
+    ws = _check_ws(G, ws, target.shape[0])
+    mask = as_mask(mask, target)
+    loc = _locality(locality)
+    if loc is not None and (loc.num_samples < 1 or loc.interval < 1):
+        raise InvalidInput("locality num_samples and interval must be at least 1")
+    device = target.device
+    lpips = perceptual_loss(o.lpips_net, device, o.weights_dir)
+    threshold = o.lpips_threshold if (lpips.pretrained or o.threshold_with_fallback) else None
+
+    check_cancel(cancel)
+    G_tuned = copy.deepcopy(G)
+    G_tuned.train(G.training).requires_grad_(True)
+    params = [p for p in G_tuned.parameters()]
+    opt = torch.optim.Adam(params, lr=o.learning_rate)
+    gen = torch.Generator().manual_seed(loc.seed) if loc is not None else None
+    n = ws.shape[0]
+
+    lp_val, mse_val, stopped, step = float("nan"), float("nan"), False, 0
+    for step in range(steps + 1):
+        # the last pass only measures the result (and allows the early stop), it takes no optimiser step
+        check_cancel(cancel)
+        img = G_tuned.synthesis(ws, noise_mode=o.noise_mode) if step < steps else None
+        if img is None:
+            with torch.no_grad():
+                img = G_tuned.synthesis(ws, noise_mode=o.noise_mode)
+        total, lp, mse = image_loss(img, target, mask, lpips, lpips_weight=o.lpips_weight, l2_weight=o.l2_weight,
+                                    max_size=o.lpips_size, crop=o.crop_to_mask, crop_pad=o.crop_pad)
+        lp_val, mse_val = float(lp.detach().max()), float(mse.detach().mean())
+        if threshold is not None and lp_val <= threshold:
+            stopped = step < steps
+            break
+        if step == steps:
+            break
+        loss = total.mean()
+        if loc is not None and step % loc.interval == 0:
+            pivots = torch.stack([ws[(step * loc.num_samples + j) % n] for j in range(loc.num_samples)])
+            codes = torch.cat([locality_codes(G, p[None], 1, loc.alpha, loc.psi, gen) for p in pivots])
+            loss = loss + loc.weight * locality_loss(G_tuned, G, codes, lpips, loc.l2_weight, loc.lpips_weight,
+                                                     max_size=o.lpips_size, noise_mode=loc.noise_mode)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            last = step == steps - 1
+            preview = img.detach() if (last or (o.preview_every and step % o.preview_every == 0)) else None
+            progress(step + 1, steps, float(total.mean()), preview)
+    for p in params:
+        p.grad = None
+    G_tuned.requires_grad_(False).eval()
+    report = PTIResult(steps_run=step, stopped_early=stopped, final_lpips=lp_val, final_mse=mse_val,
+                       lpips_backbone=lpips.backbone_name, threshold_applied=threshold is not None)
+    return G_tuned, report
