@@ -1,0 +1,115 @@
+"""``python -m core demo --out DIR``: the main job end to end, without an editor.
+
+Loads the embedded default model, inverts a portrait (by default a 256×256 portrait of the embedded face
+domain, drawn by our own renderer, so it is ours to ship and is in the model's domain; ``--photo`` takes
+your own image), renders a few edits from the model's direction manifest through the same
+:class:`core.session.EditSession` the server uses, and writes a labelled before/after sheet (PNG).
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+DEFAULT_EDITS = ("smile", "eye_openness", "hair_color", "glasses")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("demo-out"), help="output folder (default demo-out)")
+    p.add_argument("--photo", type=pathlib.Path, help="your own image instead of the bundled portrait")
+    p.add_argument("--model", type=pathlib.Path, help="generator checkpoint (default: the embedded face64 model)")
+    p.add_argument("--method", default="pti", choices=("pti", "chunks", "w", "wplus"))
+    p.add_argument("--align", default=None, choices=("auto", "none"),
+                   help="default: none for the bundled portrait, auto for --photo")
+    p.add_argument("--edits", default=",".join(DEFAULT_EDITS), help="comma-separated direction names")
+    p.add_argument("--strength", type=float, default=None, help="strength for every edit (default: each one's own)")
+    p.add_argument("--steps", type=int, default=None, help="projection steps (default: the method's)")
+    p.add_argument("--tune-steps", type=int, default=None, help="PTI tuning steps (default: the method's)")
+    p.add_argument("--seed", type=int, default=7, help="which bundled portrait (renderer seed)")
+
+
+def bundled_portrait(seed: int, size: int = 256) -> np.ndarray:
+    """``(size,size,3)`` uint8: a portrait of the embedded domain drawn by our renderer."""
+    from core import demo
+
+    return np.asarray(demo.render(demo.sample_params(1, seed)[0], size=size), dtype=np.uint8)
+
+
+def _tile(rgb: np.ndarray, label: str, size: int) -> Image.Image:
+    img = Image.fromarray(rgb).resize((size, size), Image.LANCZOS if rgb.shape[0] > size else Image.NEAREST)
+    tile = Image.new("RGB", (size, size + 22), "white")
+    tile.paste(img, (0, 0))
+    ImageDraw.Draw(tile).text((4, size + 5), label, fill="black")
+    return tile
+
+
+def make_sheet(tiles: list[tuple[np.ndarray, str]], size: int = 256) -> Image.Image:
+    """Tiles side by side with a label under each."""
+    imgs = [_tile(rgb, label, size) for rgb, label in tiles]
+    sheet = Image.new("RGB", (len(imgs) * (size + 6) - 6, size + 22), "white")
+    for i, t in enumerate(imgs):
+        sheet.paste(t, (i * (size + 6), 0))
+    return sheet
+
+
+def _to_uint8(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Result layer (H,W,4) in [0,1] composited over the input (as an editor shows it) -> uint8 RGB."""
+    a = rgba[..., 3:4]
+    rgb = rgba[..., :3] * a + background * (1 - a)
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+
+
+def main(args: argparse.Namespace) -> int:
+    import core
+    from core.common import LatentEditError
+    from core.session import SessionOptions, create_session
+
+    try:
+        model_path = args.model or core.default_model_path()
+        G = core.load_generator(model_path)
+        directions = core.load_directions(model_path, G) if args.model is None else {}
+        if args.photo:
+            rgb = np.asarray(Image.open(args.photo).convert("RGB"), dtype=np.uint8)
+            align = args.align or "auto"
+        else:
+            rgb = bundled_portrait(args.seed)
+            align = args.align or "none"
+        names = [n.strip() for n in args.edits.split(",") if n.strip()]
+        unknown = [n for n in names if n not in directions]
+        if unknown:
+            raise LatentEditError(f"unknown edit(s) {unknown}; this model has: {', '.join(sorted(directions))}")
+        layer = np.concatenate([rgb.astype(np.float32) / 255.0, np.ones(rgb.shape[:2] + (1,), np.float32)], axis=2)
+        opts = SessionOptions(method=args.method, align=align, project_steps=args.steps, tune_steps=args.tune_steps)
+        last = [-1]
+
+        def progress(stage, fraction, message="", preview=None):
+            pct = int(fraction * 100)
+            if pct // 10 != last[0] // 10:
+                print(f"  {stage:8s} {pct:3d}%  {message}", flush=True)
+                last[0] = pct
+
+        print(f"model {model_path} ({G.resolution}px, {len(directions)} directions); method {args.method}, align {align}")
+        t0 = time.perf_counter()
+        session = create_session(G, layer, None, opts, progress=progress, directions=directions)
+        t_invert = time.perf_counter() - t0
+        tiles = [(rgb, "input"), (_to_uint8(session.render([]), layer[..., :3]), "reconstruction")]
+        t1 = time.perf_counter()
+        for name in names:
+            strength = args.strength if args.strength is not None else float(directions[name].default_strength or 2.0)
+            out = session.render([(name, strength)])
+            tiles.append((_to_uint8(out, layer[..., :3]), f"{name} {strength:+g}"))
+        t_render = (time.perf_counter() - t1) / max(1, len(names))
+    except LatentEditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "before_after.png"
+    make_sheet(tiles).save(path)
+    Image.fromarray(rgb).save(args.out / "input.png")
+    print(f"inversion {t_invert:.1f} s, each re-edit {t_render * 1000:.0f} ms")
+    print(path.resolve())
+    return 0
