@@ -160,7 +160,7 @@ def check_map(obj, path: str, allowed: set, required: set = frozenset()) -> dict
             raise invalid(_join(path, key), f"unknown field (allowed: {', '.join(sorted(allowed))})",
                           code="unknown_field")
     for key in sorted(required):
-        if key not in obj:
+        if obj.get(key) is None:
             raise invalid(_join(path, key), "is required", code="missing_field")
     return obj
 
