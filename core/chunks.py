@@ -480,9 +480,10 @@ def tune_segments(G, ws: torch.Tensor, image: torch.Tensor, masks: torch.Tensor,
     """Segment-restricted PTI: a tuned copy of ``G`` such that ``G(X_i)`` matches ``image`` on segment i's
     dilated area only (multi-pivot pivotal tuning, core.pti). ws (n,num_ws,w_dim), masks (n,1,H,W)."""
     opts = opts or ChunksOptions()
-    from core.pti import pivotal_tune
+    from core.pti import PTIOptions, pivotal_tune
 
     n = ws.shape[0]
     seg_masks = dilate((masks > 0).float(), opts.dilate)
+    pti = PTIOptions(learning_rate=opts.tune_lr, lpips_weight=opts.lpips_weight, l2_weight=opts.l2_weight)
     return pivotal_tune(G, ws, image.expand(n, -1, -1, -1), steps=steps, mask=seg_masks,
-                        progress=progress, cancel=cancel)
+                        progress=progress, cancel=cancel, options=pti)

@@ -1,0 +1,235 @@
+"""core.session: every method and blend keeps unselected pixels bit-identical, input validation,
+progress/cancel, save/load round trips, one-forward re-edits, named edits and face alignment."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_generator
+from core.common import Cancelled, InvalidInput
+from core.edits import Direction
+from core.session import EditSession, SessionOptions, create_session
+
+FAST = dict(align="none", project_steps=3, tune_steps=2)
+
+
+@pytest.fixture(scope="module")
+def G():
+    return make_tiny_generator()
+
+
+def layer(size: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    rgb = np.stack([xx, yy, 0.5 + 0.3 * np.sin(8 * xx)], -1) * 0.7 + 0.3 * rng.random((size, size, 3))
+    alpha = np.ones((size, size, 1))
+    alpha[:4] = 0.5  # some partial transparency
+    return np.concatenate([rgb, alpha], -1).astype(np.float32)
+
+
+def random_selection(size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    sel = np.zeros((size, size), np.float32)
+    for _ in range(2):
+        y0, x0 = rng.integers(0, size // 2, 2)
+        h, w = rng.integers(size // 6, size // 2, 2)
+        sel[y0:y0 + h, x0:x0 + w] = rng.uniform(0.4, 1.0)
+    return sel
+
+
+@pytest.mark.parametrize("method", ["w", "wplus", "pti", "chunks"])
+@pytest.mark.parametrize("size", [32, 64])  # identity and 2× geometry
+def test_outside_selection_bit_identical(G, method, size):
+    img = layer(size, seed=size)
+    sel = random_selection(size, seed=hash((method, size)) % 1000)
+    sess = create_session(G, img, sel, SessionOptions(method=method, **FAST))
+    d = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    outside = sel == 0
+    for blend in ("alpha", "poisson"):
+        for edits in ([], [(d, 2.0)]):
+            out = sess.render(edits, blend=blend)
+            assert out.shape == img.shape and out.dtype == np.float32
+            assert np.array_equal(out[outside][:, :3], img[outside][:, :3]), (blend, edits)
+            assert np.all(out[outside][:, 3] == 0)
+            inside = out[sel > 0]
+            assert np.all(inside[:, 3] <= img[sel > 0][:, 3] + 1e-6)
+            assert 0 <= out.min() and out.max() <= 1
+    edited = sess.render([(d, 2.0)], feather=0)
+    plain = sess.render([], feather=0)
+    assert np.abs(edited[sel > 0][:, :3] - plain[sel > 0][:, :3]).max() > 1e-3
+
+
+def test_alpha_is_feathered_selection_times_input_alpha(G):
+    img = layer(32)
+    sel = np.zeros((32, 32), np.float32)
+    sel[2:30, 4:28] = 1
+    sess = create_session(G, img, sel, SessionOptions(method="w", **FAST))
+    out = sess.render([], feather=0)
+    assert np.array_equal(out[..., 3], sel * img[..., 3])
+    soft = sess.render([], feather=4)
+    assert np.all(soft[..., 3] <= out[..., 3]) and soft[16, 16, 3] == 1 and 0 < soft[15, 4, 3] < 0.5
+
+
+def test_scale_geometry_keeps_detail_without_edits(G):
+    img = layer(64, seed=3)
+    sel = np.zeros((64, 64), np.float32)
+    sel[8:56, 8:56] = 1
+    sess = create_session(G, img, sel, SessionOptions(method="chunks", **FAST))
+    out = sess.render([], feather=0)
+    inside = sel > 0
+    # no edit -> zero delta: the layer's own full-resolution pixels come back
+    assert np.allclose(out[inside][:, :3], img[inside][:, :3], atol=1e-6)
+
+
+def test_all_selected_and_no_selection(G):
+    img = layer(32)
+    img[..., 3] = 1
+    a = create_session(G, img, None, SessionOptions(method="wplus", **FAST))
+    b = create_session(G, img, np.ones((32, 32), np.float32), SessionOptions(method="wplus", **FAST))
+    ra, rb = a.render([], feather=8), b.render([], feather=8)
+    assert np.array_equal(ra, rb)
+    assert np.all(ra[..., 3] == 1)  # the whole layer is re-synthesised; the border is not a selection edge
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda img: (img, np.zeros((32, 32), np.float32)), "empty"),
+    (lambda img: (img, np.ones((16, 32), np.float32)), "selection is 32×16 but the layer is 32×32"),
+    (lambda img: (img, np.full((32, 32), np.nan, np.float32)), "NaN"),
+    (lambda img: (img, np.full((32, 32), 255, np.uint8)), "dtype uint8"),
+    (lambda img: (img, np.full((32, 32), 2.0, np.float32)), "[0,1]"),
+    (lambda img: ((img * 255).astype(np.uint8), None), "dtype uint8"),
+    (lambda img: (np.where(np.arange(32)[:, None, None] == 3, np.nan, img).astype(np.float32), None), "NaN"),
+    (lambda img: (img[..., :2], None), "(H,W,4)"),
+    (lambda img: (img[:30], None), "square"),
+    (lambda img: (torch.zeros(32, 32, 4), None), "numpy"),
+])
+def test_bad_input(G, make, msg):
+    img, sel = make(layer(32))
+    with pytest.raises(InvalidInput) as err:
+        create_session(G, img, sel, SessionOptions(method="w", **FAST))
+    assert msg in str(err.value)
+
+
+def test_bad_options_and_render_args(G):
+    img = layer(32)
+    for bad in (dict(method="gan"), dict(align="maybe"), dict(blend="soft"), dict(feather=-1.0),
+                dict(project_steps=-3), dict(method="w", project_steps=0)):
+        with pytest.raises(InvalidInput):
+            create_session(G, img, None, dataclasses.replace(SessionOptions(**FAST), **bad))
+    sess = create_session(G, img, None, SessionOptions(method="w", **FAST))
+    with pytest.raises(InvalidInput):
+        sess.render([], blend="nope")
+    with pytest.raises(InvalidInput):
+        sess.render([], feather=float("inf"))
+    with pytest.raises(InvalidInput, match="unknown direction"):
+        sess.render([("smile", 1.0)])
+
+
+def test_edits_by_name_direction_and_tensor(G):
+    v = torch.randn(32)
+    img, sel = layer(32), random_selection(32, 4)
+    sess = create_session(G, img, sel, SessionOptions(method="chunks", **FAST),
+                          directions={"smile": Direction(name="smile", vector=v)})
+    a = sess.render([("smile", 1.5)])
+    b = sess.render([(Direction(name="other", vector=v), 1.5)])
+    c = sess.render([(v, 1.5)])
+    assert np.array_equal(a, b) and np.array_equal(a, c)
+    assert not np.array_equal(a, sess.render([]))
+
+
+def test_reedit_costs_one_forward(G):
+    img, sel = layer(64), random_selection(64, 7)
+    sess = create_session(G, img, sel, SessionOptions(method="pti", **FAST))
+    Gs = sess.segments.G
+    calls = []
+    orig = Gs.synthesis
+
+    def counted(ws, *a, **k):
+        calls.append(ws.shape[0])
+        return orig(ws, *a, **k)
+
+    Gs.synthesis = counted
+    try:
+        sess.render([(torch.randn(32), 1.0)])
+        sess.render([(torch.randn(32), -1.0)], blend="poisson")
+        sess.render([])
+    finally:
+        del Gs.synthesis
+    assert calls == [1, 1]
+
+
+def test_progress_stages_and_cancel(G):
+    img = layer(32)
+    events = []
+    create_session(G, img, None, SessionOptions(method="pti", **FAST), progress=lambda *e: events.append(e))
+    stages = [e[0] for e in events]
+    fracs = [e[1] for e in events]
+    assert stages[0] == "project" and "tune" in stages and stages[-1] == "render"
+    assert fracs == sorted(fracs) and fracs[-1] == 1.0 and 0 < fracs[0] < 1
+    assert all(isinstance(e[2], str) for e in events)
+    previews = [e[3] for e in events if e[3] is not None]
+    assert previews and previews[0].shape == (32, 32, 3)
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    n = []
+    with pytest.raises(Cancelled):
+        create_session(G, img, None, SessionOptions(method="pti", align="none", project_steps=3, tune_steps=5),
+                       progress=lambda *e: n.append(e), cancel=lambda: len(n) >= 4)
+    assert all(torch.equal(before[k], v) for k, v in G.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["w", "chunks", "pti"])
+def test_save_load_round_trip(G, tmp_path, method):
+    img, sel = layer(64, 2), random_selection(64, 2)
+    sess = create_session(G, img, sel, SessionOptions(method=method, blend="poisson", **FAST))
+    sess.save(tmp_path / method)
+    again = EditSession.load(tmp_path / method, G)
+    assert again.tuned == (method in ("pti", "chunks"))  # FAST tunes 2 steps for both
+    edits = [(torch.randn(32, generator=torch.Generator().manual_seed(0)), 1.0)]
+    assert np.array_equal(again.render(edits), sess.render(edits))
+    assert np.array_equal(again.render([]), sess.render([]))
+    # only plain tensors and JSON: loadable with weights_only=True
+    torch.load(tmp_path / method / "tensors.pt", weights_only=True)
+    with pytest.raises(InvalidInput):
+        EditSession.load(tmp_path / "missing", G)
+
+
+# ----------------------------------------------------------------------------------------------------- faces
+
+@pytest.fixture(scope="module")
+def astronaut():
+    import skimage.data
+
+    a = skimage.data.astronaut()[:256, 96:352].astype(np.float32) / 255  # the face is near (224, 117)
+    return np.concatenate([a, np.ones(a.shape[:2] + (1,), np.float32)], -1)
+
+
+def test_align_auto_face(G, astronaut):
+    sel = np.zeros(astronaut.shape[:2], np.float32)
+    sel[60:180, 70:190] = 1  # around the face
+    events = []
+    sess = create_session(G, astronaut, sel, SessionOptions(method="w", align="auto", project_steps=3),
+                          progress=lambda *e: events.append(e[0]))
+    assert events[0] == "align" and sess.geometry["kind"] == "align"
+    d = torch.randn(32, generator=torch.Generator().manual_seed(2))
+    for blend in ("alpha", "poisson"):
+        out = sess.render([(d, 3.0)], blend=blend)
+        outside = sel == 0
+        assert np.array_equal(out[outside][:, :3], astronaut[outside][:, :3])
+        assert np.all(out[outside][:, 3] == 0)
+        changed = np.abs(out[..., :3] - astronaut[..., :3]).max(-1) > 1e-3
+        assert changed.any() and not changed[outside].any()
+
+
+def test_align_auto_errors(G, astronaut):
+    flat = np.full((128, 128, 4), 0.5, np.float32)
+    with pytest.raises(InvalidInput, match="no face"):
+        create_session(G, flat, None, SessionOptions(method="w", align="auto", project_steps=2))
+    sel = np.zeros(astronaut.shape[:2], np.float32)
+    sel[220:250, 0:30] = 1  # far from the face
+    with pytest.raises(InvalidInput, match="face"):
+        create_session(G, astronaut, sel, SessionOptions(method="w", align="auto", project_steps=2))
+    with pytest.raises(InvalidInput, match="too small"):
+        create_session(G, astronaut, None, SessionOptions(method="w", align="auto", project_steps=2, min_face=500))
