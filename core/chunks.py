@@ -255,6 +255,14 @@ class SegmentSession:
         mixed = (outs * self.masks).sum(0, keepdim=True)
         return torch.where(self.support, mixed, self.image)
 
+    def alpha(self, feather: float) -> torch.Tensor:
+        """The feathered soft selection (1,1,H,W), exactly 0 outside it (cached per radius)."""
+        cache = self.__dict__.setdefault("_alpha", {})
+        if feather not in cache:
+            cache.clear()
+            cache[feather] = feather_mask(self.coverage * self.support, feather)
+        return cache[feather]
+
     def layers(self, edits=None, feather: Optional[float] = None, blend: str = "alpha",
                segments: Optional[Sequence[int]] = None, color_match: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,7 +278,7 @@ class SegmentSession:
         if color_match:
             rec = self.generated()
             gen = _color_match(rec, self.image, self.coverage, target=gen)
-        alpha = feather_mask(self.coverage * self.support, feather)
+        alpha = self.alpha(feather)
         if blend == "poisson":
             gen = poisson_blend(self.image, gen, alpha > 0)
         return gen, alpha

@@ -220,7 +220,7 @@ class EditSession:
             kind = self.geometry["kind"]
             if kind == "identity":
                 window = (0, 0, self.image.shape[1], self.image.shape[0])
-                alpha = feather_mask(torch.from_numpy(self.selection)[None, None], feather)
+                alpha = self._alpha(feather, window)
                 overlay = gen
                 if blend == "poisson":
                     overlay = poisson_blend(seg.image, overlay, alpha > 0)
@@ -231,9 +231,8 @@ class EditSession:
                     res_overlay = poisson_blend(seg.image, res_overlay, seg.support)
                 window = self._window(feather)
                 x0, y0, x1, y1 = window
-                delta, valid = self._lift(res_overlay - seg.image, window)
-                sel = torch.from_numpy(self.selection[y0:y1, x0:x1])[None, None]
-                alpha = feather_mask(valid * sel, feather)
+                delta = self._lift(res_overlay - seg.image, window)
+                alpha = self._alpha(feather, window)
                 overlay = self._base[..., y0:y1, x0:x1] + delta
         x0, y0, x1, y1 = window
         a = alpha[0, 0].numpy().astype(np.float32)
@@ -244,6 +243,17 @@ class EditSession:
         out[y0:y1, x0:x1, 3] = np.where(a > 0, a * src[..., 3], np.float32(0))
         return out
 
+    def _alpha(self, feather: float, window) -> torch.Tensor:
+        """Feathered (selection × generator footprint) over ``window``, cached per radius."""
+        key = (float(feather), tuple(window))
+        cache = self.__dict__.setdefault("_alpha_cache", {})
+        if key not in cache:
+            x0, y0, x1, y1 = window
+            sel = torch.from_numpy(self.selection[y0:y1, x0:x1])[None, None]
+            cache.clear()
+            cache[key] = feather_mask(self._valid(window) * sel, feather)
+        return cache[key]
+
     def _window(self, feather: float) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1): the region that can change (selection ∩ generator footprint) grown by the feather."""
         x0, y0, x1, y1 = self.geometry["window"]
@@ -251,24 +261,30 @@ class EditSession:
         pad = int(math.ceil(feather)) + 2
         return max(x0 - pad, 0), max(y0 - pad, 0), min(x1 + pad, W), min(y1 + pad, H)
 
-    def _lift(self, delta: torch.Tensor, window) -> tuple[torch.Tensor, torch.Tensor]:
-        """Generator-resolution delta (1,3,r,r) -> the layer window's delta (1,3,h,w) and where the generator's
-        footprint is valid there (1,1,h,w) in [0,1]."""
+    def _lift(self, delta: torch.Tensor, window) -> torch.Tensor:
+        """Generator-resolution delta (1,3,r,r) -> the delta over the layer ``window`` (1,3,h,w)."""
         g = self.geometry
         x0, y0, x1, y1 = window
         H, W = self.image.shape[:2]
         if g["kind"] == "scale":
             up = F.interpolate(delta, size=(H, W), mode="bilinear", align_corners=False)
-            return up[..., y0:y1, x0:x1], torch.ones(1, 1, y1 - y0, x1 - x0)
+            return up[..., y0:y1, x0:x1]
         if g["kind"] == "align":
-            from core.align import face_alpha, warp_back
+            from core.align import warp_back
 
-            t = self._transform()
-            d = warp_back(delta[0].permute(1, 2, 0).numpy().astype(np.float32), t, window)
-            valid = face_alpha(t, window, feather=0.0)
-            return (torch.from_numpy(np.ascontiguousarray(d)).permute(2, 0, 1)[None].float(),
-                    torch.from_numpy(valid)[None, None])
+            d = warp_back(delta[0].permute(1, 2, 0).numpy().astype(np.float32), self._transform(), window)
+            return torch.from_numpy(np.ascontiguousarray(d)).permute(2, 0, 1)[None].float()
         raise LatentEditError(f"unknown session geometry {g['kind']!r}")
+
+    def _valid(self, window) -> torch.Tensor:
+        """Where the generator's footprint covers the layer ``window`` (1,1,h,w): all of it when scaled,
+        the aligned face square (eroded, hard edge: the feather comes after) for faces."""
+        x0, y0, x1, y1 = window
+        if self.geometry["kind"] != "align":
+            return torch.ones(1, 1, y1 - y0, x1 - x0)  # identity / scale: the generator covers the layer
+        from core.align import face_alpha
+
+        return torch.from_numpy(face_alpha(self._transform(), window, feather=0.0))[None, None]
 
     def _transform(self):
         if getattr(self, "_align_transform", None) is None:

@@ -268,3 +268,20 @@ def test_state_round_trip(G, photo, two_segments):
     again = SegmentSession.from_state(G, {k: v.clone() for k, v in sess.state_dict().items()}, FAST)
     d = torch.randn(32)
     assert torch.equal(again.render([(d, 1.0)], blend="poisson"), sess.render([(d, 1.0)], blend="poisson"))
+
+
+def test_segment_restricted_pti(G, photo, two_segments):
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    plain = invert_segments(G, photo, two_segments, steps=10, options=FAST)
+    calls = []
+    tuned = invert_segments(G, photo, two_segments, steps=10, tune_steps=15, options=FAST,
+                            progress=lambda s, t, *a: calls.append((s, t)))
+    assert tuned.tuned and tuned.G is not G and tuned.base_G is G
+    assert all(torch.equal(before[k], v) for k, v in G.state_dict().items())  # G untouched
+    assert calls[-1] == (25, 25) and calls[9] == (10, 25)
+    assert torch.equal(tuned.ws, plain.ws)  # same pivots (deterministic), only the weights moved
+    sel = two_segments.sum(0)
+    assert float(masked_mse(tuned.generated(), photo, sel)) < 0.9 * float(masked_mse(plain.generated(), photo, sel))
+    outside = (sel == 0).expand(1, 3, 32, 32)
+    out = tuned.render([(torch.randn(32), 1.0)], blend="poisson")
+    assert torch.equal(out[outside], photo[outside])
