@@ -132,12 +132,10 @@ def default_weights_dir() -> pathlib.Path:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_nets(weights_dir: str):
+def _load_nets(weights_dir: str, stamp: tuple):
     nets = {"pnet": PNet(), "rnet": RNet(), "onet": ONet()}
     for name, net in nets.items():
         path = pathlib.Path(weights_dir) / f"{name}.pt"
-        if not path.is_file():
-            raise MissingWeights(f"MTCNN weight file missing: {path} (install it with `{INSTALL_HINT}`)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             net.load_state_dict(state, strict=True)
@@ -148,9 +146,17 @@ def _load_nets(weights_dir: str):
 
 
 def load_mtcnn(weights_dir=None):
-    """(PNet, RNet, ONet) in eval mode, cached per folder; ``weights_dir`` holds pnet.pt, rnet.pt, onet.pt."""
-    folder = pathlib.Path(weights_dir) if weights_dir is not None else default_weights_dir()
-    return _load_nets(str(folder.resolve()))
+    """(PNet, RNet, ONet) in eval mode; ``weights_dir`` holds pnet.pt, rnet.pt, onet.pt (default: the installed
+    facenet-pytorch's data folder). Cached per folder and file versions."""
+    folder = (pathlib.Path(weights_dir) if weights_dir is not None else default_weights_dir()).resolve()
+    stamp = []
+    for name in ("pnet", "rnet", "onet"):
+        path = folder / f"{name}.pt"
+        if not path.is_file():
+            raise MissingWeights(f"MTCNN weight file missing: {path} (install it with `{INSTALL_HINT}`)")
+        st = path.stat()
+        stamp.append((st.st_size, st.st_mtime_ns))
+    return _load_nets(str(folder), tuple(stamp))
 
 
 # ----------------------------------------------------------------------------------------------- box utilities
