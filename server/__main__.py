@@ -37,11 +37,18 @@ def default_data_dir() -> Path:
     return base / "latent-edit"
 
 
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0..65535)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m server", description="Latent Edit local server (aiohttp + msgpack).")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; anything else is "
                                                        "reachable from the network: the token is then all that protects it)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0 = any free port)")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0 = any free port)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help=f"sessions, job inputs, SQLite and the token (default {default_data_dir()})")
     p.add_argument("--token-file", type=Path, default=None, help="bearer token file (default DATA_DIR/token; "
@@ -84,13 +91,20 @@ async def serve(args: argparse.Namespace) -> None:
     from server.app import ENGINE, ServerConfig, create_app
     from server.auth import load_or_create_token
     from server.protocol import Limits
+    from core.common import LatentEditError
 
     log = logging.getLogger("server")
     data_dir = (args.data_dir or default_data_dir()).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     token_file = (args.token_file or data_dir / "token").expanduser()
     token = load_or_create_token(token_file)
-    models_dir = (args.models_dir or data_dir / "models").expanduser()
+    if args.models_dir is None:
+        models_dir = data_dir / "models"
+        models_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        models_dir = args.models_dir.expanduser()
+        if not models_dir.is_dir():
+            raise SystemExit(f"error: --models-dir {models_dir} is not a folder")
     device = resolve_device(args.device)
     config = ServerConfig(data_dir=data_dir, token=token, models_dir=models_dir, device=device,
                           limits=Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024)),
@@ -100,7 +114,10 @@ async def serve(args: argparse.Namespace) -> None:
     if args.engine:
         module, _, factory = args.engine.partition(":")
         engine = getattr(importlib.import_module(module), factory)(config)
-    app = create_app(config, engine=engine)
+    try:
+        app = create_app(config, engine=engine)
+    except LatentEditError as exc:
+        raise SystemExit(f"error: cannot start the engine: {exc}")
     try:
         if not ipaddress.ip_address(args.host).is_loopback:
             log.warning("binding %s: the server is reachable from other machines", args.host)

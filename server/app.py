@@ -362,7 +362,8 @@ async def render(request: web.Request):
     cfg = request.app[CONFIG]
     raw = await read_body(request)
     body = protocol.decode_body(raw, request.content_type, cfg.limits)
-    req = protocol.parse_render_request(body, cfg.limits, request.app[ENGINE].direction_names(row["model"]))
+    engine = request.app[ENGINE]
+    req = protocol.parse_render_request(body, cfg.limits, engine.direction_names(row["model"]), engine.num_ws(row["model"]))
     renderer = request.app[RENDERER]
     loop = asyncio.get_running_loop()
     try:
@@ -410,6 +411,7 @@ def create_app(config: ServerConfig, engine=None) -> web.Application:
     if engine is None:
         from server.engine import Engine
         engine = Engine.from_core(config.models_dir, config.device)
+    engine.models()  # load the registry's models now, not on the event loop during a request
     storage = Storage(config.data_dir)
     live = LiveSessions(config.live_sessions)
     jobs = JobManager(storage, engine, live, max_queue=config.max_queue, default_timeout_s=config.job_timeout_s,

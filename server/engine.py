@@ -65,6 +65,12 @@ class Engine:
                 return {d["name"] if isinstance(d, dict) else str(d) for d in dirs}
         return set()
 
+    def num_ws(self, model: str) -> Optional[int]:
+        for m in self.models():
+            if m["name"] == model and isinstance(m.get("num_ws"), int):
+                return m["num_ws"]
+        return None
+
     def backbone(self) -> str:
         """The active perceptual backbone, ``"loading"`` until :meth:`warm_up` has run."""
         if self._backbone_fn is None:

@@ -475,7 +475,8 @@ class Renderer:
         """Blocking: one generator forward + compositing, encoded for the wire."""
         t0 = time.perf_counter()
         session = self.session(row)
-        out = np.asarray(session.render(edits=req.edits, feather=req.feather, blend=req.blend))
+        extra = {} if req.color_match is None else {"color_match": req.color_match}
+        out = np.asarray(session.render(edits=req.edits, feather=req.feather, blend=req.blend, **extra))
         if out.shape != (row["height"], row["width"], 4):
             raise RuntimeError(f"engine returned {out.shape}, expected {(row['height'], row['width'], 4)}")
         layer = protocol.encode_layer(out, req.format or row["format"], row["x"], row["y"], row["name"])

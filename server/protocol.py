@@ -215,6 +215,15 @@ def get_number(obj: dict, key: str, path: str, lo: float, hi: float, default=Non
     return v
 
 
+def get_bool(obj: dict, key: str, path: str, default=None) -> Optional[bool]:
+    v = obj.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise invalid(_join(path, key), f"must be a boolean, not {_type_name(v)}")
+    return v
+
+
 def get_list(obj: dict, key: str, path: str, max_len: int, min_len: int = 0, default=None) -> Optional[list]:
     field = _join(path, key)
     v = obj.get(key, default)
@@ -342,7 +351,9 @@ class SessionRequest:
     timeout_s: Optional[float]
 
 
-_OPTION_KEYS = {"project_steps", "tune_steps", "feather", "blend", "seed", "timeout_s"}
+_OPTION_KEYS = {"project_steps", "tune_steps", "feather", "blend", "seed", "color_match", "space", "reg", "min_face",
+                "timeout_s"}
+SPACES = ("w", "w+")
 
 
 def _item(obj: dict, path: str, limits: Limits) -> Item:
@@ -379,6 +390,18 @@ def _common_session_fields(body: dict, limits: Limits) -> tuple:
     v = get_int(opts, "seed", "options", 0, 2**31 - 1)
     if v is not None:
         options["seed"] = v
+    v = get_bool(opts, "color_match", "options")
+    if v is not None:
+        options["color_match"] = v
+    v = get_str(opts, "space", "options", choices=SPACES)
+    if v is not None:
+        options["space"] = v
+    v = get_number(opts, "reg", "options", 0.0, 1e6)
+    if v is not None:
+        options["reg"] = v
+    v = get_int(opts, "min_face", "options", 1, limits.max_side)
+    if v is not None:
+        options["min_face"] = v
     timeout_s = get_number(opts, "timeout_s", "options", 1.0, limits.max_timeout_s)
     return model, options, timeout_s
 
@@ -405,24 +428,36 @@ def parse_batch_request(body: dict, limits: Limits) -> SessionRequest:
 
 @dataclass
 class RenderRequest:
-    edits: list  # [(direction name, strength)]
+    edits: list  # [(direction name, strength)] or [(name, strength, (first, last))]
     feather: Optional[float]
     blend: Optional[str]
     format: Optional[str]
+    color_match: Optional[bool] = None
 
 
-def parse_render_request(body: dict, limits: Limits, directions: set) -> RenderRequest:
-    """``POST /v1/sessions/{id}/render``: {edits: [{direction, strength}], feather?, blend?, format?}."""
-    check_map(body, "", {"edits", "feather", "blend", "format"}, {"edits"})
+def parse_render_request(body: dict, limits: Limits, directions: set, num_ws: Optional[int] = None) -> RenderRequest:
+    """``POST /v1/sessions/{id}/render``: {edits: [{direction, strength, layers?}], feather?, blend?, format?,
+    color_match?}; ``layers`` = [first, last] W+ rows the edit applies to (inclusive)."""
+    check_map(body, "", {"edits", "feather", "blend", "format", "color_match"}, {"edits"})
     raw = get_list(body, "edits", "", limits.max_edits)
+    top = (num_ws - 1) if num_ws else 1 << 10
     edits = []
     for i, e in enumerate(raw):
         path = f"edits[{i}]"
-        check_map(e, path, {"direction", "strength"}, {"direction", "strength"})
+        check_map(e, path, {"direction", "strength", "layers"}, {"direction", "strength"})
         name = get_str(e, "direction", path)
         if name not in directions:
             known = ", ".join(sorted(directions)) or "none"
             raise invalid(_join(path, "direction"), f"unknown direction {name[:60]!r} for this model (known: {known})")
-        edits.append((name, get_number(e, "strength", path, -100.0, 100.0)))
+        edit = (name, get_number(e, "strength", path, -100.0, 100.0))
+        if e.get("layers") is not None:
+            lpath = _join(path, "layers")
+            pair = get_list(e, "layers", path, 2, min_len=2)
+            first = get_int({"first": pair[0]}, "first", lpath, 0, top)
+            last = get_int({"last": pair[1]}, "last", lpath, 0, top)
+            if first > last:
+                raise invalid(lpath, f"first ({first}) must not exceed last ({last})")
+            edit = edit + ((first, last),)
+        edits.append(edit)
     return RenderRequest(edits, get_number(body, "feather", "", 0.0, 512.0), get_str(body, "blend", "", choices=BLENDS),
-                         get_str(body, "format", "", choices=tuple(LAYER_FORMATS)))
+                         get_str(body, "format", "", choices=tuple(LAYER_FORMATS)), get_bool(body, "color_match", ""))

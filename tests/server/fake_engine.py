@@ -52,9 +52,9 @@ class FakeSession:
     def __init__(self, image: np.ndarray, selection: Optional[np.ndarray], method: str):
         self.image, self.selection, self.method = image, selection, method
 
-    def render(self, edits=(), feather=None, blend=None) -> np.ndarray:
+    def render(self, edits=(), feather=None, blend=None, color_match=None) -> np.ndarray:
         shift = np.zeros(3, np.float32)
-        for name, strength in edits:
+        for name, strength, *layers in edits:
             if name not in DIRECTIONS:
                 raise InvalidInput(f"unknown direction {name!r}")
             shift += strength * DIRECTIONS[name]
@@ -82,7 +82,7 @@ class FakeSession:
 
 class FakeRegistry:
     def list(self) -> list:
-        return [{"name": "fake32", "resolution": 32, "default": True, "spaces": ["w", "w+"],
+        return [{"name": "fake32", "resolution": 32, "default": True, "spaces": ["w", "w+"], "num_ws": 8,
                  "directions": [{"name": n, "range": [-3, 3]} for n in DIRECTIONS]},
                 {"name": "other", "resolution": 32, "directions": [{"name": "light", "range": [-3, 3]}]}]
 

@@ -46,7 +46,7 @@ def test_session_with_selection_progress_and_two_renders(server):
     assert server.engine.step_log.calls[-1]["options"].align == "none"
 
     outs = []
-    for edits in ([{"direction": "smile", "strength": 1.5}], [{"direction": "age", "strength": -1.0},
+    for edits in ([{"direction": "smile", "strength": 1.5}], [{"direction": "age", "strength": -1.0, "layers": [0, 3]},
                                                                {"direction": "light", "strength": 0.5}]):
         r = server.request("POST", f"/v1/sessions/{sid}/render", {"edits": edits})
         assert r.status == 200, r.body

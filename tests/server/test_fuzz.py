@@ -124,7 +124,8 @@ for key, bad in [("model", "stylegan9"), ("model", 3), ("model", ""), ("method",
 for key, bad in [("project_steps", -1), ("project_steps", "100"), ("project_steps", 10**9), ("project_steps", 1.5),
                  ("tune_steps", True), ("feather", float("nan")), ("feather", float("inf")), ("feather", -1.0),
                  ("feather", "8"), ("blend", "multiply"), ("seed", -1), ("seed", 1.5), ("seed", 2**40),
-                 ("timeout_s", 0), ("timeout_s", float("nan")), ("timeout_s", 1e12), ("speed", 2)]:
+                 ("timeout_s", 0), ("timeout_s", float("nan")), ("timeout_s", 1e12), ("speed", 2),
+                 ("color_match", 1), ("space", "s"), ("reg", -1.0), ("min_face", 0)]:
     case(f"options.{key}={bad!r}", dict(with_layer(), options={key: bad}), 422)
 
 # --- batch ----------------------------------------------------------------------------------------
@@ -173,7 +174,13 @@ RENDER_CASES = [
     ("strength huge", {"edits": [{"direction": "smile", "strength": 1e9}]}),
     ("strength bool", {"edits": [{"direction": "smile", "strength": True}]}),
     ("strength missing", {"edits": [{"direction": "smile"}]}),
-    ("edit extra key", {"edits": [{"direction": "smile", "strength": 1, "layers": [0, 3]}]}),
+    ("edit extra key", {"edits": [{"direction": "smile", "strength": 1, "weight": 3}]}),
+    ("layers reversed", {"edits": [{"direction": "smile", "strength": 1, "layers": [3, 1]}]}),
+    ("layers past num_ws", {"edits": [{"direction": "smile", "strength": 1, "layers": [0, 8]}]}),
+    ("layers string", {"edits": [{"direction": "smile", "strength": 1, "layers": "0-3"}]}),
+    ("layers one entry", {"edits": [{"direction": "smile", "strength": 1, "layers": [2]}]}),
+    ("layers floats", {"edits": [{"direction": "smile", "strength": 1, "layers": [0.5, 2]}]}),
+    ("color_match string", {"edits": [], "color_match": "yes"}),
     ("too many edits", {"edits": [{"direction": "smile", "strength": 0.1}] * 9}),
     ("feather negative", {"edits": [], "feather": -2}), ("feather NaN", {"edits": [], "feather": float("nan")}),
     ("blend unknown", {"edits": [], "blend": "screen"}), ("format unknown", {"edits": [], "format": "png"}),
