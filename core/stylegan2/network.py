@@ -40,6 +40,7 @@ class GeneratorConfig:
     mapping_layers: int
     channels: dict
     lr_multiplier: float = 0.01  # StyleGAN2 (Karras et al. 2020) mapping-network learning-rate multiplier
+    conv_clamp: Optional[float] = None  # stylegan2-ada: None (config-f, --fp32); ada training default 256
 
     def __post_init__(self):
         self.channels = {int(k): int(v) for k, v in dict(self.channels).items()}
@@ -56,6 +57,8 @@ class GeneratorConfig:
                 raise InvalidInput(f"{name} must be positive, got {getattr(self, name)}")
             setattr(self, name, int(getattr(self, name)))
         self.lr_multiplier = float(self.lr_multiplier)
+        if self.conv_clamp is not None:
+            self.conv_clamp = float(self.conv_clamp)
 
     @property
     def resolutions(self) -> list:
@@ -74,6 +77,7 @@ class GeneratorConfig:
             "mapping_layers": self.mapping_layers,
             "channels": {str(k): v for k, v in self.channels.items()},
             "lr_multiplier": self.lr_multiplier,
+            "conv_clamp": self.conv_clamp,
         }
 
     @classmethod
@@ -151,8 +155,10 @@ class FullyConnected(nn.Module):
 class StyleConv(nn.Module):
     """Modulated 3×3 conv (optionally 2× up), noise, bias, lrelu·√2.  (N,C_in,H,W) → (N,C_out,H·up,W·up)."""
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, up: bool):
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, up: bool,
+                 conv_clamp: Optional[float] = None):
         super().__init__()
+        self.conv_clamp = conv_clamp
         self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 3, 3))
         self.noise_strength = nn.Parameter(torch.zeros(()))
@@ -166,28 +172,22 @@ class StyleConv(nn.Module):
         if style_delta is not None:
             styles = styles + style_delta.to(styles.dtype)
         n = x.shape[0]
-        weight = self.weight
-        # Demodulation coefficients (N, C_out) = rsqrt(Σ_i s_i² Σ_k W_oik² + eps), in fp32.
-        wsq = weight.float().square().sum(dim=(2, 3))  # (O, I)
+        weight = self.weight.to(x.dtype)
+        # Demodulation coefficients (N, C_out) = rsqrt(Σ_i s_i² Σ_k W_oik² + eps), in fp32 (no fp16 overflow).
+        wsq = self.weight.float().square().sum(dim=(2, 3))  # (O, I)
         dcoef = torch.rsqrt(styles.float().square() @ wsq.t() + DEMOD_EPS).to(x.dtype)
         styles = styles.to(x.dtype)
-        if n == 1:
-            # Fold style and demodulation into the weight: one plain conv.
-            wmod = weight.to(x.dtype) * (styles[0].view(1, -1, 1, 1) * dcoef[0].view(-1, 1, 1, 1))
-            if self.up:
-                y = F.conv_transpose2d(x, wmod.transpose(0, 1), stride=2)
-                y = blur_after_transpose(y, fir)
-            else:
-                y = F.conv2d(x, wmod, padding=1)
+        # One sample and no frozen-weight backward: fold style + demodulation into the weight (one plain conv).
+        # Otherwise scale the activations around one shared conv: with frozen weights the backward then needs
+        # no weight-gradient convolution, and batches need no grouped conv.
+        fused = n == 1 and not (torch.is_grad_enabled() and not self.weight.requires_grad)
+        if fused:
+            wmod = weight * (styles[0].view(1, -1, 1, 1) * dcoef[0].view(-1, 1, 1, 1))
+            y = self._conv(x, wmod, fir)
         else:
-            xs = x * styles.view(n, -1, 1, 1)
-            wt = weight.to(x.dtype)
-            if self.up:
-                y = F.conv_transpose2d(xs, wt.transpose(0, 1), stride=2)
-                y = blur_after_transpose(y, fir)
-            else:
-                y = F.conv2d(xs, wt, padding=1)
-            y = y.mul_(dcoef.view(n, -1, 1, 1))
+            y = self._conv(x * styles.view(n, -1, 1, 1), weight, fir)
+            d = dcoef.view(n, -1, 1, 1)
+            y = y * d if (torch.is_grad_enabled() and d.requires_grad) else y.mul_(d)
         if noise is None:
             if noise_mode == "const":
                 noise = self.noise_const
@@ -195,14 +195,24 @@ class StyleConv(nn.Module):
                 noise = torch.randn(n, 1, y.shape[2], y.shape[3], device=y.device, dtype=y.dtype)
         if noise is not None:
             y = y.add_(noise.to(y.dtype) * self.noise_strength.to(y.dtype))
-        return bias_lrelu_(y, self.bias)
+        y = bias_lrelu_(y, self.bias)
+        if self.conv_clamp is not None:  # stylegan2-ada: clamp after bias + activation
+            y = y.clamp(-self.conv_clamp, self.conv_clamp)
+        return y
+
+    def _conv(self, x, weight, fir):
+        if self.up:
+            y = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
+            return blur_after_transpose(y, fir)
+        return F.conv2d(x, weight, padding=1)
 
 
 class ToRGB(nn.Module):
     """Modulated 1×1 conv to 3 channels (styles × 1/√C_in, no demodulation) + bias.  (N,C,H,W) → (N,3,H,W)."""
 
-    def __init__(self, in_channels: int, w_dim: int, img_channels: int = 3):
+    def __init__(self, in_channels: int, w_dim: int, img_channels: int = 3, conv_clamp: Optional[float] = None):
         super().__init__()
+        self.conv_clamp = conv_clamp
         self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(img_channels, in_channels, 1, 1))
         self.bias = nn.Parameter(torch.zeros(img_channels))
@@ -214,14 +224,13 @@ class ToRGB(nn.Module):
             styles = styles + style_delta.to(styles.dtype)
         styles = (styles * self.weight_gain).to(x.dtype)
         n, c, h, wd = x.shape
-        weight = self.weight.to(x.dtype)
-        if n == 1:
-            y = F.conv2d(x, weight * styles.view(1, -1, 1, 1), bias=self.bias.to(x.dtype))
-        else:
-            wmod = weight[:, :, 0, 0].unsqueeze(0) * styles.unsqueeze(1)  # (N, 3, C)
-            y = torch.bmm(wmod, x.reshape(n, c, h * wd)).view(n, -1, h, wd)
-            y = y + self.bias.to(x.dtype).view(1, -1, 1, 1)
-        return y
+        wmod = self.weight.to(x.dtype)[:, :, 0, 0].unsqueeze(0) * styles.unsqueeze(1)  # (N, 3, C)
+        # 1×1 conv as a matmul over pixels: (N, HW, C) @ (N, C, 3); a free view for channels-last x.
+        pix = x.permute(0, 2, 3, 1).reshape(n, h * wd, c)
+        y = torch.baddbmm(self.bias.to(x.dtype).view(1, 1, -1), pix, wmod.transpose(1, 2))
+        if self.conv_clamp is not None:
+            y = y.clamp(-self.conv_clamp, self.conv_clamp)
+        return y.view(n, h, wd, -1).permute(0, 3, 1, 2)
 
 
 # ----------------------------------------------------------------------------------------------- generator
@@ -251,12 +260,13 @@ class Generator(nn.Module):
         )
         self.register_buffer("w_avg", torch.zeros(config.w_dim))
         self.const = nn.Parameter(torch.randn(ch[4], 4, 4))
-        convs = [StyleConv(ch[4], ch[4], config.w_dim, 4, up=False)]
-        torgbs = [ToRGB(ch[4], config.w_dim)]
+        cc = config.conv_clamp
+        convs = [StyleConv(ch[4], ch[4], config.w_dim, 4, up=False, conv_clamp=cc)]
+        torgbs = [ToRGB(ch[4], config.w_dim, conv_clamp=cc)]
         for res in config.resolutions[1:]:
-            convs.append(StyleConv(ch[res // 2], ch[res], config.w_dim, res, up=True))
-            convs.append(StyleConv(ch[res], ch[res], config.w_dim, res, up=False))
-            torgbs.append(ToRGB(ch[res], config.w_dim))
+            convs.append(StyleConv(ch[res // 2], ch[res], config.w_dim, res, up=True, conv_clamp=cc))
+            convs.append(StyleConv(ch[res], ch[res], config.w_dim, res, up=False, conv_clamp=cc))
+            torgbs.append(ToRGB(ch[res], config.w_dim, conv_clamp=cc))
         self.convs = nn.ModuleList(convs)
         self.torgbs = nn.ModuleList(torgbs)
         self.register_buffer("fir", fir_kernel(), persistent=False)
@@ -347,8 +357,8 @@ class Generator(nn.Module):
             dtype = torch.get_autocast_dtype(ws.device.type)
         ws = ws.to(dtype)
         fir = self.fir.to(dtype)
-        noise_mode = "none" if noise_mode == "none" else noise_mode
         x = self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+        x = x.contiguous(memory_format=torch.channels_last)  # NHWC: faster oneDNN convs on CPU
         img = None
         si = 0  # style layer index
         ci = 0  # conv index
