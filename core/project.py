@@ -143,7 +143,7 @@ def project(G, target: torch.Tensor, space: str = "w", steps: int = 450, mask: O
         if progress is not None:
             last = step == steps - 1
             preview = synth.detach() if (last or (o.preview_every and step % o.preview_every == 0)) else None
-            progress(step + 1, steps, float(total.mean()), preview)
+            progress(step + 1, steps, float(total.detach().mean()), preview)
     w = w_opt.detach()
     return w.expand(n, G.num_ws, -1).clone() if space == "w" else w.clone()
 

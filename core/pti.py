@@ -154,7 +154,7 @@ def pivotal_tune_report(G, ws, target, steps: int = 350, mask=None, locality=Fal
         if progress is not None:
             last = step == steps - 1
             preview = img.detach() if (last or (o.preview_every and step % o.preview_every == 0)) else None
-            progress(step + 1, steps, float(total.mean()), preview)
+            progress(step + 1, steps, float(total.detach().mean()), preview)
     for p in params:
         p.grad = None
     G_tuned.requires_grad_(False).eval()
