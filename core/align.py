@@ -283,8 +283,8 @@ def face_transform(face, size: int, image_size) -> AlignTransform:
 
 
 def whole_image_transform(image_size, size: int) -> AlignTransform:
-    """``align: none``: the crop is the whole (square) layer resampled to ``size``² (exact box average when the
-    layer is an integer multiple of ``size``)."""
+    """``align: none``: the crop is the whole (square) layer resampled to ``size``² (antialiased when the layer
+    is larger, e.g. a multiple of the generator's resolution; identity when it is ``size``²)."""
     H, W = (int(v) for v in image_size[:2])
     if H != W:
         raise InvalidInput(f"align 'none' needs a square layer (an aligned crop); got {W}x{H} px")
@@ -446,8 +446,7 @@ def align_face(image: np.ndarray, face, size: int, options: AlignOptions | None 
     """
     img = _check_image(image, "image")
     transform = face_transform(face, size, img.shape[:2])
-    crop = warp_crop(img, transform, options)
-    return (crop[:, :, 0] if np.ndim(image) == 2 else crop), transform
+    return warp_crop(img if np.ndim(image) == 3 else image, transform, options), transform
 
 
 def warp_crop(image: np.ndarray, transform: AlignTransform, options: AlignOptions | None = None) -> np.ndarray:
@@ -461,7 +460,7 @@ def warp_crop(image: np.ndarray, transform: AlignTransform, options: AlignOption
     S, k = transform.size, transform.scale
     f = _shrink_factor(k)
     q = transform.quad
-    margin = 3 * f + 2  # bicubic support (2 reduced px) plus rounding
+    margin = int(math.ceil(3 * k)) + 3 * f + 2  # antialias support (±3 crop px) + bicubic support + rounding
     rx0 = int(math.floor(q[:, 0].min())) - margin
     ry0 = int(math.floor(q[:, 1].min())) - margin
     nw = -(-(int(math.ceil(q[:, 0].max())) + margin + 1 - rx0) // f)
@@ -477,8 +476,8 @@ def warp_crop(image: np.ndarray, transform: AlignTransform, options: AlignOption
         region = _blur_padding(region, cx, cy, W, H, S * k / f, opt)
     # crop pixel -> layer pixel -> reduced-region pixel
     to_region = np.array([[1 / f, 0, -(rx0 + (f - 1) / 2) / f], [0, 1 / f, -(ry0 + (f - 1) / 2) / f], [0, 0, 1]])
-    crop = _resample(region, to_region @ transform.matrix, (S, S))
-    return _from_float(crop, dtype, scale)
+    crop = _from_float(_resample(region, to_region @ transform.matrix, (S, S)), dtype, scale)
+    return crop[:, :, 0] if np.ndim(image) == 2 else crop
 
 
 def _blur_padding(region, cx, cy, W, H, qsize, opt: AlignOptions):
