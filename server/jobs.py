@@ -387,7 +387,9 @@ class JobManager:
                 self.live.put(sid, session)
                 done_ids.append(sid)
         except Cancelled:
-            if job.timed_out:
+            if self._stopping:
+                outcome = ("interrupted", None, "the server shut down while this job ran; POST /v1/jobs/{id}/retry")
+            elif job.timed_out:
                 outcome = ("failed", "timeout", f"the job ran longer than its {timeout:g} s limit")
             else:
                 outcome = ("cancelled", None, "cancelled")
