@@ -31,6 +31,7 @@ from core.common import CancelLike, InvalidInput, ProgressFn, check_cancel
 from core.project import learning_rate
 
 SPACES = ("w", "w+")
+PREVIEW_EVERY = 10  # pass the current composite to ``progress`` every this many steps (and at the end)
 BLENDS = ("alpha", "poisson")
 
 
@@ -393,7 +394,8 @@ def invert_segments(G, image: torch.Tensor, masks: torch.Tensor, steps: Optional
     empty and this is a global inversion. ``space`` "w+" (ChunkyGAN default) or "w". ``reg`` λ_reg (default
     ``options.reg``). ``tune_steps`` > 0 then tunes a copy of G on the masked loss only (segment-restricted PTI;
     ``G`` itself is never modified). ``init_ws`` (1|n,num_ws,w_dim) starts from given codes instead of w_avg.
-    ``progress(step, total, loss)`` is called after every step; ``cancel`` is checked before every step.
+    ``progress(step, total, loss, preview)`` is called after every step (``preview`` the current composite
+    (1,3,H,W) every ``PREVIEW_EVERY`` steps, else None); ``cancel`` is checked before every step.
     """
     opts = dataclasses.replace(options) if options is not None else ChunksOptions()
     if steps is not None:
@@ -463,7 +465,8 @@ def invert_segments(G, image: torch.Tensor, masks: torch.Tensor, steps: Optional
         optim.step()
         losses.append(float(loss.detach()))
         if progress is not None:
-            progress(step + 1, total_steps, losses[-1])
+            show = step % PREVIEW_EVERY == 0 or step == opts.steps - 1
+            progress(step + 1, total_steps, losses[-1], out.detach() if show else None)
 
     ws = (x.expand(n, num_ws, -1) if space == "w" else x).detach().clone()
     with torch.no_grad():

@@ -413,10 +413,11 @@ def _invert(G, target, mask, opts: SessionOptions, p_steps: int, t_steps: int, r
     """Run the chosen method on ``target`` (1,3,r,r) with the selection ``mask`` (1,r,r)."""
     chunks_opts = ChunksOptions(seed=opts.seed)
     if opts.method == "chunks":
-        def prog(step, total, loss=None, *rest):
+        def prog(step, total, loss=None, preview=None, *rest):
             stage = "project" if step <= p_steps else "tune"
             frac = step / max(p_steps, 1) if stage == "project" else (step - p_steps) / max(t_steps, 1)
-            report(stage, frac, f"{stage} step {step}/{total}" + ("" if loss is None else f" loss {loss:.4f}"))
+            report(stage, frac, f"{stage} step {step}/{total}" + ("" if loss is None else f" loss {loss:.4f}"),
+                   _preview(preview))
 
         return invert_segments(G, target, mask, steps=p_steps, space=opts.space, reg=opts.reg,
                                tune_steps=t_steps, progress=prog, cancel=cancel, options=chunks_opts)
