@@ -44,6 +44,27 @@ def unique_name(parent, name: str) -> str:
     return "%s %d" % (name, k)
 
 
+def is_result_group(node) -> bool:
+    return node.type() == "grouplayer" and node.name().startswith(GROUP_PREFIX + SEP)
+
+
+def insertion_anchor(parent, source):
+    """The node to insert a new result group above: the source, or the topmost of the result groups
+    stacked directly on it (so the newest edit is on top and visible, and earlier ones stay below)."""
+    siblings = parent.childNodes()  # bottom to top
+    ids = [str(n.uniqueId()) for n in siblings]
+    try:
+        i = ids.index(str(source.uniqueId()))
+    except ValueError:
+        return source
+    anchor = source
+    for node in siblings[i + 1:]:
+        if not is_result_group(node):
+            break
+        anchor = node
+    return anchor
+
+
 def make_selection(krita_module, gray8: bytes, rect):
     sel = krita_module.Selection()
     sel.setPixelData(gray8, rect.x, rect.y, rect.width, rect.height)
@@ -59,7 +80,7 @@ def insert_result(app, krita_module, doc, source, rect, pixels: bytes, selection
     """
     parent = source.parentNode() or doc.rootNode()
     group = doc.createGroupLayer(unique_name(parent, group_name(edits)))
-    parent.addChildNode(group, source)  # directly above the source
+    parent.addChildNode(group, insertion_anchor(parent, source))
     layer = doc.createNode(result_layer_name(source.name(), edits), "paintlayer")
     group.addChildNode(layer, None)
     layer.setPixelData(pixels, rect.x, rect.y, rect.width, rect.height)
