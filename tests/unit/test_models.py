@@ -1,0 +1,122 @@
+"""ModelRegistry: listing the default and a models folder, lazy cached loading, directions with SeFa fallback."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from core.common import InvalidInput
+from core.edits import Direction, apply_edits, s_direction, save_manifest
+from core.models import ModelRegistry, UnknownModel
+from tests.conftest import make_tiny_generator
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    from core.stylegan2.formats import save_generator
+
+    root = tmp_path_factory.mktemp("models")
+    a = make_tiny_generator(resolution=32, w_dim=32, seed=1)
+    b = make_tiny_generator(resolution=16, w_dim=16, seed=2)
+    save_generator(a, root / "alpha.pt")
+    save_generator(b, root / "beta.pt")
+    save_manifest({"smile": Direction("smile", torch.linspace(-1, 1, 32), layers=(0, 3), default_strength=1.5,
+                                      range=(-4, 4), description="Smile"),
+                   "gaze": s_direction("gaze", [(1, 2, 0.5)], description="Gaze")},
+                  root / "alpha.directions.json")
+    torch.save(torch.ones(1, 32), root / "loose_direction.pt")  # a direction file, not a model
+    (root / "broken.pt").write_bytes(b"this is not a checkpoint")
+    default_dir = tmp_path_factory.mktemp("default")
+    save_generator(make_tiny_generator(resolution=16, w_dim=16, seed=3), default_dir / "face64.pt")
+    return root, default_dir / "face64.pt", {"alpha": a, "beta": b}
+
+
+def test_lists_default_and_folder_models(models_dir):
+    root, default, gens = models_dir
+    reg = ModelRegistry(root, include_default=True, default_path=default)
+    assert reg.names() == ["face64", "alpha", "beta", "broken"]
+    listing = reg.list()
+    json.dumps(listing)  # plain JSON-able types
+    by_name = {m["name"]: m for m in listing}
+    assert list(by_name) == ["face64", "alpha", "beta"]  # the broken file is left out...
+    assert reg.errors["broken"]  # ...with a reason
+    assert by_name["face64"]["default"] is True and by_name["alpha"]["default"] is False
+    assert (by_name["alpha"]["resolution"], by_name["alpha"]["num_ws"], by_name["alpha"]["w_dim"]) == (32, 8, 32)
+    assert (by_name["beta"]["resolution"], by_name["beta"]["num_ws"], by_name["beta"]["w_dim"]) == (16, 6, 16)
+    assert by_name["alpha"]["spaces"] == ["w", "w+", "s"]
+    alpha_dirs = {d["name"]: d for d in by_name["alpha"]["directions"]}
+    assert list(alpha_dirs)[:2] == ["smile", "gaze"]  # files first, then SeFa
+    assert alpha_dirs["smile"] == {"name": "smile", "space": "w", "layers": [0, 3], "default_strength": 1.5,
+                                   "range": [-4.0, 4.0], "description": "Smile",
+                                   "source": alpha_dirs["smile"]["source"]}
+    assert alpha_dirs["gaze"]["space"] == "s"
+    beta_dirs = [d["name"] for d in by_name["beta"]["directions"]]
+    assert beta_dirs == [f"sefa_{i}" for i in range(5)]  # no files: SeFa still offers edits
+
+
+def test_get_loads_once_and_matches_saved_weights(models_dir):
+    root, default, gens = models_dir
+    reg = ModelRegistry(root, include_default=False)
+    m = reg.get("alpha")
+    assert reg.get("alpha") is m
+    z = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = gens["alpha"].synthesis(gens["alpha"].mapping(z))
+        out = m.generator.synthesis(m.generator.mapping(z))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    # the registry's directions drive an edit on the loaded model
+    ws = m.generator.mapping(z)
+    edited = apply_edits(ws, [("smile", 2.0), ("sefa_0", 1.0)], m.directions)
+    expected = ws.clone()
+    expected[:, 0:4] += 2.0 * torch.linspace(-1, 1, 32)
+    expected += m.directions["sefa_0"].scale * m.directions["sefa_0"].vector
+    torch.testing.assert_close(edited, expected, rtol=0, atol=1e-5)
+
+
+def test_concurrent_get_loads_once(models_dir, monkeypatch):
+    root, _, _ = models_dir
+    import core.stylegan2.formats as formats
+
+    calls = []
+    real = formats.load_generator
+
+    def counting(*a, **k):
+        calls.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(formats, "load_generator", counting)
+    reg = ModelRegistry(root, include_default=False)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(reg.get("beta"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(got) == 4 and all(g is got[0] for g in got)
+
+
+def test_unknown_and_default_names(models_dir):
+    root, default, _ = models_dir
+    reg = ModelRegistry(root, include_default=True, default_path=default)
+    with pytest.raises(UnknownModel, match=r"unknown model 'ffhq'; known models: face64, alpha, beta, broken"):
+        reg.get("ffhq")
+    assert isinstance(UnknownModel("x"), InvalidInput)
+    assert reg.get(None).name == "face64"
+    with pytest.raises(InvalidInput, match="models folder not found"):
+        ModelRegistry(root / "nope", include_default=False)
+    with pytest.raises(UnknownModel, match="no models available"):
+        ModelRegistry(None, include_default=False).get()
+
+
+def test_bad_manifest_keeps_model_with_error(tmp_path):
+    from core.stylegan2.formats import save_generator
+
+    save_generator(make_tiny_generator(resolution=16, w_dim=16), tmp_path / "m.pt")
+    # a 32-dim direction for a 16-dim W
+    save_manifest({"smile": Direction("smile", torch.ones(32))}, tmp_path / "m.directions.json")
+    reg = ModelRegistry(tmp_path, include_default=False, sefa_k=2)
+    info = reg.list()[0]
+    assert "32-dimensional but the model's W is 16-dimensional" in info["directions_error"]
+    assert [d["name"] for d in info["directions"]] == ["sefa_0", "sefa_1"]
