@@ -4,7 +4,12 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
+import re
 import secrets
+import signal
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +177,54 @@ def wait_running(server, job_id: str, timeout: float = 30) -> None:
     assert events[-1]["state"] == "running", events
 
 
+ROOT = Path(__file__).resolve().parents[2]
+READY = re.compile(r"latent-edit server ready at http://127\.0\.0\.1:(\d+)/")
+
+
+class ServerProcess:
+    """``python -m server`` on a free loopback port; waits for its ready line."""
+
+    def __init__(self, data_dir: Path, extra=(), env=None, timeout: float = 120):
+        self.data_dir = data_dir
+        self.log = open(data_dir.parent / f"server-{os.getpid()}-{id(self)}.log", "w")
+        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir),
+               "--log-level", "info", *extra]
+        full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "server")]),
+                        OMP_NUM_THREADS="1", **(env or {}))
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True, env=full_env)
+        found = {}
+
+        def read():
+            for line in self.proc.stdout:
+                m = READY.search(line)
+                if m:
+                    found["port"] = int(m.group(1))
+                    return
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(timeout)
+        assert "port" in found, f"no ready line; log:\n{Path(self.log.name).read_text()[-3000:]}"
+        self.port = found["port"]
+        token_file = Path(extra[extra.index("--token-file") + 1]) if "--token-file" in extra else data_dir / "token"
+        self.token = token_file.read_text().strip()
+
+    def request(self, method, path, body=None, **kw):
+        kw.setdefault("token", self.token)
+        return http_request(self.port, method, path, body, **kw)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+        self.log.close()
+        return self.proc.returncode
+
+
 @pytest.fixture
 def step_log():
     return StepLog()
@@ -182,3 +235,26 @@ def server(tmp_path, step_log):
     srv = LiveServer(tmp_path / "data", make_engine(step_s=0.01, log=step_log), max_queue=4)
     yield srv
     srv.stop()
+
+
+def tiny_models_dir(root: Path) -> Path:
+    """A models folder holding one random 32 px StyleGAN2 (``tiny32.pt``) written by core's own saver."""
+    import torch
+
+    from core.stylegan2.formats import save_generator
+    from core.stylegan2.network import Generator, GeneratorConfig
+
+    torch.manual_seed(0)
+    cfg = GeneratorConfig(resolution=32, z_dim=32, w_dim=32, mapping_layers=2, channels={4: 32, 8: 32, 16: 32, 32: 16})
+    d = root / "models"
+    d.mkdir(parents=True, exist_ok=True)
+    save_generator(Generator(cfg).eval(), d / "tiny32.pt")
+    return d
+
+
+def pick_real_model(models: list) -> dict:
+    """The embedded default model when the registry has it, else the tiny test generator."""
+    for m in models:
+        if m.get("default") and m["name"] != "tiny32":
+            return m
+    return next(m for m in models if m["name"] == "tiny32")

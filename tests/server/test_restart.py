@@ -2,65 +2,13 @@
 from __future__ import annotations
 
 import os
-import re
-import signal
 import stat
 import subprocess
 import sys
-import threading
-from pathlib import Path
 
 import numpy as np
 
-from conftest import box_selection, http_request, layer, make_image, wait_job, wait_running
-
-ROOT = Path(__file__).resolve().parents[2]
-READY = re.compile(r"latent-edit server ready at http://127\.0\.0\.1:(\d+)/")
-
-
-class ServerProcess:
-    """``python -m server`` on a free loopback port; waits for its ready line."""
-
-    def __init__(self, data_dir: Path, extra=(), env=None, timeout: float = 120):
-        self.data_dir = data_dir
-        self.log = open(data_dir.parent / f"server-{os.getpid()}-{id(self)}.log", "w")
-        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir),
-               "--log-level", "info", *extra]
-        full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "server")]),
-                        OMP_NUM_THREADS="1", **(env or {}))
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True, env=full_env)
-        found = {}
-
-        def read():
-            for line in self.proc.stdout:
-                m = READY.search(line)
-                if m:
-                    found["port"] = int(m.group(1))
-                    return
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        t.join(timeout)
-        assert "port" in found, f"no ready line; log:\n{Path(self.log.name).read_text()[-3000:]}"
-        self.port = found["port"]
-        token_file = Path(extra[extra.index("--token-file") + 1]) if "--token-file" in extra else data_dir / "token"
-        self.token = token_file.read_text().strip()
-
-    def request(self, method, path, body=None, **kw):
-        kw.setdefault("token", self.token)
-        return http_request(self.port, method, path, body, **kw)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-        self.log.close()
-        return self.proc.returncode
-
+from conftest import ROOT, ServerProcess, box_selection, layer, make_image, wait_job, wait_running
 
 FAKE = ["--engine", "fake_engine:make_engine"]
 
