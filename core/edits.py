@@ -803,6 +803,28 @@ def fit_interfacegan(ws, scores, name: str = "attribute", options: Optional[Inte
     return Direction(name, normal.float(), scale=scale, **fields)
 
 
+@torch.no_grad()
+def fit_attribute_directions(G, score_fn, n_samples: int = 2000, attributes: Optional[Sequence[str]] = None,
+                             seed: int = 0, truncation_psi: float = 1.0, batch: int = 64,
+                             options: Optional[InterfaceGANOptions] = None) -> dict:
+    """InterfaceGAN directions for a scorer: sample ``n_samples`` W codes, render them (``noise_mode="const"``,
+    clamped to [-1,1]), score them with ``score_fn(images (N,3,H,W) in [-1,1]) -> {attribute: (N,)}`` and fit
+    one boundary per attribute (all the scorer returns, or ``attributes``). Returns ``{attribute: Direction}``."""
+    w = sample_w(G, n_samples, seed=seed, truncation_psi=truncation_psi)
+    device = G.w_avg.device
+    scores: dict = {}
+    for start in range(0, n_samples, batch):
+        chunk = w[start:start + batch].to(device)
+        img = G.synthesis(chunk[:, None].repeat(1, G.num_ws, 1)).clamp(-1, 1)
+        for name, values in score_fn(img).items():
+            scores.setdefault(name, []).append(torch.as_tensor(np.asarray(values), dtype=torch.float64).reshape(-1))
+    names = list(attributes) if attributes is not None else list(scores)
+    missing = [a for a in names if a not in scores]
+    if missing:
+        raise DirectionError(f"the scorer does not return {missing}; it returns {sorted(scores)}")
+    return {a: fit_interfacegan(w, torch.cat(scores[a]), name=a, options=options) for a in names}
+
+
 def _linear_svm(x: torch.Tensor, y: torch.Tensor, c: float):
     """L2-regularised squared-hinge linear SVM: min ½‖w‖² + C Σ max(0, 1 − y(w·x + b))²  (L-BFGS)."""
     mu = x.mean(0)
