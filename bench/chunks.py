@@ -5,9 +5,13 @@ FFHQ-aligned with core.align: skimage's astronaut and matplotlib's grace_hopper)
 (mouth and chin of the aligned crop), every method gets the same number of optimisation steps:
 
 * ``global W+``: the same optimiser and loss as the segment inversion (core.chunks), fitted to the whole image;
-* ``global W+ (projector)``: core.project's Karras/PTI projector in W+ on the whole image (reference);
+* ``global W+ (projector)``: core.project's Karras/PTI projector in W+ on the whole image (reference; not in
+  ``--quick``);
 * ``segments``: core.chunks.invert_segments with the region as the single segment;
 * ``segments+PTI``: the same, then segment-restricted pivotal tuning.
+
+A second table splits the face into two segments and compares λ_reg = 0 with the default: the spread of the
+segment codes and the seam energy (squared jump across the segment boundary) of one edit applied to both.
 
 Metrics are measured inside the region only: ``masked_lpips`` (the LPIPS core.losses provides, its backbone is
 printed) and ``masked_mse`` (images in [-1,1]). Re-edit rows time ``SegmentSession.render`` and
@@ -121,11 +125,12 @@ def main() -> int:
         t = time.perf_counter()
         glob = invert_segments(G, img, torch.ones(1, res, res), steps=steps, options=opts)
         measure("global W+", name, img, glob.generated(), time.perf_counter() - t)
-        t = time.perf_counter()
-        ws = project(G, img, space="w+", steps=steps, options=ProjectOptions(seed=args.seed))
-        with torch.no_grad():
-            rec = G.synthesis(ws, noise_mode="const")
-        measure("global W+ (projector)", name, img, rec, time.perf_counter() - t)
+        if not args.quick:  # reference only; skipped in --quick to stay under a minute
+            t = time.perf_counter()
+            ws = project(G, img, space="w+", steps=steps, options=ProjectOptions(seed=args.seed))
+            with torch.no_grad():
+                rec = G.synthesis(ws, noise_mode="const")
+            measure("global W+ (projector)", name, img, rec, time.perf_counter() - t)
         t = time.perf_counter()
         seg = invert_segments(G, img, region, steps=steps, options=opts)
         measure("segments", name, img, seg.generated(), time.perf_counter() - t)
@@ -143,6 +148,32 @@ def main() -> int:
         print(f"  {name}: segments / global W+ masked_mse = "
               f"{r['segments']['masked_mse'] / r['global W+']['masked_mse']:.3f}, "
               f"masked_lpips = {r['segments']['masked_lpips'] / r['global W+']['masked_lpips']:.3f}")
+
+    # ---- dispersion regulariser: two segments (eyes / mouth halves of the face), λ_reg 0 vs the default ----
+    from core.chunks import code_spread, seam_energy
+
+    two = torch.zeros(2, res, res)
+    two[0, int(0.30 * res):int(0.55 * res), int(0.22 * res):int(0.78 * res)] = 1
+    two[1, int(0.55 * res):int(0.85 * res), int(0.22 * res):int(0.78 * res)] = 1
+    reg_rows = []
+    for name, img in imgs[-1:] if args.quick else imgs:
+        d_edit = None
+        for reg in (0.0, opts.reg):
+            t = time.perf_counter()
+            s2 = invert_segments(G, img, two, steps=steps, reg=reg, options=opts)
+            seconds = time.perf_counter() - t
+            if d_edit is None:
+                g = torch.Generator().manual_seed(2)
+                d_edit = torch.randn(G.w_dim, generator=g)
+                d_edit = d_edit / d_edit.norm() * float(s2.ws.std()) * 4
+            with torch.no_grad():
+                delta = s2.generated([(d_edit, 1.0)]) - s2.generated()
+            reg_rows.append({"method": f"segments x2, reg={reg:g}", "image": name, "code_spread": code_spread(s2.ws),
+                             "seam_energy": seam_energy(delta, s2.masks),
+                             "masked_mse": float(masked_mse(s2.generated(), img, two.sum(0)[None, None])[0]),
+                             "seconds": seconds})
+    print_table(reg_rows, ["method", "image", "code_spread", "seam_energy", "masked_mse", "seconds"],
+                title="λ_reg: code spread and seam energy of one edit applied to both segments (lower = coherent)")
 
     # ---- re-edit cost: cached session render vs one bare generator forward ----
     name, (img, seg) = next(iter(sessions.items()))
@@ -168,7 +199,7 @@ def main() -> int:
                        "forward_seconds": forward, "ratio": s / forward})
     print_table(timing, ["path", "image", "seconds", "forward_seconds", "ratio"],
                 title="re-edit of a cached session vs a bare generator forward (target ratio <= 1.2)")
-    write_json(args.json, rows + timing, model=model_note, lpips_backbone=lp.backbone, steps=steps, tune_steps=tune)
+    write_json(args.json, rows + reg_rows + timing, model=model_note, lpips_backbone=lp.backbone, steps=steps, tune_steps=tune)
     return 0
 
 
