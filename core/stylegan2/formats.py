@@ -9,7 +9,7 @@ Nothing here executes code from a checkpoint:
   embedded module source is ignored; tensors are rebuilt by parsing the legacy ``torch.save`` storage blobs here.
   Anything else is refused with a :class:`CheckpointError` naming the global.
 
-Memory: weights are moved (not copied) into a generator built on the ``meta`` device; storages we do not need
+Memory: weights are moved (not copied) into a generator built with uninitialised storage; storages we do not need
 (the discriminator, the non-EMA ``G`` when ``G_ema`` follows) are released while unpickling, so loading holds at
 most two copies of the generator weights.
 
@@ -179,9 +179,8 @@ def _first_line(msg: str) -> str:
 
 
 def _build(config: GeneratorConfig, state: dict, path, w_avg_missing: bool = False) -> Generator:
-    """Move ``state`` (our names) into a generator created on the meta device (no weight copies)."""
-    with torch.device("meta"):
-        G = Generator(config)
+    """Move ``state`` (our names) into a new generator (the tensors are assigned, not copied)."""
+    G = Generator(config, init=False)  # uninitialised (untouched) memory, replaced below without a copy
     expected = G.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
@@ -195,7 +194,6 @@ def _build(config: GeneratorConfig, state: dict, path, w_avg_missing: bool = Fal
         if not state[name].is_floating_point():
             raise CheckpointError(f"{path}: {name} is not a floating-point tensor ({state[name].dtype})")
     G.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    G.register_buffer("fir", fir_kernel(), persistent=False)
     if w_avg_missing:
         G.reset_w_avg(W_AVG_SAMPLES)
     return G.requires_grad_(False)

@@ -136,12 +136,18 @@ def blur_after_transpose(x: torch.Tensor, fir: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- layers
 
 
+def _randn(init: bool, *shape) -> torch.Tensor:
+    """N(0,1) weights (the references' init), or uninitialised memory when a loader will overwrite them."""
+    return torch.randn(*shape) if init else torch.empty(*shape)
+
+
 class FullyConnected(nn.Module):
     """Equalised-learning-rate linear layer: ``x @ (W·lr/√in)ᵀ + b·lr`` (weights stored ÷ lr, as both references)."""
 
-    def __init__(self, in_features: int, out_features: int, lr_multiplier: float = 1.0, bias_init: float = 0.0):
+    def __init__(self, in_features: int, out_features: int, lr_multiplier: float = 1.0, bias_init: float = 0.0,
+                 init: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_multiplier)
+        self.weight = nn.Parameter(_randn(init, out_features, in_features) / lr_multiplier)
         self.bias = nn.Parameter(torch.full((out_features,), float(bias_init)))
         self.weight_gain = lr_multiplier / math.sqrt(in_features)
         self.bias_gain = lr_multiplier
@@ -156,14 +162,14 @@ class StyleConv(nn.Module):
     """Modulated 3×3 conv (optionally 2× up), noise, bias, lrelu·√2.  (N,C_in,H,W) → (N,C_out,H·up,W·up)."""
 
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, up: bool,
-                 conv_clamp: Optional[float] = None):
+                 conv_clamp: Optional[float] = None, init: bool = True):
         super().__init__()
         self.conv_clamp = conv_clamp
-        self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
-        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 3, 3))
+        self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0, init=init)
+        self.weight = nn.Parameter(_randn(init, out_channels, in_channels, 3, 3))
         self.noise_strength = nn.Parameter(torch.zeros(()))
         self.bias = nn.Parameter(torch.zeros(out_channels))
-        self.register_buffer("noise_const", torch.randn(resolution, resolution))
+        self.register_buffer("noise_const", _randn(init, resolution, resolution))
         self.resolution = resolution
         self.up = up
 
@@ -173,9 +179,10 @@ class StyleConv(nn.Module):
             styles = styles + style_delta.to(styles.dtype)
         n = x.shape[0]
         weight = self.weight.to(x.dtype)
-        # Demodulation coefficients (N, C_out) = rsqrt(Σ_i s_i² Σ_k W_oik² + eps), in fp32 (no fp16 overflow).
-        wsq = self.weight.float().square().sum(dim=(2, 3))  # (O, I)
-        dcoef = torch.rsqrt(styles.float().square() @ wsq.t() + DEMOD_EPS).to(x.dtype)
+        # Demodulation coefficients (N, C_out) = rsqrt(Σ_i s_i² Σ_k W_oik² + eps), at least fp32 (no fp16 overflow).
+        acc = torch.promote_types(x.dtype, torch.float32)
+        wsq = self.weight.to(acc).square().sum(dim=(2, 3))  # (O, I)
+        dcoef = torch.rsqrt(styles.to(acc).square() @ wsq.t() + DEMOD_EPS).to(x.dtype)
         styles = styles.to(x.dtype)
         # One sample and no frozen-weight backward: fold style + demodulation into the weight (one plain conv).
         # Otherwise scale the activations around one shared conv: with frozen weights the backward then needs
@@ -210,11 +217,12 @@ class StyleConv(nn.Module):
 class ToRGB(nn.Module):
     """Modulated 1×1 conv to 3 channels (styles × 1/√C_in, no demodulation) + bias.  (N,C,H,W) → (N,3,H,W)."""
 
-    def __init__(self, in_channels: int, w_dim: int, img_channels: int = 3, conv_clamp: Optional[float] = None):
+    def __init__(self, in_channels: int, w_dim: int, img_channels: int = 3, conv_clamp: Optional[float] = None,
+                 init: bool = True):
         super().__init__()
         self.conv_clamp = conv_clamp
-        self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
-        self.weight = nn.Parameter(torch.randn(img_channels, in_channels, 1, 1))
+        self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0, init=init)
+        self.weight = nn.Parameter(_randn(init, img_channels, in_channels, 1, 1))
         self.bias = nn.Parameter(torch.zeros(img_channels))
         self.weight_gain = 1.0 / math.sqrt(in_channels)
 
@@ -244,7 +252,8 @@ class Generator(nn.Module):
     and ``torgbs.{k}`` (one per resolution).
     """
 
-    def __init__(self, config: GeneratorConfig):
+    def __init__(self, config: GeneratorConfig, init: bool = True):
+        """``init=False`` leaves the weights uninitialised (cheap: untouched memory) for loaders to replace."""
         super().__init__()
         if isinstance(config, dict):
             config = GeneratorConfig.from_dict(config)
@@ -255,22 +264,22 @@ class Generator(nn.Module):
         self.num_ws = config.num_ws
         ch = config.channels
         self.mapping_fcs = nn.ModuleList(
-            FullyConnected(config.z_dim if i == 0 else config.w_dim, config.w_dim, config.lr_multiplier)
+            FullyConnected(config.z_dim if i == 0 else config.w_dim, config.w_dim, config.lr_multiplier, init=init)
             for i in range(config.mapping_layers)
         )
         self.register_buffer("w_avg", torch.zeros(config.w_dim))
-        self.const = nn.Parameter(torch.randn(ch[4], 4, 4))
+        self.const = nn.Parameter(_randn(init, ch[4], 4, 4))
         cc = config.conv_clamp
-        convs = [StyleConv(ch[4], ch[4], config.w_dim, 4, up=False, conv_clamp=cc)]
-        torgbs = [ToRGB(ch[4], config.w_dim, conv_clamp=cc)]
+        convs = [StyleConv(ch[4], ch[4], config.w_dim, 4, up=False, conv_clamp=cc, init=init)]
+        torgbs = [ToRGB(ch[4], config.w_dim, conv_clamp=cc, init=init)]
         for res in config.resolutions[1:]:
-            convs.append(StyleConv(ch[res // 2], ch[res], config.w_dim, res, up=True, conv_clamp=cc))
-            convs.append(StyleConv(ch[res], ch[res], config.w_dim, res, up=False, conv_clamp=cc))
-            torgbs.append(ToRGB(ch[res], config.w_dim, conv_clamp=cc))
+            convs.append(StyleConv(ch[res // 2], ch[res], config.w_dim, res, up=True, conv_clamp=cc, init=init))
+            convs.append(StyleConv(ch[res], ch[res], config.w_dim, res, up=False, conv_clamp=cc, init=init))
+            torgbs.append(ToRGB(ch[res], config.w_dim, conv_clamp=cc, init=init))
         self.convs = nn.ModuleList(convs)
         self.torgbs = nn.ModuleList(torgbs)
         self.register_buffer("fir", fir_kernel(), persistent=False)
-        if not self.const.is_meta:
+        if init:
             self.reset_w_avg()
 
     # -- mapping ------------------------------------------------------------------------------------------------
