@@ -316,6 +316,7 @@ class EditSession:
             "chunks_options": dataclasses.asdict(seg.options),
             "geometry": geometry,
             "tuned": seg.tuned,
+            "base_fingerprint": _fingerprint(self.G),
             "info": {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool))},
         }
         (d / "session.json").write_text(json.dumps(meta, indent=2))
@@ -333,6 +334,9 @@ class EditSession:
             raise InvalidInput(f"cannot read a saved session from {d}: {err}") from err
         if meta.get("format") != SESSION_FORMAT or meta.get("version") != SESSION_VERSION:
             raise InvalidInput(f"{d} is not a version-{SESSION_VERSION} {SESSION_FORMAT} directory")
+        saved = meta.get("base_fingerprint")
+        if saved and saved != _fingerprint(G):
+            raise InvalidInput(f"the session in {d} was created with a different model than the one given")
         options = SessionOptions(**meta["options"])
         chunks_options = ChunksOptions(**meta["chunks_options"])
         G_seg = G
@@ -346,6 +350,13 @@ class EditSession:
         geometry.update({k[5:]: v for k, v in tensors.items() if k.startswith("geom_")})
         return cls(G, tensors["image"].numpy(), tensors["selection"].numpy(), seg, options, geometry,
                    directions=directions, info=meta.get("info"))
+
+
+def _fingerprint(G) -> str:
+    """core.stylegan2.formats.fingerprint (sha256 of architecture and weights) of a base generator."""
+    from core.stylegan2.formats import fingerprint
+
+    return fingerprint(G)
 
 
 # ---------------------------------------------------------------------------------------------------- create

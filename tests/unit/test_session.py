@@ -194,6 +194,8 @@ def test_save_load_round_trip(G, tmp_path, method):
     torch.load(tmp_path / method / "tensors.pt", weights_only=True)
     with pytest.raises(InvalidInput):
         EditSession.load(tmp_path / "missing", G)
+    with pytest.raises(InvalidInput, match="different model"):
+        EditSession.load(tmp_path / method, make_tiny_generator(seed=1))
 
 
 # ----------------------------------------------------------------------------------------------------- faces
