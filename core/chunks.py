@@ -308,7 +308,7 @@ class SegmentSession:
         """
         opts = self.options
         steps = opts.refine_steps if steps is None else int(steps)
-        C = check_masks(correction_mask, tuple(self.image.shape[-2:]))
+        C = check_masks(correction_mask, tuple(self.image.shape[-2:])).to(self.image.device)
         if C.shape[0] != 1:
             raise InvalidInput("refine takes a single correction mask (H,W)")
         ws_e = self.edited_codes(edits, segments)
@@ -406,7 +406,7 @@ def invert_segments(G, image: torch.Tensor, masks: torch.Tensor, steps: Optional
         raise InvalidInput(f"space must be one of {SPACES}; got {space!r}")
     if opts.steps < 0 or tune_steps < 0:
         raise InvalidInput("steps and tune_steps must be >= 0")
-    image = _check_image(G, image)
+    image = _check_image(G, image).to(G.w_avg.device)
     raw = check_masks(masks, tuple(image.shape[-2:])).to(image.device)
     S, coverage = normalize_masks(raw)
     n = S.shape[0]

@@ -214,24 +214,26 @@ class EditSession:
         edits = list(edits or [])
         seg = self.segments
         with torch.no_grad():
-            gen = seg.generated(edits)
+            # compositing runs on the CPU, next to the numpy layer (the generator may live on a GPU)
+            gen, rec = seg.generated(edits).cpu(), seg.generated().cpu()
+            image, support = seg.image.cpu(), seg.support.cpu()
             if color_match:
-                gen = _color_match(seg.generated(), seg.image, seg.coverage, target=gen)
+                gen = _color_match(rec, image, seg.coverage.cpu(), target=gen)
             kind = self.geometry["kind"]
             if kind == "identity":
                 window = (0, 0, self.image.shape[1], self.image.shape[0])
                 alpha = self._alpha(feather, window)
                 overlay = gen
                 if blend == "poisson":
-                    overlay = poisson_blend(seg.image, overlay, alpha > 0)
+                    overlay = poisson_blend(image, overlay, alpha > 0)
             else:
                 # the edit delta at generator resolution (made seamless there when asked), lifted to the layer
-                res_overlay = torch.where(seg.support, seg.image + (gen - seg.generated()), seg.image)
+                res_overlay = torch.where(support, image + (gen - rec), image)
                 if blend == "poisson":
-                    res_overlay = poisson_blend(seg.image, res_overlay, seg.support)
+                    res_overlay = poisson_blend(image, res_overlay, support)
                 window = self._window(feather)
                 x0, y0, x1, y1 = window
-                delta = self._lift(res_overlay - seg.image, window)
+                delta = self._lift(res_overlay - image, window)
                 alpha = self._alpha(feather, window)
                 overlay = self._base[..., y0:y1, x0:x1] + delta
         x0, y0, x1, y1 = window
@@ -344,7 +346,8 @@ class EditSession:
             from core.stylegan2.formats import load_generator
 
             G_seg = load_generator(d / "generator_delta.pt", base=G)
-        state = {k[4:]: v for k, v in tensors.items() if k.startswith("seg_")}
+        device = G.w_avg.device
+        state = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("seg_")}
         seg = SegmentSession.from_state(G_seg, state, chunks_options, base_G=G)
         geometry = dict(meta["geometry"])
         geometry.update({k[5:]: v for k, v in tensors.items() if k.startswith("geom_")})
@@ -388,7 +391,8 @@ def create_session(G, image, selection=None, options: Optional[SessionOptions] =
         target, mask, geometry = _align_geometry(layer, sel, res, min_face=opts.min_face)
         report("align", 1.0, f"face at {geometry.get('box')}")
     check_cancel(cancel)
-    seg = _invert(G, target, mask, opts, p_steps, t_steps, report, cancel)
+    device = G.w_avg.device
+    seg = _invert(G, target.to(device), mask.to(device), opts, p_steps, t_steps, report, cancel)
     report("render", 0.0, "rendering")
     seg.reconstructions()  # cache the unedited render: later renders are one forward
     info = {"method": opts.method, "project_steps": p_steps, "tune_steps": t_steps,
