@@ -324,6 +324,8 @@ class SegmentSession:
         # new masks: C taken from every segment and given to ``segment``
         new_masks = self.masks * (1 - C)
         new_masks[segment] = new_masks[segment] + C[0]
+        total = new_masks.sum(0, keepdim=True)  # a soft C outside the old selection: renormalise to sum 1
+        new_masks = torch.where(total > 0, new_masks / total.clamp(min=1e-12), torch.zeros_like(new_masks))
         new_cov = torch.maximum(self.coverage, C[0])
         old_area = self.masks[segment:segment + 1]
         new_area = (new_masks[segment:segment + 1] > 0).float()

@@ -219,9 +219,15 @@ def test_hole_filling_refine(G, photo, two_segments):
     d = torch.randn(32, generator=torch.Generator().manual_seed(5))
     C = torch.zeros(32, 32)
     C[16:24, 6:14] = 1  # straddles segment 0's lower edge
+    C[24, 6:14] = 0.5  # a soft lower edge
     refined = sess.refine(C, edits=[(d, 2.0)], steps=12)
+    union_sel = (two_segments.sum(0) > 0) | (C > 0)
+    total = refined.masks.sum(0)[0]
+    assert torch.allclose(total[union_sel], torch.ones(int(union_sel.sum())), atol=1e-6)
+    assert torch.all(total[~union_sel] == 0)
     assert refined is not sess and sess.masks.sum(0)[0][20, 10] == 0  # original untouched
     assert refined.masks[0, 0][C > 0].min() == 1  # the correction joined segment 0
+    assert refined.coverage[0, 0, 24, 8] == 0.5
     losses = refined.info["refine_losses"]
     assert losses[-1] < losses[0]
     union = (two_segments.sum(0) > 0) | (C > 0)
