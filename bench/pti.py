@@ -1,0 +1,187 @@
+"""PTI Table 1 on our data: W, W+, PTI and PTI+locality on one generated and two real photos.
+
+python bench/pti.py [--quick] [--json PATH] [--loss-study]
+
+Rows: ``method`` (W, W+, PTI, PTI+reg), ``image``, ``lpips`` (AlexNet-LPIPS; the JSON names the backbone —
+a random-backbone fallback is *not* a calibrated perceptual metric), ``mse`` ([-1,1] scale), ``ms_ssim``,
+``id`` (dlib cosine similarity, or None when dlib is not installed), ``seconds`` (wall time of the method,
+PTI rows include their W pivot projection), ``mse_vs_W`` (ratio to the W row of the same image, same run),
+``drift`` (PTI rows: mean squared change of 16 random latents' images, tuned vs base generator).
+``--loss-study`` adds projection rows with different losses (random-backbone LPIPS vs pure L2) to decide
+what the projector should use when no ImageNet backbone is installed.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from _util import parse_args, print_table, write_json
+
+from core.metrics import identity, lpips, lpips_backbone, ms_ssim, mse
+from core.project import ProjectOptions, project
+from core.pti import LocalityOptions, PTIOptions, pivotal_tune
+
+
+def _extra(parser):
+    parser.add_argument("--loss-study", action="store_true", help="also compare projection losses (L2 vs LPIPS)")
+    parser.add_argument("--model", default=None, help="generator checkpoint (default: the embedded default model)")
+
+
+def load_model(path):
+    """The generator to benchmark and a note saying what it is."""
+    from core.stylegan2.formats import load_generator
+
+    if path is None:
+        try:
+            from core.demo import default_model_path
+
+            path = default_model_path()
+        except (ImportError, AttributeError) as exc:
+            path = None
+            note = f"embedded default model unavailable ({exc.__class__.__name__}: {exc})"
+        else:
+            note = f"embedded default model {path}"
+            if not path.exists():
+                note, path = f"embedded default model missing at {path}", None
+    else:
+        note = f"model {path}"
+    if path is not None:
+        return load_generator(path).eval(), note
+    from core.stylegan2.network import Generator, GeneratorConfig
+
+    torch.manual_seed(0)
+    cfg = GeneratorConfig(resolution=64, z_dim=64, w_dim=64, mapping_layers=2,
+                          channels={4: 64, 8: 64, 16: 64, 32: 32, 64: 32})
+    return Generator(cfg).eval(), note + "; RANDOM 64 px generator used instead (numbers are not meaningful for faces)"
+
+
+def _face_crop(rgb: np.ndarray, size: int) -> tuple[np.ndarray, str]:
+    """FFHQ-aligned face crop via core.align when it works, else a centred square crop; returns (crop, how)."""
+    try:
+        from core.align import align_face, detect_faces
+
+        faces = detect_faces(rgb)
+        if faces:
+            crop, _ = align_face(rgb, faces[0], size)
+            return np.asarray(crop), "core.align FFHQ alignment"
+        how = "no face detected: centre crop"
+    except Exception as exc:  # noqa: BLE001 - the bench must run while core.align is still changing
+        how = f"core.align failed ({exc.__class__.__name__}): centre crop"
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    s = min(h, w)
+    y0, x0 = (h - s) // 2, (w - s) // 2
+    img = Image.fromarray(rgb[y0:y0 + s, x0:x0 + s]).resize((size, size), Image.LANCZOS)
+    return np.asarray(img), how
+
+
+def load_images(G, quick: bool) -> tuple[dict, dict]:
+    """{name: (1,3,R,R) in [-1,1]} and {name: how it was made}."""
+    out, how = {}, {}
+    with torch.no_grad():
+        z = torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(1))
+        out["generated"] = G.synthesis(G.mapping(z, truncation_psi=0.7), noise_mode="const").clamp(-1, 1)
+    how["generated"] = "G(mapping(z seed 1), psi=0.7)"
+    photos = {}
+    try:
+        from skimage import data as skdata
+
+        photos["astronaut"] = skdata.astronaut()
+    except Exception as exc:  # noqa: BLE001
+        how["astronaut"] = f"unavailable: {exc}"
+    try:
+        from matplotlib import cbook
+        from PIL import Image
+
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            photos["grace_hopper"] = np.asarray(Image.open(f).convert("RGB"))
+    except Exception as exc:  # noqa: BLE001
+        how["grace_hopper"] = f"unavailable: {exc}"
+    if quick:
+        photos = dict(list(photos.items())[:1])
+    for name, rgb in photos.items():
+        crop, how[name] = _face_crop(rgb, G.resolution)
+        t = torch.from_numpy(crop[..., :3].astype(np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        out[name] = t.contiguous()
+    return out, how
+
+
+def _metrics(G, ws, target):
+    with torch.no_grad():
+        img = G.synthesis(ws, noise_mode="const").clamp(-1, 1)
+    ids, _ = identity(img, target)
+    return {
+        "lpips": float(lpips(img, target, "alex")),
+        "mse": float(mse(img, target)),
+        "ms_ssim": float(ms_ssim(img, target)),
+        "id": None if ids is None else float(ids),
+    }
+
+
+def _drift(G, G_tuned, n=16):
+    with torch.no_grad():
+        ws = G.mapping(torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(123)))
+        return float((G_tuned.synthesis(ws, noise_mode="const") - G.synthesis(ws, noise_mode="const")).square().mean())
+
+
+def main():
+    args = parse_args(__doc__.splitlines()[0], _extra)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    G, model_note = load_model(args.model)
+    images, how = load_images(G, args.quick)
+    proj_steps, tune_steps = (40, 40) if args.quick else (450, 350)  # PTI §4.5: 450 projection, 350 tuning steps
+    popts = ProjectOptions(w_avg_samples=200 if args.quick else 600)
+    topts = PTIOptions()
+    rows = []
+    for name, target in images.items():
+        t0 = time.perf_counter()
+        ws_w = project(G, target, space="w", steps=proj_steps, options=popts)
+        t_w = time.perf_counter() - t0
+        rows.append({"method": "W", "image": name, **_metrics(G, ws_w, target), "seconds": t_w})
+        t0 = time.perf_counter()
+        ws_p = project(G, target, space="w+", steps=proj_steps, options=popts)
+        rows.append({"method": "W+", "image": name, **_metrics(G, ws_p, target), "seconds": time.perf_counter() - t0})
+        for method, loc in (("PTI", False), ("PTI+reg", LocalityOptions())):
+            if args.quick and method == "PTI+reg" and name != "generated":
+                continue
+            t0 = time.perf_counter()
+            G_t = pivotal_tune(G, ws_w, target, steps=tune_steps, locality=loc, options=topts)
+            secs = time.perf_counter() - t0 + t_w
+            rows.append({"method": method, "image": name, **_metrics(G_t, ws_w, target), "seconds": secs,
+                         "drift": _drift(G, G_t)})
+        if args.loss_study:
+            for label, o in (("W[l2]", ProjectOptions(lpips_weight=0.0, l2_weight=1.0)),
+                             ("W[lpips-vgg]", ProjectOptions()),
+                             ("W[lpips-alex]", ProjectOptions(lpips_net="alex")),
+                             ("W[lpips-vgg+l2]", ProjectOptions(l2_weight=1.0))):
+                o.w_avg_samples = popts.w_avg_samples
+                t0 = time.perf_counter()
+                ws = project(G, target, space="w", steps=proj_steps, options=o)
+                rows.append({"method": label, "image": name, **_metrics(G, ws, target),
+                             "seconds": time.perf_counter() - t0})
+    base = {r["image"]: r["mse"] for r in rows if r["method"] == "W"}
+    for r in rows:
+        r["mse_vs_W"] = r["mse"] / max(base[r["image"]], 1e-12)
+        r.setdefault("drift", None)
+    cols = ["method", "image", "lpips", "mse", "ms_ssim", "id", "seconds", "mse_vs_W", "drift"]
+    meta = {
+        "model": model_note,
+        "resolution": G.resolution,
+        "lpips_backbone": lpips_backbone("alex"),
+        "projection_backbone": lpips_backbone(popts.lpips_net),
+        "identity": identity(images["generated"], images["generated"])[1],
+        "images": how,
+        "projection_steps": proj_steps,
+        "tuning_steps": tune_steps,
+        "threads": torch.get_num_threads(),
+    }
+    for k, v in meta.items():
+        print(f"{k}: {v}")
+    print_table(rows, cols, title="PTI Table 1 (ours)")
+    write_json(args.json, rows, **meta)
+
+
+if __name__ == "__main__":
+    main()
