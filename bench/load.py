@@ -170,8 +170,8 @@ async def run_load(port: int, token: str, model: str, directions: list, clients:
                         await call(cs, "health", "GET", "/v1/health")
                     elif roll < 0.55:
                         st, out = await call(cs, "create", "POST", "/v1/sessions", create_body)
-                        if st == 202 and r.random() < 0.3:
-                            stats.sessions_ready.append(out["session_id"])  # may still be pending: 409 is fine
+                        if st == 202:
+                            pending.append(out["job_id"])
                     elif roll < 0.9:
                         sid = r.choice(stats.sessions_ready)
                         edits = [{"direction": r.choice(directions), "strength": round(r.uniform(-3, 3), 2)}]
@@ -183,7 +183,19 @@ async def run_load(port: int, token: str, model: str, directions: list, clients:
                             await call(cs, "cancel", "DELETE", f"/v1/jobs/{out['job_id']}")
                     await asyncio.sleep(r.uniform(0, 0.05))
 
-        await asyncio.gather(*(client(i) for i in range(clients)))
+        pending: list = []
+
+        async def promote():  # finished sessions join the render pool
+            while time.monotonic() < stop_at:
+                await asyncio.sleep(1.0)
+                for jid in list(pending):
+                    st, j = await call(s, "job-poll", "GET", f"/v1/jobs/{jid}")
+                    if st == 200 and j["state"] in TERMINAL:
+                        pending.remove(jid)
+                        if j["state"] == "done":
+                            stats.sessions_ready.extend(j["session_ids"])
+
+        await asyncio.gather(promote(), *(client(i) for i in range(clients)))
         # drain: cancel what is still queued or running, then wait for every accepted job to end
         t_drain = time.perf_counter()
         for jid in stats.accepted:
