@@ -214,24 +214,41 @@ def _square(boxes: np.ndarray) -> np.ndarray:
     return out
 
 
-def _crop_patches(image: torch.Tensor, boxes: np.ndarray, size: int) -> torch.Tensor:
-    """Crop integer boxes (MTCNN's 1-based inclusive convention) from (3,H,W), zero outside, resize to size².
+def _crop_patches(integral: np.ndarray, boxes: np.ndarray, size: int) -> torch.Tensor:
+    """Crop integer boxes (the reference's 1-based inclusive convention) and area-resize them to size².
 
+    ``integral`` (3,H+1,W+1) float64 is the summed-area table of the image; pixels outside the image count as
+    zero, as in the reference MATLAB code. Each output cell averages the source cells adaptive average pooling
+    would (start = floor(i·n/size), end = ceil((i+1)·n/size)), for all boxes at once.
     Returns (N,3,size,size) normalised to [-1,1] as the networks expect.
     """
-    _, H, W = image.shape
-    out = torch.empty(len(boxes), 3, size, size)
+    _, H1, W1 = integral.shape
     ib = np.trunc(boxes[:, :4]).astype(np.int64)
-    for k, (x0, y0, x1, y1) in enumerate(ib):
-        # pixels x0-1 .. x1-1 (inclusive-exclusive as in the reference), zero padded outside the image
-        hh, ww = max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1)
-        patch = torch.zeros(3, hh, ww)
-        sx0, sy0 = max(x0 - 1, 0), max(y0 - 1, 0)
-        sx1, sy1 = min(x1, W), min(y1, H)
-        if sx1 > sx0 and sy1 > sy0:
-            patch[:, sy0 - (y0 - 1): sy1 - (y0 - 1), sx0 - (x0 - 1): sx1 - (x0 - 1)] = image[:, sy0:sy1, sx0:sx1]
-        out[k] = F.interpolate(patch[None], size=(size, size), mode="area")[0]
-    return (out - 127.5) * 0.0078125
+    i = np.arange(size)
+
+    def cells(start, n):  # (N,size) start and end source indices of each output cell
+        n = np.maximum(n, 1)[:, None]
+        return start[:, None] + (i * n) // size, start[:, None] - ((-(i + 1) * n) // size)
+
+    xs, xe = cells(ib[:, 0] - 1, ib[:, 2] - ib[:, 0] + 1)
+    ys, ye = cells(ib[:, 1] - 1, ib[:, 3] - ib[:, 1] + 1)
+    count = ((ye - ys)[:, :, None] * (xe - xs)[:, None, :]).astype(np.float64)
+    xs, xe = np.clip(xs, 0, W1 - 1), np.clip(xe, 0, W1 - 1)
+    ys, ye = np.clip(ys, 0, H1 - 1), np.clip(ye, 0, H1 - 1)
+
+    def corner(y, x):
+        return integral[:, y[:, :, None], x[:, None, :]]  # (3,N,size,size)
+
+    total = corner(ye, xe) - corner(ys, xe) - corner(ye, xs) + corner(ys, xs)
+    patches = torch.from_numpy((total / count).astype(np.float32)).permute(1, 0, 2, 3)
+    return (patches - 127.5) * 0.0078125
+
+
+def _summed_area(image: np.ndarray) -> np.ndarray:
+    """(H,W,3) -> (3,H+1,W+1) float64 summed-area table with a zero first row and column."""
+    table = np.zeros((3, image.shape[0] + 1, image.shape[1] + 1))
+    table[:, 1:, 1:] = np.cumsum(np.cumsum(np.moveaxis(image, 2, 0), axis=1, dtype=np.float64), axis=2)
+    return table
 
 
 @torch.no_grad()
@@ -257,7 +274,8 @@ def run_mtcnn(image: np.ndarray, options: MTCNNOptions | None = None, weights_di
     for scale in scales:
         size = (int(H * scale + 1), int(W * scale + 1))
         level = F.interpolate(img[None], size=size, mode="area")
-        reg, prob = pnet((level - 127.5) * 0.0078125)
+        level = ((level - 127.5) * 0.0078125).contiguous(memory_format=torch.channels_last)  # ~1.7x faster convs
+        reg, prob = pnet(level)
         ys, xs = np.nonzero(prob[0].numpy() >= opt.thresholds[0])
         if ys.size == 0:
             continue
@@ -276,7 +294,8 @@ def run_mtcnn(image: np.ndarray, options: MTCNNOptions | None = None, weights_di
     boxes = _square(boxes)
 
     # Stage 2: RNet on 24x24 crops.
-    offsets, score = rnet(_crop_patches(img, boxes, 24))
+    integral = _summed_area(image)
+    offsets, score = rnet(_crop_patches(integral, boxes, 24))
     keep = score.numpy() > opt.thresholds[1]
     if not keep.any():
         return empty
@@ -287,7 +306,7 @@ def run_mtcnn(image: np.ndarray, options: MTCNNOptions | None = None, weights_di
     boxes = _square(np.concatenate([_regress(boxes[:, :4], offsets), boxes[:, 4:5]], 1))
 
     # Stage 3: ONet on 48x48 crops -> final boxes, scores and five landmarks.
-    offsets, points, score = onet(_crop_patches(img, boxes, 48))
+    offsets, points, score = onet(_crop_patches(integral, boxes, 48))
     keep = score.numpy() > opt.thresholds[2]
     if not keep.any():
         return empty
