@@ -85,9 +85,8 @@ class SessionOptions:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0):
                 raise InvalidInput(f"{name} must be an integer >= 0 or None; got {v!r}")
-        if self.method != "pti" or self.project_steps is not None:
-            if self.resolved_steps()[0] < 1:
-                raise InvalidInput("project_steps must be at least 1")
+        if self.resolved_steps()[0] < 1:
+            raise InvalidInput("project_steps must be at least 1")
         return self
 
 
@@ -339,8 +338,12 @@ class EditSession:
         saved = meta.get("base_fingerprint")
         if saved and saved != _fingerprint(G):
             raise InvalidInput(f"the session in {d} was created with a different model than the one given")
-        options = SessionOptions(**meta["options"])
-        chunks_options = ChunksOptions(**meta["chunks_options"])
+        try:
+            options = SessionOptions(**meta["options"])
+            chunks_options = ChunksOptions(**meta["chunks_options"])
+            image, selection, geometry = tensors["image"].numpy(), tensors["selection"].numpy(), dict(meta["geometry"])
+        except (KeyError, TypeError, AttributeError) as err:
+            raise InvalidInput(f"the saved session in {d} is incomplete or damaged: {err!r}") from err
         G_seg = G
         if meta.get("tuned"):
             from core.stylegan2.formats import load_generator
@@ -349,10 +352,8 @@ class EditSession:
         device = G.w_avg.device
         state = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("seg_")}
         seg = SegmentSession.from_state(G_seg, state, chunks_options, base_G=G)
-        geometry = dict(meta["geometry"])
         geometry.update({k[5:]: v for k, v in tensors.items() if k.startswith("geom_")})
-        return cls(G, tensors["image"].numpy(), tensors["selection"].numpy(), seg, options, geometry,
-                   directions=directions, info=meta.get("info"))
+        return cls(G, image, selection, seg, options, geometry, directions=directions, info=meta.get("info"))
 
 
 def _fingerprint(G) -> str:
