@@ -35,6 +35,7 @@ RETRYABLE = frozenset({"failed", "cancelled", "interrupted"})
 EVENT_INTERVAL_S = 0.1  # at most ~10 progress events per second per job (stage changes always go out)
 PERSIST_INTERVAL_S = 1.0  # progress is written to SQLite at most once a second
 PREVIEW_INTERVAL_S = 0.5
+MAX_JOBS_IN_MEMORY = 2000  # older finished jobs are served from SQLite (without their last preview)
 THUMB_SIZE = 128
 
 
@@ -251,10 +252,20 @@ class JobManager:
             self._jobs[job_id] = job
             self._queue.append(job)
             self._cv.notify_all()
+            self._prune()
         log.info("queued %s job %s (%d item(s), model %s, method %s)", kind, job_id, len(req.items), model,
                  req.options["method"])
         self._emit(job)
         return job
+
+    def _prune(self) -> None:
+        """Forget the oldest finished jobs beyond MAX_JOBS_IN_MEMORY (their rows stay in SQLite)."""
+        excess = len(self._jobs) - MAX_JOBS_IN_MEMORY
+        if excess <= 0:
+            return
+        for jid in [j.id for j in sorted(self._jobs.values(), key=lambda j: j.created) if j.state in TERMINAL][:excess]:
+            if jid not in self._subs:
+                del self._jobs[jid]
 
     def cancel(self, job_id: str) -> Optional[Job]:
         """Cancel a queued job now, or ask a running one to stop at its next step.  Idempotent."""
@@ -469,7 +480,10 @@ class Renderer:
     def session(self, row: dict):
         s = self.live.get(row["id"])
         if s is None:
-            s = self.engine.load(self.storage.session_dir(row["id"]), row["model"])
+            d = self.storage.session_dir(row["id"])
+            if not d.is_dir():
+                raise FileNotFoundError(d)
+            s = self.engine.load(d, row["model"])
             self.live.put(row["id"], s)
         return s
 

@@ -292,11 +292,12 @@ def decode_pixels(obj, path: str, formats: dict, limits: Limits) -> WirePixels:
     name = None
     if "name" in obj:
         name = get_str(obj, "name", path, max_len=500)
-    buf = np.frombuffer(bytes(data), dtype=np.uint8)
+    buf = np.frombuffer(data, dtype=np.uint8)
     if len(buf) < full:
         buf = np.concatenate([buf, np.zeros(full - len(buf), np.uint8)])
     rows = buf.reshape(height, stride)[:, :row_bytes]
-    array = np.ascontiguousarray(rows).view(dtype).reshape(height, width, channels).astype(dtype.newbyteorder("="))
+    array = np.ascontiguousarray(rows).view(dtype).reshape(height, width, channels)
+    array = array.astype(dtype.newbyteorder("="), copy=False)
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise invalid(_join(path, "data"), "contains NaN or infinity")
     return WirePixels(array, fmt, x, y, name)

@@ -5,6 +5,7 @@ import asyncio
 
 import msgpack
 import numpy as np
+import pytest
 
 from conftest import box_selection, collect_events, http_request, layer, make_image, wait_job
 
@@ -145,3 +146,23 @@ def test_msgpack_accept_header_for_get(server):
     models = msgpack.unpackb(r.raw)["models"]
     assert [m["name"] for m in models] == ["fake32", "other"]
     assert {d["name"] for d in models[0]["directions"]} == {"smile", "age", "light"}
+
+
+def test_websocket_token_query_and_refusal(server):
+    import aiohttp
+
+    r = server.request("POST", "/v1/sessions", {"layer": layer(make_image(16, 16)), "options": {"project_steps": 2}})
+    jid = r.body["job_id"]
+
+    async def run():
+        async with aiohttp.ClientSession() as s:
+            url = f"http://127.0.0.1:{server.port}/v1/jobs/{jid}/events"
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await s.ws_connect(url)
+            assert refused.value.status == 401
+            async with s.ws_connect(url + f"?token={server.token}&format=msgpack") as ws:
+                frames = [msgpack.unpackb(m.data) async for m in ws if m.type == aiohttp.WSMsgType.BINARY]
+        return frames
+
+    frames = asyncio.run(run())
+    assert frames[-1]["type"] == "end" and frames[-1]["state"] == "done"

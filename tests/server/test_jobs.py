@@ -122,3 +122,17 @@ def test_lru_eviction_keeps_recent_sessions(tmp_path):
         assert not (srv.config.data_dir / "sessions" / b["session_id"]).exists()
     finally:
         srv.stop()
+
+
+def test_session_files_gone_answers_410(server):
+    import shutil
+
+    from server.app import RENDERER
+
+    job = submit(server, {"project_steps": 1})
+    wait_job(server, job["job_id"])
+    server.app[RENDERER].live.drop(job["session_id"])  # not in memory: the render must read the disk
+    shutil.rmtree(server.config.data_dir / "sessions" / job["session_id"])
+    r = server.request("POST", f"/v1/sessions/{job['session_id']}/render", {"edits": []})
+    assert r.status == 410 and r.body["error"] == "session_evicted"
+    assert server.request("GET", f"/v1/sessions/{job['session_id']}").body["state"] == "evicted"
