@@ -19,7 +19,8 @@ from core.pti import LocalityOptions, PTIOptions, pivotal_tune, pivotal_tune_rep
 PROJ = ProjectOptions(lpips_net="alex", l2_weight=1.0, initial_learning_rate=0.05, w_avg_samples=200)
 TUNE = PTIOptions(learning_rate=3e-3)
 LOCALITY = LocalityOptions(alpha=15.0, weight=0.1, num_samples=1)
-STEPS = 200
+STEPS = 120
+LOC_STEPS = 100
 
 
 def _paint(img: torch.Tensor, y0: int, x0: int, size: int = 12) -> torch.Tensor:
@@ -51,7 +52,7 @@ def setup():
     with torch.no_grad():
         ws_true = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(5)))
         target = _paint(G.synthesis(ws_true, noise_mode="const"), 10, 10)
-    pivot = project(G, target, steps=150, options=PROJ)
+    pivot = project(G, target, steps=100, options=PROJ)
     zs = torch.randn(16, G.z_dim, generator=torch.Generator().manual_seed(9))
     state = _state(G)
     G_tuned = pivotal_tune(G, pivot, target, steps=STEPS, options=TUNE)
@@ -76,8 +77,8 @@ def test_pti_beats_w_projection_out_of_domain_and_leaves_G_alone(setup):
 
 def test_locality_regularisation_halves_drift_at_similar_reconstruction(setup):
     G, target, pivot, zs = setup["G"], setup["target"], setup["pivot"], setup["zs"]
-    G_plain = pivotal_tune(G, pivot, target, steps=150)  # PTI's lr 3e-4
-    G_reg = pivotal_tune(G, pivot, target, steps=150, locality=LOCALITY)
+    G_plain = pivotal_tune(G, pivot, target, steps=LOC_STEPS)  # PTI's lr 3e-4
+    G_reg = pivotal_tune(G, pivot, target, steps=LOC_STEPS, locality=LOCALITY)
     assert _same(G, setup["state"])
     drift_plain, drift_reg = _drift(G, G_plain, zs), _drift(G, G_reg, zs)
     err_plain, err_reg = float(_mse(G_plain, pivot, target)), float(_mse(G_reg, pivot, target))
@@ -92,9 +93,9 @@ def test_multi_image_pti_beats_w_projection_on_each(setup):
         ws_true = G.mapping(torch.randn(3, G.z_dim, generator=torch.Generator().manual_seed(11)))
         imgs = G.synthesis(ws_true, noise_mode="const")
     targets = torch.cat([_paint(imgs[:1], 4, 4), _paint(imgs[1:2], 16, 8), _paint(imgs[2:], 8, 18)])
-    pivots = project(G, targets, steps=100, options=PROJ)
+    pivots = project(G, targets, steps=60, options=PROJ)
     assert pivots.shape == (3, G.num_ws, G.w_dim)
-    G_multi = pivotal_tune(G, pivots, targets, steps=150, options=TUNE)
+    G_multi = pivotal_tune(G, pivots, targets, steps=80, options=TUNE)
     w_err, pti_err = _mse(G, pivots, targets), _mse(G_multi, pivots, targets)
     assert (pti_err * 2 < w_err).all(), (w_err, pti_err)
     with pytest.raises(InvalidInput, match="pivot"):
