@@ -212,6 +212,8 @@ def check_job(job: dict) -> None:
     state = job_state(job)
     if state in CANCELLED_STATES:
         raise JobCancelled("cancelled")
+    if state == "interrupted" and not job.get("error"):
+        raise JobFailed(0, "interrupted", "the server stopped while this job ran; apply again", None)
     if state in FAILED_STATES:
         err = job.get("error")
         if isinstance(err, dict):
@@ -234,16 +236,25 @@ def result_layers(body: dict) -> list:
     raise ServerError(0, "bad_response", "the server's render answer holds no layer (keys: %s)" % ", ".join(body))
 
 
+_NO_FACE = ("No face was found in the layer. Select a region with a clearly visible face, or turn off "
+            "\"Detect and align the face\" for images already cropped to the model's framing.")
 _FRIENDLY = {
-    "no_face": "No face was found in the layer. Select a region with a clearly visible face, or set "
-               "alignment to \"none\" for images already cropped to the model's framing.",
+    "no_face": _NO_FACE,
     "unauthorized": "The server rejected the token. Check the token file in the Latent Edit settings.",
+    "missing_weights": "The server has no face-detector weights. Turn off \"Detect and align the face\" or "
+                       "install them with install.py.",
 }
 
 
 def friendly_message(code: str, message: str) -> str:
-    """The server's message, prefixed with advice for codes a user can act on."""
+    """The server's message, prefixed with advice for codes a user can act on.
+
+    The engine reports a missing face as ``invalid_input`` "no face found ..." (core.align), so the
+    message is matched too.
+    """
     hint = _FRIENDLY.get(code)
+    if hint is None and message and ("no face" in message.lower() or "contains no face" in message.lower()):
+        hint = _NO_FACE
     if hint and message and message not in hint:
         return "%s (%s)" % (hint, message)
     return hint or message

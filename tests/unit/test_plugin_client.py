@@ -167,6 +167,12 @@ def test_failed_job_carries_code_and_friendly_message():
     assert ei.value.code == "no_face" and "No face was found" in str(ei.value)
     with pytest.raises(C.JobFailed, match="boom"):
         C.check_job({"state": "failed", "error": "internal", "message": "boom"})
+    with pytest.raises(C.JobFailed) as ei:  # what core.align really raises (InvalidInput)
+        C.check_job({"state": "failed", "error": {"error": "invalid_input", "message": "no face found in the layer"}})
+    assert ei.value.code == "invalid_input" and str(ei.value).startswith("No face was found")
+    assert "no face found in the layer" in str(ei.value)
+    with pytest.raises(C.JobFailed, match="server stopped while this job ran"):
+        C.check_job({"state": "interrupted", "error": None, "message": ""})
     C.check_job({"state": "running"})
 
 

@@ -12,6 +12,9 @@ job.json keys (all paths absolute):
   options       EditOptions fields: edits [[name, strength]], model, method, align, feather, project_steps...
   apply_twice   optional: run the action a second time with "options2" (re-edit of the cached session)
   save_kra, save_png   outputs
+Dumps in out_dir (Krita's layout, whole canvas): source{i}_before/after.raw, projection_before/after.raw
+(Document.pixelData, the merged image), run{k}_result{j}.raw and run{k}_mask{j}.raw; result.json holds the
+layer tree, timings and errors.
 Exit: rc 0 (file_quit) on success; os._exit(11) on failure (QApplication.exit segfaults in Krita 5.1.5).
 """
 from __future__ import annotations
@@ -109,6 +112,9 @@ class Automation:
             nodes = [doc.activeNode()]
         for i, node in enumerate(nodes):
             self.dump("source%d_before.raw" % i, node.pixelData(0, 0, doc.width(), doc.height()))
+        doc.refreshProjection()
+        doc.waitForDone()
+        self.dump("projection_before.raw", doc.pixelData(0, 0, doc.width(), doc.height()))
         self.result.update(width=doc.width(), height=doc.height(), depth=doc.colorDepth(), model=doc.colorModel(),
                            profile=doc.colorProfile(), sources=[n.name() for n in nodes])
         passes = [job["options"]] + ([job["options2"]] if job.get("options2") else [])
@@ -139,6 +145,8 @@ class Automation:
         self.result["tree"] = tree(doc.rootNode())
         doc.refreshProjection()
         doc.waitForDone()
+        yield SETTLE_MS
+        self.dump("projection_after.raw", doc.pixelData(0, 0, doc.width(), doc.height()))
         if job.get("save_kra"):
             self.result["saved_kra"] = bool(doc.saveAs(job["save_kra"]))
         if job.get("save_png"):
