@@ -1,8 +1,9 @@
 """MTCNN face detector (Zhang et al. 2016) built in pure torch, with the weights of the facenet-pytorch wheel.
 
-The three networks (PNet, RNet, ONet) match the state-dict keys of ``facenet_pytorch/data/{pnet,rnet,onet}.pt``
-(MIT licence, Tim Esler). Only those files are read: the package itself is never imported (it imports
-torchvision). Non-maximum suppression, the image pyramid, box regression and landmark decoding are here.
+The three networks (PNet, RNet, ONet) match the state-dict keys of ``facenet_pytorch/data/{pnet,rnet,onet}.pt``.
+Licences: facenet-pytorch (Tim Esler) is MIT; its weights are the original MTCNN Caffe models of Zhang et al.
+(kpzhang93/MTCNN_face_detection_alignment, MIT) as converted by davidsandberg/facenet (MIT). Only the weight
+files are read: the package itself is never imported (it imports torchvision). Non-maximum suppression, the image pyramid, box regression and landmark decoding are here.
 
 Coordinates follow the reference implementation: boxes ``(x0, y0, x1, y1)`` and landmarks ``(x, y)`` in
 pixel-index coordinates of the image the detector ran on.
