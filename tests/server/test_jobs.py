@@ -51,6 +51,7 @@ def test_cancel_running_job_within_one_step(slow_server):
 def test_cancel_queued_job_never_runs_and_queue_limit(slow_server):
     srv, log = slow_server, slow_server.engine.step_log
     running = submit(srv, SLOW)
+    wait_running(srv, running["job_id"])
     queued = [submit(srv, SLOW, seed=i) for i in range(3)]
     r = srv.request("POST", "/v1/sessions", {"layer": layer(make_image(16, 16))})
     assert r.status == 429 and r.body["error"] == "queue_full" and r.body["message"]
