@@ -33,9 +33,9 @@ def unavailable_reason() -> str | None:
     """Why real Krita cannot run here, or None when it can."""
     if sys.platform != "linux":
         return "the Krita host test drives Krita under Xvfb, which needs Linux"
-    for exe, pkg in (("krita", "krita"), ("xvfb-run", "xvfb"), ("xauth", "xauth")):
+    for exe, pkg in (("krita", "krita"), ("Xvfb", "xvfb"), ("timeout", "coreutils")):
         if shutil.which(exe) is None:
-            return "%s is not installed (apt-get install krita python3-pyqt5 python3-sip xvfb xauth)" % pkg
+            return "%s is not installed (apt-get install krita python3-pyqt5 python3-sip xvfb)" % pkg
     py = KRITA_PYTHON if os.path.exists(KRITA_PYTHON) else shutil.which("python3")
     probe = subprocess.run([py, "-c", "import PyQt5.QtCore"], capture_output=True, text=True)
     if probe.returncode != 0:
@@ -70,6 +70,22 @@ def make_env(home: Path, run_dir: Path) -> dict:
     return env
 
 
+def start_xvfb(run_dir: Path):
+    """Start our own Xvfb on a display number the X server picks itself (``-displayfd``): ``xvfb-run -a``
+    races with other Xvfb users on the machine ("could not connect to display :99")."""
+    r, w = os.pipe()
+    proc = subprocess.Popen(["Xvfb", "-displayfd", str(w), "-screen", "0", "1600x1200x24", "-nolisten", "tcp"],
+                            pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=open(run_dir / "xvfb.log", "wb"))
+    os.close(w)
+    with os.fdopen(r) as f:
+        number = f.readline().strip()  # written once the server accepts connections; empty if it died
+    if not number.isdigit():
+        proc.kill()
+        proc.wait(5)
+        raise RuntimeError("Xvfb did not start: " + (run_dir / "xvfb.log").read_text(errors="replace")[-2000:])
+    return proc, ":" + number
+
+
 def run_job(job: dict, workdir, home_template=None, keep_home=None, timeout: float = 180.0) -> KritaRun:
     """Install the plugin into a fresh HOME, run Krita on ``job`` and collect what the plugin wrote."""
     workdir = Path(workdir)
@@ -89,11 +105,20 @@ def run_job(job: dict, workdir, home_template=None, keep_home=None, timeout: flo
     job_path = run_dir / "job.json"
     job_path.write_text(json.dumps(job, indent=1))
     env["LATENT_EDIT_KRITA_JOB"] = str(job_path)
-    cmd = ["timeout", "-k", "10", str(int(timeout)), "xvfb-run", "-a", "-s", "-screen 0 1600x1200x24 -nolisten tcp",
-           "krita", "--nosplash"]
+    cmd = ["timeout", "-k", "10", str(int(timeout)), "krita", "--nosplash"]
     t0 = time.monotonic()
-    with open(out_dir / "krita.log", "wb") as log:
-        rc = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(run_dir))
+    xvfb, display = start_xvfb(run_dir)
+    env["DISPLAY"] = display
+    try:
+        with open(out_dir / "krita.log", "wb") as log:
+            rc = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(run_dir))
+    finally:
+        xvfb.terminate()
+        try:
+            xvfb.wait(10)
+        except subprocess.TimeoutExpired:
+            xvfb.kill()
+            xvfb.wait(5)
     seconds = time.monotonic() - t0
     if keep_home:
         shutil.rmtree(keep_home, ignore_errors=True)

@@ -1,0 +1,232 @@
+"""Real Krita 5 under Xvfb + the installed Latent Edit plugin + the real server (real engine).
+
+Each test writes a job file, starts Krita with ``LATENT_EDIT_KRITA_JOB`` (plugins/krita/latent_edit/automation.py):
+the plugin opens a face image, makes a selection, triggers the real "Latent Edit…" action with method "w"
+and few steps, saves .kra and .png, dumps raw pixels, and quits. The checks read those files.
+Run: ``pytest tests/hosts -k krita`` (fails under CI=true when Krita cannot run; skips otherwise).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "krita_harness"))
+import run_krita  # noqa: E402
+
+pytestmark = [pytest.mark.hosts, pytest.mark.slow]
+
+SIZE = 128
+STEPS = 10  # a fast W projection: the test checks plumbing and layers, not inversion quality
+GROUP_PREFIX = "Latent Edit · "
+
+
+def face_image(seed: int) -> np.ndarray:
+    """(SIZE,SIZE,3) uint8: a face from the embedded demo renderer, else skimage's astronaut."""
+    try:
+        from core.demo import renderer
+
+        img = renderer.render(renderer.sample_params(1, seed), size=SIZE)
+        return np.asarray(img[0] if img.ndim == 4 else img, np.uint8)
+    except ImportError:
+        from skimage import data
+
+        crop = data.astronaut()[20:260, 120 + 10 * seed:360 + 10 * seed]
+        return np.asarray(Image.fromarray(crop).resize((SIZE, SIZE), Image.LANCZOS))
+
+
+def ellipse_selection(cx=64, cy=76, rx=36, ry=28) -> np.ndarray:
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    return ((((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2) <= 1).astype(np.uint8) * 255
+
+
+@pytest.fixture(scope="module")
+def krita(tmp_path_factory, host_unavailable):
+    reason = run_krita.unavailable_reason()
+    if reason:
+        host_unavailable("real Krita is not available: " + reason)
+    state = {"template": tmp_path_factory.mktemp("krita-home") / "home", "warm": False}
+
+    def run(job: dict, workdir: Path) -> run_krita.KritaRun:
+        if state["warm"]:
+            res = run_krita.run_job(job, workdir, home_template=state["template"])
+        else:  # the first (cold) start unpacks resources; keep that HOME for the next runs
+            res = run_krita.run_job(job, workdir, keep_home=state["template"])
+            state["warm"] = res.rc == 0
+        return res
+
+    return run
+
+
+def write_inputs(tmp: Path, seed: int = 3):
+    img = face_image(seed)
+    png = tmp / "face.png"
+    Image.fromarray(img).save(png)
+    sel = ellipse_selection()
+    sel_path = tmp / "selection.raw"
+    sel_path.write_bytes(sel.tobytes())
+    return img, png, sel, sel_path
+
+
+def base_job(tmp: Path, server, png: Path, sel_path: Path, direction: str, **kw) -> dict:
+    out = tmp / "out"
+    job = {"out_dir": str(out), "open": str(png), "selection": str(sel_path),
+           "settings": {"server_url": server.url, "token_file": str(server.token_file)},
+           "options": {"edits": [[direction, 2.0]], "model": server.model, "method": "w", "align": "none",
+                       "project_steps": STEPS},
+           "save_kra": str(out / "out.kra"), "save_png": str(out / "out.png")}
+    job.update(kw)
+    return job
+
+
+def raw(out: Path, name: str, dtype, channels: int) -> np.ndarray:
+    a = np.fromfile(out / name, dtype)
+    return a.reshape(SIZE, SIZE, channels) if channels > 1 else a.reshape(SIZE, SIZE)
+
+
+def run_ok(krita, job, tmp, server):
+    res = krita(job, tmp)
+    assert res.rc == 0 and res.result.get("code") == 0 and not res.result.get("errors"), \
+        res.describe() + "\n--- server log ---\n" + server.log_tail()
+    return res
+
+
+def find(tree: dict, name: str):
+    if tree["name"] == name:
+        return tree
+    for c in tree["children"]:
+        hit = find(c, name)
+        if hit:
+            return hit
+    return None
+
+
+def siblings_of(tree: dict, name: str) -> list:
+    """Names of the children of the node containing ``name`` (bottom to top)."""
+    for c in tree["children"]:
+        if c["name"] == name:
+            return [x["name"] for x in tree["children"]]
+        hit = siblings_of(c, name)
+        if hit:
+            return hit
+    return []
+
+
+def check_kra(path: Path, names: list) -> str:
+    with zipfile.ZipFile(path) as z:
+        xml = z.read("maindoc.xml").decode("utf-8")
+        assert "mergedimage.png" in z.namelist()
+    for n in names:
+        assert 'name="%s"' % n in xml, (n, xml[:3000])
+    assert 'nodetype="transparencymask"' in xml
+    return xml
+
+
+def test_krita_edit_inside_selection_new_group_and_reedit(krita, latent_server, tmp_path):
+    direction = latent_server.directions()[0]
+    img, png, sel, sel_path = write_inputs(tmp_path)
+    job = base_job(tmp_path, latent_server, png, sel_path, direction,
+                   options2={"edits": [[direction, -2.0]], "model": latent_server.model, "method": "w", "align": "none",
+                             "project_steps": STEPS})
+    res = run_ok(krita, job, tmp_path, latent_server)
+    out, r = res.out_dir, res.result
+    g1, g2 = GROUP_PREFIX + direction + " +2", GROUP_PREFIX + direction + " -2"
+    # structure: both groups directly above the source, newest on top; a paint layer + transparency mask in each
+    assert siblings_of(r["tree"], "Background")[:3] == ["Background", g1, g2]
+    for g, sign in ((g1, "+2"), (g2, "-2")):
+        group = find(r["tree"], g)
+        assert group["type"] == "grouplayer"
+        assert [(c["name"], c["type"]) for c in group["children"]] == [("Background (%s %s)" % (direction, sign), "paintlayer")]
+        assert [(m["name"], m["type"]) for m in group["children"][0]["children"]] == [("Selection", "transparencymask")]
+    # re-edit rendered the cached inversion (no second upload/inversion)
+    assert [run["reused"] for run in r["runs"]] == [0, 1]
+    # the source layer is untouched, the user's selection is given back
+    assert (out / "source0_before.raw").read_bytes() == (out / "source0_after.raw").read_bytes()
+    assert r["selection_after"] is not None
+    # result layer: alpha 0 outside the selection, mask == selection
+    res0 = raw(out, "run0_result0.raw", np.uint8, 4)
+    assert (res0[..., 3][sel == 0] == 0).all()
+    assert (raw(out, "run0_mask0.raw", np.uint8, 1) == sel).all()
+    # merged image (.png and Krita's projection): outside unchanged, inside changed
+    before = raw(out, "projection_before.raw", np.uint8, 4)[..., [2, 1, 0, 3]]  # BGRA -> RGBA
+    assert (before[..., :3] == img).all()
+    png_out = np.asarray(Image.open(out / "out.png").convert("RGBA")).astype(int)
+    for merged in (png_out, raw(out, "projection_after.raw", np.uint8, 4)[..., [2, 1, 0, 3]].astype(int)):
+        diff = np.abs(merged - before.astype(int))[..., :3].max(axis=2)
+        assert diff[sel == 0].max() == 0
+        assert diff[sel == 255].mean() > 2.0, diff[sel == 255].mean()
+    check_kra(out / "out.kra", [g1, g2, "Background (%s +2)" % direction])
+
+
+def test_krita_batch_over_two_layers(krita, latent_server, tmp_path):
+    direction = latent_server.directions()[0]
+    img, png, sel, sel_path = write_inputs(tmp_path)
+    second = face_image(seed=11)
+    bgra = np.dstack([second[..., ::-1], np.full((SIZE, SIZE), 255, np.uint8)])
+    (tmp_path / "face2.raw").write_bytes(bgra.tobytes())
+    job = base_job(tmp_path, latent_server, png, sel_path, direction, layers=["Background", "face 2"],
+                   add_layers=[{"name": "face 2", "raw": str(tmp_path / "face2.raw"), "x": 0, "y": 0, "w": SIZE, "h": SIZE}])
+    res = run_ok(krita, job, tmp_path, latent_server)
+    out, r = res.out_dir, res.result
+    g = GROUP_PREFIX + direction + " +2"
+    assert r["sources"] == ["Background", "face 2"]
+    assert r["runs"][0]["groups"] == [g, g + " 2"]
+    assert siblings_of(r["tree"], "Background") == ["Background", g, "face 2", g + " 2", "Selection Mask"]
+    for k, src_img in enumerate((img, second)):
+        assert (out / ("source%d_before.raw" % k)).read_bytes() == (out / ("source%d_after.raw" % k)).read_bytes()
+        result = raw(out, "run0_result%d.raw" % k, np.uint8, 4)
+        assert (result[..., 3][sel == 0] == 0).all()
+        changed = np.abs(result[..., [2, 1, 0]].astype(int) - src_img.astype(int)).max(axis=2)
+        assert changed[(sel == 255) & (result[..., 3] > 0)].mean() > 2.0
+        assert (raw(out, "run0_mask%d.raw" % k, np.uint8, 1) == sel).all()
+    # the top layer covers Background: the merged image changes only where "face 2"'s result shows
+    before = raw(out, "projection_before.raw", np.uint8, 4).astype(int)
+    after = raw(out, "projection_after.raw", np.uint8, 4).astype(int)
+    diff = np.abs(after - before)[..., :3].max(axis=2)
+    assert diff[sel == 0].max() == 0 and diff[sel == 255].mean() > 2.0
+    assert "POST /v1/batch" in latent_server.log_tail(200000)
+    check_kra(out / "out.kra", [g, g + " 2", "face 2 (%s +2)" % direction])
+
+
+@pytest.mark.parametrize("profile", ["sRGB-elle-V2-srgbtrc.icc", "sRGB-elle-V2-g10.icc"])
+def test_krita_16bit_document(krita, latent_server, tmp_path, profile):
+    direction = latent_server.directions()[0]
+    img, png, sel, sel_path = write_inputs(tmp_path)
+    job = base_job(tmp_path, latent_server, png, sel_path, direction, convert={"depth": "U16", "profile": profile})
+    res = run_ok(krita, job, tmp_path, latent_server)
+    out, r = res.out_dir, res.result
+    assert (r["depth"], r["profile"]) == ("U16", profile)
+    g = GROUP_PREFIX + direction + " +2"
+    assert siblings_of(r["tree"], "Background")[:2] == ["Background", g]
+    assert (out / "source0_before.raw").read_bytes() == (out / "source0_after.raw").read_bytes()
+    before = raw(out, "projection_before.raw", "<u2", 4).astype(int)
+    after = raw(out, "projection_after.raw", "<u2", 4).astype(int)
+    if profile.endswith("srgbtrc.icc"):  # same curve as the PNG: 8-bit values widened (lcms rounds: off by <1 level)
+        assert np.abs(before[..., [2, 1, 0]] - img.astype(int) * 257).max() <= 257
+    diff = np.abs(after - before)[..., :3].max(axis=2)
+    assert diff[sel == 0].max() == 0
+    assert diff[sel == 255].mean() > 2.0 * 257
+    result = raw(out, "run0_result0.raw", "<u2", 4)
+    assert (result[..., 3][sel == 0] == 0).all() and result[..., 3][sel == 255].max() == 65535
+    with Image.open(out / "out.png") as im:
+        assert im.size == (SIZE, SIZE)
+    check_kra(out / "out.kra", [g])
+
+
+def test_krita_reports_a_wrong_token(krita, latent_server, tmp_path):
+    direction = latent_server.directions()[0]
+    _img, png, _sel, sel_path = write_inputs(tmp_path)
+    bad_token = tmp_path / "bad_token"
+    bad_token.write_text("not-the-token")
+    job = base_job(tmp_path, latent_server, png, sel_path, direction,
+                   settings={"server_url": latent_server.url, "token_file": str(bad_token)})
+    res = krita(job, tmp_path)
+    assert res.rc == 12 and res.result.get("error_type") == "Unauthorized", res.describe()
+    assert "rejected the token" in res.result["error_message"]
+    assert not (tmp_path / "out" / "out.kra").exists()  # nothing saved, nothing added
