@@ -94,6 +94,7 @@ def test_real_cancel_running_within_one_step(real):
     assert t_end - marks["t"] < 0.5 + 2 * step_s, (t_end - marks["t"], step_s)
 
 
+@pytest.mark.slow
 def test_real_sigkill_mid_job_then_restart(real, tmp_path):
     data = tmp_path / "data"
     args = ["--models-dir", str(real.models_dir), "--device", "cpu"]

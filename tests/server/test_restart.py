@@ -10,7 +10,7 @@ import numpy as np
 
 from conftest import ROOT, ServerProcess, box_selection, layer, make_image, wait_job, wait_running
 
-FAKE = ["--engine", "fake_engine:make_engine"]
+FAKE = ["--engine", "fake_engine:make_engine", "--device", "cpu"]  # cpu: no torch import
 
 
 def test_sigkill_mid_job_then_restart(tmp_path):
