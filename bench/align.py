@@ -1,7 +1,7 @@
 """Real-photo stages on a 4000x3000 photo: face detection, FFHQ alignment and full-resolution paste-back.
 
-The photo is skimage's astronaut upscaled to 2400 px (Lanczos) inside a 4000x3000 gradient, so the FFHQ quad is
-about 1000 px. Each stage is timed (median of repeats after a warm-up) with core.align and with a baseline
+The photo is skimage's astronaut upscaled to 2400 px (Lanczos) inside a 4000x3000 gradient, with σ=3 grain, so
+the FFHQ quad is about 1000 px. Each stage is timed (median of repeats after a warm-up) with core.align and with a baseline
 measured in the same run:
 
 * detect: ``core.align.detect_faces`` (MTCNN on the photo downscaled to 1024 px) vs MTCNN at a larger
@@ -31,7 +31,7 @@ from core.align import DetectOptions, align_face, detect_faces, paste_back  # no
 
 
 def make_photo(H: int = 3000, W: int = 4000, face_px: int = 2400) -> np.ndarray:
-    """uint8 (H,W,3): a smooth gradient with the astronaut upscaled to face_px² near the centre."""
+    """uint8 (H,W,3): a gradient with the astronaut upscaled to face_px² near the centre, plus grain."""
     from skimage import data
 
     yy, xx = np.mgrid[:H, :W]
@@ -39,7 +39,9 @@ def make_photo(H: int = 3000, W: int = 4000, face_px: int = 2400) -> np.ndarray:
     up = np.asarray(Image.fromarray(data.astronaut()).resize((face_px, face_px), Image.Resampling.LANCZOS))
     y0, x0 = (H - face_px) // 2, (W - face_px) // 2
     photo[y0:y0 + face_px, x0:x0 + face_px] = up
-    return photo
+    # sensor-like grain (σ = 3 levels): an upscaled image alone has no detail at the photo's own pixel scale
+    grain = np.random.default_rng(0).normal(0.0, 3.0, photo.shape).round().astype(np.int16)
+    return np.clip(photo.astype(np.int16) + grain, 0, 255).astype(np.uint8)
 
 
 def pil_align(photo: np.ndarray, transform) -> np.ndarray:
