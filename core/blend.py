@@ -141,8 +141,10 @@ def poisson_blend(base: torch.Tensor, overlay: torch.Tensor, mask: torch.Tensor,
     """Gradient-domain blending: inside ``Ω = {mask > 0}`` solve ``Δf = Δ overlay`` with ``f = base`` on
     the pixels just outside Ω (Pérez et al. 2003, guidance field = overlay gradients); ``base`` elsewhere.
 
-    Solved per channel by conjugate gradients on the 4-neighbour Laplacian restricted to Ω's bounding
-    box (float64). Pixels outside Ω are returned bit-identical to ``base``. When Ω has no outside
+    Solved per channel (float64) for the membrane ``h = f − overlay`` (harmonic in Ω, ``base − overlay`` outside)
+    by conjugate gradients on the 4-neighbour Laplacian of Ω's bounding box, preconditioned with the box's exact
+    inverse Laplacian (fast sine transform); relative residual ``tol``. Pixels outside Ω are returned
+    bit-identical to ``base``. When Ω has no outside
     neighbour (everything selected) there is no boundary condition and ``overlay`` is returned.
     base, overlay ``(N,C,H,W)``; mask ``(N,1,H,W)`` / ``(1,1,H,W)`` / ``(H,W)``.
     """
@@ -169,39 +171,87 @@ def _poisson_one(base, overlay, region, tol, max_iter):
     b = base[..., y0:y1, x0:x1].double().permute(1, 0, 2, 3)  # (C,1,h,w): one system per channel
     g = overlay[..., y0:y1, x0:x1].double().permute(1, 0, 2, 3)
     inside = region[..., y0:y1, x0:x1].double()  # (1,1,h,w)
-    # in-image neighbour count (the crop keeps a 1-px ring wherever the image has one)
-    valid = torch.ones_like(inside)
-    count = _neighbour_sum(valid)
-    outside = valid - inside
-    if not bool((_neighbour_sum(outside) * inside).gt(0).any()):
+    if not bool((_neighbour_sum(1 - inside) * inside).gt(0).any()):
         return overlay.clone()  # pure Neumann problem: no boundary to match
-
-    def apply_a(x):  # x is zero outside Ω
-        return (count * x - _neighbour_sum(x)) * inside
-
-    # guidance: Σ_q (g_p − g_q) over in-image neighbours; Dirichlet values of outside neighbours move right
-    rhs = (count * g - _neighbour_sum(g) + _neighbour_sum(b * outside)) * inside
-    # warm start: overlay shifted by the mean base−overlay offset along the boundary ring
-    ring = _neighbour_sum(inside) * outside > 0
-    offset = ((b - g) * ring).sum(dim=(2, 3), keepdim=True) / ring.sum().clamp(min=1)
-    x = (g + offset) * inside
-    r = rhs - apply_a(x)
-    p = r.clone()
-    rs = (r * r).sum(dim=(1, 2, 3), keepdim=True)
-    stop = (tol ** 2) * (rhs * rhs).sum(dim=(1, 2, 3), keepdim=True).clamp(min=1e-30)
-    for _ in range(max_iter):
-        if bool((rs <= stop).all()):
-            break
-        ap = apply_a(p)
-        denom = (p * ap).sum(dim=(1, 2, 3), keepdim=True)
-        step = torch.where(denom > 0, rs / denom.clamp(min=1e-300), torch.zeros_like(rs))
-        x = x + step * p
-        r = r - step * ap
-        rs_new = (r * r).sum(dim=(1, 2, 3), keepdim=True)
-        p = r + (rs_new / rs.clamp(min=1e-300)) * p
-        rs = rs_new
-    solved = x.permute(1, 0, 2, 3).to(base.dtype)
+    # f = g + h with Δh = 0 in Ω and h = base − overlay outside: the same solution as Δf = Δg, f = base on ∂Ω,
+    # but h is smooth, so a coarse solve is a good start for the fine one
+    h = _membrane(b - g, inside, tol, max_iter)
+    solved = (g + h).permute(1, 0, 2, 3).to(base.dtype)
     out = base.clone()
     crop = out[..., y0:y1, x0:x1]
     out[..., y0:y1, x0:x1] = torch.where(region[..., y0:y1, x0:x1], solved, crop)
     return out
+
+
+def _dst1(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Unnormalised DST-I along ``dim`` via the FFT of the odd extension (its own inverse up to 2/(n+1))."""
+    x = x.movedim(dim, -1)
+    n = x.shape[-1]
+    zero = torch.zeros_like(x[..., :1])
+    ext = torch.cat([zero, x, zero, -x.flip(-1)], dim=-1)
+    out = -torch.fft.rfft(ext, dim=-1).imag[..., 1:n + 1] / 2
+    return out.movedim(-1, dim)
+
+
+def _fft_friendly(n: int) -> int:
+    """Smallest m >= n whose prime factors are 2, 3 and 5 (fast FFT lengths)."""
+    m = n
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 1
+
+
+def _rect_inverse_laplacian(h: int, w: int, like: torch.Tensor):
+    """``z = L⁻¹ r`` for the 5-point Laplacian with zero Dirichlet values around a box holding the h×w array
+    (DST diagonalises it). The box is grown to FFT-friendly sizes; float32 is plenty for a preconditioner."""
+    H, W = _fft_friendly(h + 1) - 1, _fft_friendly(w + 1) - 1
+    ky = torch.arange(1, H + 1, dtype=torch.float32, device=like.device)
+    kx = torch.arange(1, W + 1, dtype=torch.float32, device=like.device)
+    eig = (4 - 2 * torch.cos(math.pi * ky / (H + 1)))[:, None] - 2 * torch.cos(math.pi * kx / (W + 1))[None, :]
+    scale = 4.0 / ((H + 1) * (W + 1))
+
+    def solve(r: torch.Tensor) -> torch.Tensor:
+        big = F.pad(r.float(), (0, W - w, 0, H - h))
+        z = _dst1(_dst1(_dst1(_dst1(big, -2), -1) / eig, -2), -1) * scale
+        return z[..., :h, :w].to(r.dtype)
+
+    return solve
+
+
+def _membrane(d: torch.Tensor, inside: torch.Tensor, tol: float, max_iter: int) -> torch.Tensor:
+    """Discrete harmonic interpolation: ``h`` with 4-neighbour ``Δh = 0`` where ``inside`` and ``h = d`` elsewhere
+    (Neumann at the array's edge). d (C,1,h,w) float64, inside (1,1,h,w) in {0,1}. Preconditioned conjugate
+    gradients; the preconditioner is the exact inverse Laplacian of the bounding box (fast sine transform)."""
+    outside = 1 - inside
+    count = _neighbour_sum(torch.ones_like(inside))
+    rhs = _neighbour_sum(d * outside) * inside
+    ring = (_neighbour_sum(inside) * outside > 0).double()
+    x = (d * ring).sum(dim=(2, 3), keepdim=True) / ring.sum().clamp(min=1) * inside  # mean boundary value
+    precondition = _rect_inverse_laplacian(d.shape[-2], d.shape[-1], d)
+
+    def apply_a(v):  # v is zero outside Ω
+        return (count * v - _neighbour_sum(v)) * inside
+
+    r = rhs - apply_a(x)
+    z = precondition(r) * inside
+    p = z.clone()
+    rz = (r * z).sum(dim=(1, 2, 3), keepdim=True)
+    stop = (tol ** 2) * (rhs * rhs).sum(dim=(1, 2, 3), keepdim=True).clamp(min=1e-30)
+    for _ in range(max_iter):
+        if bool(((r * r).sum(dim=(1, 2, 3), keepdim=True) <= stop).all()):
+            break
+        ap = apply_a(p)
+        denom = (p * ap).sum(dim=(1, 2, 3), keepdim=True)
+        step = torch.where(denom > 0, rz / denom.clamp(min=1e-300), torch.zeros_like(rz))
+        x = x + step * p
+        r = r - step * ap
+        z = precondition(r) * inside
+        rz_new = (r * z).sum(dim=(1, 2, 3), keepdim=True)
+        p = z + (rz_new / rz.clamp(min=1e-300)) * p
+        rz = rz_new
+    return x * inside + d * outside

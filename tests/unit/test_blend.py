@@ -144,3 +144,25 @@ def test_poisson_seamless_at_boundary():
     # with everything selected there is no boundary: overlay comes back unchanged
     assert torch.equal(poisson_blend(base, overlay, torch.ones(H, W)), overlay)
     assert torch.equal(poisson_blend(base, overlay, torch.zeros(H, W)), base)
+
+
+def test_poisson_solves_the_discrete_equation_everywhere_in_the_region():
+    g = torch.Generator().manual_seed(7)
+    H, W = 37, 45
+    base = torch.rand(1, 3, H, W, generator=g)
+    overlay = torch.rand(1, 3, H, W, generator=g) + 0.5
+    m = torch.zeros(H, W)
+    m[5:30, 8:40] = 1
+    m[12:20, 0:10] = 1  # touches the image border: Neumann there
+    m[20:25, 20:30] = 0  # a hole: Dirichlet inside too
+    out = poisson_blend(base, overlay, m, tol=1e-10)
+    inside = m > 0
+
+    def nsum(x):
+        p = torch.nn.functional.pad(x, (1, 1, 1, 1))
+        return p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]
+
+    count = nsum(torch.ones(1, 1, H, W))
+    lhs = count * out - nsum(out)
+    rhs = count * overlay - nsum(overlay)
+    assert torch.allclose(lhs[..., inside], rhs[..., inside], atol=1e-6)
