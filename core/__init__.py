@@ -43,6 +43,13 @@ _EXPORTS = {
     "detect_faces": "core.align",
     "align_face": "core.align",
     "paste_back": "core.align",
+    "find_face": "core.align",
+    "AlignTransform": "core.align",
+    # sessions and models (server-facing)
+    "SessionOptions": "core.session",
+    "create_session": "core.session",
+    "EditSession": "core.session",
+    "ModelRegistry": "core.models",
     # embedded default (issue 11)
     "default_model_path": "core.demo",
 }
