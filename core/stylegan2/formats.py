@@ -9,9 +9,9 @@ Nothing here executes code from a checkpoint:
   embedded module source is ignored; tensors are rebuilt by parsing the legacy ``torch.save`` storage blobs here.
   Anything else is refused with a :class:`CheckpointError` naming the global.
 
-Memory: weights are moved (not copied) into a generator built with uninitialised storage; storages we do not need
-(the discriminator, the non-EMA ``G`` when ``G_ema`` follows) are released while unpickling, so loading holds at
-most two copies of the generator weights.
+Memory: weights are moved (not copied) into a generator built with uninitialised storage. Zip files are
+memory-mapped; pickles are unpickled with their large storage blobs left in the file and read only for the
+tensors of the network we use (never ``D`` or the non-EMA ``G``). Loading holds at most two copies of the weights.
 
 Our format (``save_generator``): ``torch.save`` of ``{"format": "latent-edit-generator", "version": 1,
 "config": JSON, "meta": JSON, "tensors": {name: tensor}}``, loadable with ``weights_only=True``. With ``base``,
@@ -29,9 +29,8 @@ import math
 import os
 import pathlib
 import pickle
+import re
 import struct
-import warnings
-import weakref
 import zipfile
 from typing import Optional
 
@@ -149,10 +148,12 @@ def _torch_load(path: pathlib.Path, mmap: bool):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        hint = msg.split("Unsupported global:")[-1].split("We recommend")[0].strip() if "global" in msg else ""
-        if hint:
-            raise CheckpointError(f"refusing to load {path}: it references a disallowed global ({hint})") from None
-        raise CheckpointError(f"corrupt or truncated checkpoint {path}: {_first_line(msg)}") from None
+        found = re.search(r"GLOBAL ([\w.]+)", msg)
+        if found:
+            raise CheckpointError(f"refusing to load {path}: the file references {found.group(1)}, which is not on "
+                                  f"the allow-list (it could run code)") from None
+        detail = next((ln for ln in msg.splitlines() if ln.strip() and not ln.startswith("Weights only")), msg)
+        raise CheckpointError(f"corrupt or truncated checkpoint {path}: {_first_line(detail)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error) as e:
         raise CheckpointError(f"corrupt or truncated checkpoint {path}: {_first_line(str(e))}") from None
 
@@ -208,7 +209,7 @@ def _take(sd: dict, key: str, path) -> torch.Tensor:
         t = sd.pop(key)
     except KeyError:
         raise CheckpointError(f"{path}: missing tensor {key!r}") from None
-    if not isinstance(t, torch.Tensor):
+    if not isinstance(t, (torch.Tensor, LazyTensor)):
         raise CheckpointError(f"{path}: {key!r} is not a tensor")
     return t
 
@@ -219,6 +220,7 @@ def _own(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_fir(t: torch.Tensor, gain: float, what: str, path) -> None:
+    t = _materialise(t)
     if tuple(t.shape) != (4, 4) or not torch.allclose(t.float(), fir_kernel() * gain, atol=1e-6):
         raise CheckpointError(f"{path}: {what} is not the standard [1,3,3,1] filter; unsupported architecture")
 
@@ -387,16 +389,6 @@ class PersistentObject:
                 out.update(m.tensors(prefix + k + "."))
         return out
 
-    def release(self):
-        """Drop every tensor below this object (frees memory while the rest of the pickle loads)."""
-        for group in ("_parameters", "_buffers"):
-            d = self.state.get(group)
-            if isinstance(d, dict):
-                d.clear()
-        for m in (self.state.get("_modules") or {}).values():
-            if isinstance(m, PersistentObject):
-                m.release()
-
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
@@ -404,6 +396,7 @@ _STORAGE_DTYPES = {
     "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_BLOB_HEADER_BYTES = 4096  # enough for the header pickles of a legacy storage blob
 
 
 class _BlobUnpickler(pickle.Unpickler):
@@ -412,19 +405,15 @@ class _BlobUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
-        raise pickle.UnpicklingError(f"storage blob references disallowed global {module}.{name}")
+        raise pickle.UnpicklingError(f"disallowed global {module}.{name} (inside a storage blob)")
 
     def persistent_load(self, pid):
         return ("pid", pid)
 
 
-def parse_storage_blob(blob) -> torch.Tensor:
-    """A legacy ``torch.save(storage)`` byte string (fixtures README §5.3) → flat tensor owning its memory."""
-    mv = memoryview(blob)
-    if bytes(mv[:2]) == b"PK":
-        obj = torch.load(io.BytesIO(bytes(mv)), map_location="cpu", weights_only=True)
-        return _storage_to_tensor(obj)
-    f = io.BytesIO(mv)
+def _parse_blob_header(head: bytes):
+    """Header of a legacy ``torch.save(storage)`` blob (fixtures README §5.3) → (dtype, numel, data offset)."""
+    f = io.BytesIO(head)
     up = _BlobUnpickler(f)
     if up.load() != _LEGACY_MAGIC:
         raise pickle.UnpicklingError("storage blob has a wrong magic number")
@@ -434,49 +423,108 @@ def parse_storage_blob(blob) -> torch.Tensor:
     if not isinstance(info, dict) or not info.get("little_endian", True):
         raise pickle.UnpicklingError("big-endian storage blobs are not supported")
     root = up.load()
-    if not (isinstance(root, tuple) and root[:1] == ("pid",)):
-        raise pickle.UnpicklingError("storage blob does not hold a storage")
-    pid = root[1]
+    pid = root[1] if isinstance(root, tuple) and root[:1] == ("pid",) else None
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
-        raise pickle.UnpicklingError("storage blob has an unexpected persistent id")
-    dtype, numel = pid[1], int(pid[4])
+        raise pickle.UnpicklingError("storage blob does not hold a storage")
     keys = up.load()
     if not isinstance(keys, list) or len(keys) != 1:
         raise pickle.UnpicklingError("storage blob must hold exactly one storage")
     pos = f.tell()
-    (count,) = struct.unpack_from("<q", mv, pos)
-    pos += 8
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if count != numel or count < 0 or pos + count * itemsize > len(mv):
-        raise pickle.UnpicklingError("storage blob is truncated")
-    if count == 0:
-        return torch.empty(0, dtype=dtype)
-    with warnings.catch_warnings():  # read-only source buffer: we copy it at once
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(mv, dtype=dtype, count=count, offset=pos).clone()
+    (count,) = struct.unpack_from("<q", head, pos)
+    if count != int(pid[4]) or count < 0:
+        raise pickle.UnpicklingError("storage blob has an inconsistent size")
+    return pid[1], count, pos + 8
 
 
-def _storage_to_tensor(obj) -> torch.Tensor:
-    if isinstance(obj, torch.TypedStorage):
-        return torch.tensor([], dtype=obj.dtype).set_(obj._untyped_storage if hasattr(obj, "_untyped_storage")
-                                                      else obj.untyped_storage())
-    if isinstance(obj, torch.UntypedStorage):
-        return torch.tensor([], dtype=torch.uint8).set_(obj)
-    raise pickle.UnpicklingError("storage blob does not hold a storage")
+class LazyBlob:
+    """A large byte string of the pickle, left in the file: ``length`` bytes at ``offset``."""
+
+    def __init__(self, file, offset: int, length: int):
+        self.file, self.offset, self.length = file, offset, length
+
+    def read(self, start: int, n: int) -> bytearray:
+        if start < 0 or n < 0 or start + n > self.length:
+            raise pickle.UnpicklingError("storage blob is truncated")
+        buf = bytearray(n)
+        view, pos = memoryview(buf), self.offset + start
+        while view:  # positional reads: the unpickler's position in the file is not disturbed
+            got = os.preadv(self.file.fileno(), [view], pos)
+            if got <= 0:
+                raise pickle.UnpicklingError("storage blob is truncated")
+            view, pos = view[got:], pos + got
+        return buf
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
-    if not isinstance(storage, torch.Tensor):
-        raise pickle.UnpicklingError("tensor without a storage")
-    t = torch.as_strided(storage, tuple(size), tuple(stride), int(storage_offset))
-    if t.data_ptr() == storage.data_ptr() and t.is_contiguous() and t.numel() == storage.numel():
+class LazyStorage:
+    """A flat storage whose data is read from the file only when a tensor of it is materialised."""
+
+    def __init__(self, blob: LazyBlob, data_offset: int, dtype: torch.dtype, numel: int):
+        self.blob, self.data_offset, self.dtype, self.numel = blob, data_offset, dtype, numel
+
+    def load(self) -> torch.Tensor:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        buf = self.blob.read(self.data_offset, self.numel * itemsize)
+        return torch.frombuffer(buf, dtype=self.dtype) if self.numel else torch.empty(0, dtype=self.dtype)
+
+
+class LazyTensor:
+    """``_rebuild_tensor_v2`` arguments over a :class:`LazyStorage`; :meth:`load` reads it."""
+
+    def __init__(self, storage: LazyStorage, offset: int, size: tuple, stride: tuple):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+        self.shape = torch.Size(size)
+
+    def load(self) -> torch.Tensor:
+        return _view(self.storage.load(), self.offset, self.size, self.stride)
+
+
+def _view(flat: torch.Tensor, offset, size, stride) -> torch.Tensor:
+    need = offset + sum((n - 1) * st for n, st in zip(size, stride)) + 1 if all(n > 0 for n in size) else 0
+    if offset < 0 or need > flat.numel():
+        raise pickle.UnpicklingError("tensor extends beyond its storage")
+    t = torch.as_strided(flat, tuple(size), tuple(stride), int(offset))
+    if t.is_contiguous() and int(offset) == 0 and t.numel() == flat.numel():
         return t
     return t.clone()
 
 
+def parse_storage_blob(blob):
+    """The allowed ``torch.storage._load_from_bytes``: a legacy storage blob → flat tensor or :class:`LazyStorage`."""
+    if isinstance(blob, LazyBlob):
+        head = bytes(blob.read(0, min(blob.length, _BLOB_HEADER_BYTES)))
+        dtype, numel, pos = _parse_blob_header(head)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if pos + numel * itemsize > blob.length:
+            raise pickle.UnpicklingError("storage blob is truncated")
+        return LazyStorage(blob, pos, dtype, numel)
+    if not isinstance(blob, (bytes, bytearray)):
+        raise pickle.UnpicklingError("storage blob is not a byte string")
+    if bytes(blob[:2]) == b"PK":  # newer zip-format blob: torch's own safe loader
+        obj = torch.load(io.BytesIO(bytes(blob)), map_location="cpu", weights_only=True)
+        if not isinstance(obj, (torch.TypedStorage, torch.UntypedStorage)):
+            raise pickle.UnpicklingError("storage blob does not hold a storage")
+        dtype = obj.dtype if isinstance(obj, torch.TypedStorage) else torch.uint8
+        return torch.tensor([], dtype=dtype).set_(obj.untyped_storage() if isinstance(obj, torch.TypedStorage)
+                                                  else obj)
+    dtype, numel, pos = _parse_blob_header(bytes(blob[:_BLOB_HEADER_BYTES]))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if pos + numel * itemsize > len(blob):
+        raise pickle.UnpicklingError("storage blob is truncated")
+    return torch.frombuffer(bytearray(blob[pos : pos + numel * itemsize]), dtype=dtype) if numel else \
+        torch.empty(0, dtype=dtype)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None):
+    if isinstance(storage, LazyStorage):
+        return LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride))
+    if not isinstance(storage, torch.Tensor):
+        raise pickle.UnpicklingError("tensor without a storage")
+    return _view(storage, int(storage_offset), tuple(size), tuple(stride))
+
+
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
-    if not isinstance(data, torch.Tensor):
+    if not isinstance(data, (torch.Tensor, LazyTensor)):
         raise pickle.UnpicklingError("parameter without a tensor")
     return data
 
@@ -487,42 +535,22 @@ def _numpy_scalar(dtype, data=None):
     return np.frombuffer(bytes(data), dtype=dtype, count=1)[0].item()
 
 
-class _WeakMemo(dict):
-    """Unpickler memo that holds tensors weakly and large byte strings not at all, so released storages free."""
-
-    _GONE = object()
-
-    def __setitem__(self, key, value):
-        if isinstance(value, torch.Tensor):
-            value = weakref.ref(value)
-        elif isinstance(value, (bytes, bytearray)) and len(value) > 4096:
-            value = self._GONE
-        super().__setitem__(key, value)
-
-    def __getitem__(self, key):
-        value = super().__getitem__(key)
-        if isinstance(value, weakref.ref):
-            value = value()
-            if value is None:
-                raise pickle.UnpicklingError("pickle re-uses a released tensor (shared weights are not supported)")
-        elif value is self._GONE:
-            raise pickle.UnpicklingError("pickle re-uses a storage blob (shared storages are not supported)")
-        return value
-
-
-class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its memo and stack are inspectable
+class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcodes can be overridden
     """Unpickler for stylegan2-ada-pytorch network pickles that never runs code from the file.
 
-    Every global resolves to one of our own functions/classes (``ALLOWED``); anything else raises
+    Every global resolves to one of our own functions/classes (``allowed``); anything else raises
     ``UnpicklingError`` naming it.  ``torch_utils.persistence`` objects become :class:`PersistentObject`.
+    BINBYTES payloads (the storage blobs) are skipped in the file and read only for the tensors we use, so
+    ``D`` and the non-EMA ``G`` of a training snapshot never occupy memory.
     """
 
     def __init__(self, file):
         super().__init__(file)
-        self.memo = _WeakMemo()
-        self._top: dict = {}
-        self.ALLOWED = {
-            ("torch_utils.persistence", "_reconstruct_persistent_obj"): self._persistent,
+        self._file = file
+        self._size = os.fstat(file.fileno()).st_size
+        self._frame_offset = 0
+        self.allowed = {
+            ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_object,
             ("dnnlib.util", "EasyDict"): EasyDict,
             ("dnnlib", "EasyDict"): EasyDict,
             ("collections", "OrderedDict"): collections.OrderedDict,
@@ -536,7 +564,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its 
         }
 
     def find_class(self, module, name):
-        fn = self.ALLOWED.get((module, name))
+        fn = self.allowed.get((module, name))
         if fn is None:
             raise pickle.UnpicklingError(f"disallowed global {module}.{name}")
         return fn
@@ -544,38 +572,70 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("unexpected persistent id in a network pickle")
 
-    def _persistent(self, meta):
-        if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
-            raise pickle.UnpicklingError("unsupported torch_utils.persistence record (only classes are supported)")
-        obj = PersistentObject(str(meta.get("class_name")), meta["state"])
-        # A value of the top-level snapshot dict is being built when we are one MARK deep and its key is below us.
-        if len(self.metastack) == 1 and len(self.stack) >= 2 and isinstance(self.stack[-2], str):
-            key = self.stack[-2]
-            if key == "G_ema":
-                for k in ("G",):
-                    if k in self._top:
-                        self._top.pop(k).release()
-            elif key in ("D", "augment_pipe") or obj.class_name.startswith("Discriminator"):
-                obj.release()
-            else:
-                self._top[key] = obj
-        return obj
+    def _bytes(self, n: int) -> LazyBlob:
+        """Skip a BINBYTES payload, remembering where it lies in the file (inside a frame or not)."""
+        frame = self._unframer.current_frame
+        if frame is not None and frame.tell() < len(frame.getbuffer()):
+            offset = self._frame_offset + frame.tell()
+            if frame.tell() + n > len(frame.getbuffer()):
+                raise pickle.UnpicklingError("byte string crosses a frame boundary")
+            frame.seek(n, os.SEEK_CUR)
+        else:
+            offset = self._file.tell()
+            if offset + n > self._size:
+                raise EOFError("pickle data was truncated")
+            self._file.seek(n, os.SEEK_CUR)
+        return LazyBlob(self._file, offset, n)
+
+    def load_frame(self):
+        pickle._Unpickler.load_frame(self)
+        self._frame_offset = self._file.tell() - len(self._unframer.current_frame.getbuffer())
+
+    def load_binbytes(self):
+        (n,) = struct.unpack("<I", self.read(4))
+        self.append(self._bytes(n))
+
+    def load_binbytes8(self):
+        (n,) = struct.unpack("<Q", self.read(8))
+        self.append(self._bytes(n))
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BINBYTES[0]] = load_binbytes
+    dispatch[pickle.BINBYTES8[0]] = load_binbytes8
+    dispatch[pickle.FRAME[0]] = load_frame
+
+
+def _persistent_object(meta):
+    """The allowed ``torch_utils.persistence._reconstruct_persistent_obj``: keeps the state, runs no source."""
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
+        raise pickle.UnpicklingError("unsupported torch_utils.persistence record (only classes are supported)")
+    return PersistentObject(str(meta.get("class_name")), meta["state"])
+
+
+def _materialise(t) -> torch.Tensor:
+    return t.load() if isinstance(t, LazyTensor) else t
 
 
 def _load_nvidia(path: pathlib.Path, notes) -> Generator:
-    try:
-        with open(path, "rb") as f:
+    with open(path, "rb") as f:  # open until the lazily read storages are materialised
+        try:
             data = RestrictedUnpickler(f).load()
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        if msg.startswith("disallowed global"):
-            raise CheckpointError(f"refusing to load {path}: the pickle references {msg[len('disallowed global '):]}, "
-                                  f"which is not on the allow-list (it could run code)") from None
-        raise CheckpointError(f"corrupt or unsupported pickle {path}: {msg}") from None
-    except (EOFError, struct.error) as e:
-        raise CheckpointError(f"truncated pickle {path} ({type(e).__name__})") from None
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, MemoryError) as e:
-        raise CheckpointError(f"corrupt pickle {path}: {type(e).__name__}: {_first_line(str(e))}") from None
+            G = _pick_generator(data, path, notes)
+            return _from_nvidia_obj(G, path, notes)
+        except pickle.UnpicklingError as e:
+            msg = str(e)
+            if msg.startswith("disallowed global"):
+                name = msg[len("disallowed global "):]
+                raise CheckpointError(f"refusing to load {path}: the pickle references {name}, which is not on the "
+                                      f"allow-list (it could run code)") from None
+            raise CheckpointError(f"corrupt or unsupported pickle {path}: {msg}") from None
+        except (EOFError, struct.error) as e:
+            raise CheckpointError(f"truncated pickle {path} ({type(e).__name__}: {e})") from None
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, MemoryError) as e:
+            raise CheckpointError(f"corrupt pickle {path}: {type(e).__name__}: {_first_line(str(e))}") from None
+
+
+def _pick_generator(data, path, notes) -> PersistentObject:
     if isinstance(data, PersistentObject):
         G = data
     elif isinstance(data, dict):
@@ -587,7 +647,7 @@ def _load_nvidia(path: pathlib.Path, notes) -> Generator:
         raise CheckpointError(f"{path}: pickle holds a {type(data).__name__}, not a network snapshot")
     if G.class_name != "Generator":
         raise CheckpointError(f"{path}: expected a Generator, found {G.class_name}")
-    return _from_nvidia_obj(G, path, notes)
+    return G
 
 
 def _from_nvidia_obj(G: PersistentObject, path, notes) -> Generator:
@@ -646,8 +706,7 @@ def _from_nvidia_obj(G: PersistentObject, path, notes) -> Generator:
         rgb(f"torgbs.{i + 1}", f"synthesis.b{r}.torgb")
     if sd:
         notes.append(f"ignored {len(sd)} unused tensors (e.g. {next(iter(sd))})")
-    G.release()
-    return _build(cfg, out, path)
+    return _build(cfg, {k: _materialise(v) for k, v in out.items()}, path)
 
 
 def nvidia_config(sd: dict, path="checkpoint") -> GeneratorConfig:
