@@ -133,7 +133,7 @@ def test_krita_edit_inside_selection_new_group_and_reedit(krita, latent_server, 
     img, png, sel, sel_path = write_inputs(tmp_path)
     job = base_job(tmp_path, latent_server, png, sel_path, direction,
                    options2={"edits": [[direction, -2.0]], "model": latent_server.model, "method": "w", "align": "none",
-                             "project_steps": STEPS})
+                             "project_steps": STEPS}, undo_probe=6)
     res = run_ok(krita, job, tmp_path, latent_server)
     out, r = res.out_dir, res.result
     g1, g2 = GROUP_PREFIX + direction + " +2", GROUP_PREFIX + direction + " -2"
@@ -162,6 +162,10 @@ def test_krita_edit_inside_selection_new_group_and_reedit(krita, latent_server, 
         assert diff[sel == 0].max() == 0
         assert diff[sel == 255].mean() > 2.0, diff[sel == 255].mean()
     check_kra(out / "out.kra", [g1, g2, "Background (%s +2)" % direction])
+    # Edit > Undo takes the results back (Krita 5.1.5: three steps per result: mask, layer, group)
+    groups_after = [[c["name"] for c in t["children"] if c["name"].startswith(GROUP_PREFIX)] for t in r["undo_trees"]]
+    assert groups_after[2] == [g1] and groups_after[5] == []
+    assert [c["name"] for c in r["undo_trees"][5]["children"]] == ["Background", "Selection Mask"]
 
 
 def test_krita_batch_over_two_layers(krita, latent_server, tmp_path):

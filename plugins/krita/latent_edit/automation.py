@@ -9,8 +9,11 @@ job.json keys (all paths absolute):
   selection     optional path of a gray8 file (document width*height bytes) made the global selection
   layers        optional layer names to edit (several = batch); default: the active layer
   settings      optional {"server_url", "token_file", ...}: written to Krita's settings, then read back
+  dialog        optional {"method", "steps", "align", "batch", "edits": [[name, strength]]}: drive the real
+                dialog (open, wait for the models, set the widgets, click Apply, wait for the result)
   options       EditOptions fields: edits [[name, strength]], model, method, align, feather, project_steps...
-  apply_twice   optional: run the action a second time with "options2" (re-edit of the cached session)
+  options2      optional: run the action a second time with these options (re-edit of the cached session)
+  undo_probe    optional N: after the runs, trigger Edit > Undo N times and record the layer tree each time
   save_kra, save_png   outputs
 Dumps in out_dir (Krita's layout, whole canvas): source{i}_before/after.raw, projection_before/after.raw
 (Document.pixelData, the merged image), run{k}_result{j}.raw and run{k}_mask{j}.raw; result.json holds the
@@ -117,7 +120,9 @@ class Automation:
         self.dump("projection_before.raw", doc.pixelData(0, 0, doc.width(), doc.height()))
         self.result.update(width=doc.width(), height=doc.height(), depth=doc.colorDepth(), model=doc.colorModel(),
                            profile=doc.colorProfile(), sources=[n.name() for n in nodes])
-        passes = [job["options"]] + ([job["options2"]] if job.get("options2") else [])
+        if job.get("dialog"):
+            yield from self.dialog_steps(job["dialog"])
+        passes = ([job["options"]] if job.get("options") else []) + ([job["options2"]] if job.get("options2") else [])
         for k, opts in enumerate(passes):
             options = model.EditOptions(**{**opts, "edits": [tuple(e) for e in opts.get("edits", [])]})
             box = {}
@@ -151,7 +156,44 @@ class Automation:
             self.result["saved_kra"] = bool(doc.saveAs(job["save_kra"]))
         if job.get("save_png"):
             self.result["saved_png"] = bool(doc.exportImage(job["save_png"], InfoObject()))
+        if job.get("undo_probe"):  # after saving: record what Edit > Undo takes back, one undo at a time
+            self.result["undo_trees"] = []
+            for _ in range(int(job["undo_probe"])):
+                app.action("edit_undo").trigger()
+                doc.waitForDone()
+                yield SETTLE_MS
+                self.result["undo_trees"].append(tree(doc.rootNode()))
         self.doc = doc
+
+    def dialog_steps(self, spec: dict):
+        """Drive the real dialog like a user: open it, wait for the models, choose, click Apply, wait."""
+        app = Krita.instance()
+        app.action("latent_edit_dialog").trigger()  # no automation request: opens the dialog
+        dlg = self.ext.dialog
+        for _ in range(600):
+            if dlg.rows:
+                break
+            yield 100
+        info = {"server_status": dlg.server_status.text(), "models": [dlg.model_box.itemData(i) for i in range(dlg.model_box.count())],
+                "directions": [r.name for r in dlg.rows], "defaults": [r.spin.value() for r in dlg.rows],
+                "methods": [dlg.method_box.itemData(i) for i in range(dlg.method_box.count())]}
+        dlg.method_box.setCurrentIndex(dlg.method_box.findData(spec["method"]))
+        dlg.steps.setValue(int(spec["steps"]))
+        dlg.align.setChecked(bool(spec.get("align", False)))
+        dlg.batch.setChecked(bool(spec.get("batch", False)))
+        for name, strength in spec["edits"]:
+            row = next(r for r in dlg.rows if r.name == name)
+            row.check.setChecked(True)
+            row.spin.setValue(float(strength))
+        dlg.apply_btn.click()
+        info["enabled_while_running"] = dlg.apply_btn.isEnabled()
+        seen = set()
+        while not dlg.apply_btn.isEnabled():
+            seen.add(dlg.progress.value())
+            yield 50
+        info.update(message=dlg.message.text(), progress=dlg.progress.value(), progress_seen=sorted(seen))
+        self.result["dialog"] = info
+        dlg.hide()
 
     def write_result(self, code: int):
         self.result["code"] = code

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -70,20 +71,50 @@ def make_env(home: Path, run_dir: Path) -> dict:
     return env
 
 
-def start_xvfb(run_dir: Path):
-    """Start our own Xvfb on a display number the X server picks itself (``-displayfd``): ``xvfb-run -a``
-    races with other Xvfb users on the machine ("could not connect to display :99")."""
-    r, w = os.pipe()
-    proc = subprocess.Popen(["Xvfb", "-displayfd", str(w), "-screen", "0", "1600x1200x24", "-nolisten", "tcp"],
-                            pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=open(run_dir / "xvfb.log", "wb"))
-    os.close(w)
-    with os.fdopen(r) as f:
-        number = f.readline().strip()  # written once the server accepts connections; empty if it died
-    if not number.isdigit():
+def _display_free(n: int) -> bool:
+    """No lock file and the abstract X socket name is unused (the abstract namespace is shared with other
+    Xvfbs on this host, chroots included, whose lock files we cannot see)."""
+    if os.path.exists("/tmp/.X%d-lock" % n) or os.path.exists("/tmp/.X11-unix/X%d" % n):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.bind("\0/tmp/.X11-unix/X%d" % n)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _accepts(n: int) -> bool:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect("/tmp/.X11-unix/X%d" % n)
+        return True
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def start_xvfb(run_dir: Path, start_timeout: float = 30.0):
+    """Start our own Xvfb on a free display (``xvfb-run -a`` and ``-displayfd`` both pick displays that
+    another Xvfb on the machine may hold through the shared abstract socket namespace)."""
+    first = 200 + os.getpid() % 300
+    for n in list(range(first, 500)) + list(range(200, first)):
+        if not _display_free(n):
+            continue
+        log = open(run_dir / "xvfb.log", "wb")
+        proc = subprocess.Popen(["Xvfb", ":%d" % n, "-screen", "0", "1600x1200x24", "-nolisten", "tcp"],
+                                stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + start_timeout
+        while proc.poll() is None and time.monotonic() < deadline and not _accepts(n):
+            time.sleep(0.05)  # waiting for an external process to open its socket
+        if proc.poll() is None and _accepts(n):
+            return proc, ":%d" % n
         proc.kill()
         proc.wait(5)
-        raise RuntimeError("Xvfb did not start: " + (run_dir / "xvfb.log").read_text(errors="replace")[-2000:])
-    return proc, ":" + number
+    raise RuntimeError("no Xvfb display could be started: " + (run_dir / "xvfb.log").read_text(errors="replace")[-2000:])
 
 
 def run_job(job: dict, workdir, home_template=None, keep_home=None, timeout: float = 180.0) -> KritaRun:
