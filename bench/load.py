@@ -7,7 +7,9 @@ every job the clients were told about must exist on the server exactly once and 
     python bench/load.py            # 20 clients, 120 s
     python bench/load.py --quick    # 6 clients, 30 s
 Rows: one per operation with p50/p95 latency; the idle health latency measured first is the baseline
-(``ratio_p50`` = loaded p50 / idle p50).  RSS of the server process is printed before and after.
+(``ratio_p50`` = loaded p50 / idle p50); ``render (engine)`` is the server-side render time without queueing.
+RSS of the server process is printed before and after.  Like users, each client renders recent sessions: renders
+pick among the newest ``clients`` finished sessions, and the server keeps ``clients + 4`` sessions loaded.
 """
 from __future__ import annotations
 
@@ -63,9 +65,9 @@ def tiny_models_dir(root: Path) -> Path:
     return d
 
 
-def start_server(data_dir: Path, fake: bool, models_dir: Path | None):
+def start_server(data_dir: Path, fake: bool, models_dir: Path | None, live_sessions: int):
     cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir),
-           "--log-level", "warning", "--max-queue", "32"]
+           "--log-level", "warning", "--max-queue", "32", "--live-sessions", str(live_sessions), "--device", "cpu"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "server")]))
     if fake:
         cmd += ["--engine", "fake_engine:make_engine"]
@@ -137,6 +139,8 @@ async def run_load(port: int, token: str, model: str, directions: list, clients:
         out = msgpack.unpackb(raw, raw=False) if raw and r.content_type == MSGPACK else None
         if r.status == 202 and out and "job_id" in out and op in ("create", "cancel-create"):
             stats.accepted.append(out["job_id"])
+        if r.status == 200 and op == "render":
+            stats.lat.setdefault("render (engine)", []).append(out["elapsed_ms"])
         return r.status, out
 
     async def wait_done(s, job_id, timeout=300):
@@ -173,7 +177,7 @@ async def run_load(port: int, token: str, model: str, directions: list, clients:
                         if st == 202:
                             pending.append(out["job_id"])
                     elif roll < 0.9:
-                        sid = r.choice(stats.sessions_ready)
+                        sid = r.choice(stats.sessions_ready[-clients:])
                         edits = [{"direction": r.choice(directions), "strength": round(r.uniform(-3, 3), 2)}]
                         await call(cs, "render", "POST", f"/v1/sessions/{sid}/render",
                                    msgpack.packb({"edits": edits}, use_bin_type=True))
@@ -219,7 +223,7 @@ def main() -> None:
     seconds = args.seconds or (30.0 if args.quick else 120.0)
     tmp = Path(tempfile.mkdtemp(prefix="latent-edit-load-"))
     models_dir = None if args.fake else tiny_models_dir(tmp)
-    proc, port, token = start_server(tmp / "data", args.fake, models_dir)
+    proc, port, token = start_server(tmp / "data", args.fake, models_dir, clients + 4)
     try:
         import urllib.request
 
@@ -242,9 +246,11 @@ def main() -> None:
 
     idle_p50 = pct(stats.lat.get("health (idle)", []), 50)
     rows = []
-    for op in ("health (idle)", "health", "render", "create", "cancel-create", "cancel", "drain-cancel", "job-poll"):
+    for op in ("health (idle)", "health", "render", "render (engine)", "create", "cancel-create", "cancel", "drain-cancel", "job-poll"):
         lat = stats.lat.get(op, [])
         codes = stats.codes.get(op, {})
+        if op == "render (engine)":  # server-side time of the renders above, not requests of their own
+            codes = {200: len(lat)}
         rows.append({"op": op, "n": len(lat), "ok_2xx": sum(v for k, v in codes.items() if 200 <= k < 300),
                      "rejected_429": codes.get(429, 0), "conflict_409": codes.get(409, 0),
                      "errors_5xx": sum(v for k, v in codes.items() if k >= 500),
