@@ -238,3 +238,20 @@ def test_server_healthy_after_fuzz(fuzz_server):
 
 def test_case_count():
     assert len(CASES) + len(RENDER_CASES) >= 100
+
+
+def test_chunked_body_over_limit(fuzz_server):
+    """Without a Content-Length the limit is enforced while reading."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", fuzz_server.port, timeout=30)
+    try:
+        chunks = (b"\x00" * 65536 for _ in range(40))  # 2.5 MiB > 1 MiB limit
+        conn.request("POST", "/v1/sessions", body=chunks, encode_chunked=True,
+                     headers={"Authorization": f"Bearer {fuzz_server.token}", "Content-Type": MP,
+                              "Transfer-Encoding": "chunked"})
+        r = conn.getresponse()
+        body = msgpack.unpackb(r.read())
+    finally:
+        conn.close()
+    assert r.status == 413 and body["error"] == "payload_too_large" and str(1 << 20) in body["message"]
