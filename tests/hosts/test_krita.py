@@ -234,3 +234,28 @@ def test_krita_reports_a_wrong_token(krita, latent_server, tmp_path):
     assert res.rc == 12 and res.result.get("error_type") == "Unauthorized", res.describe()
     assert "rejected the token" in res.result["error_message"]
     assert not (tmp_path / "out" / "out.kra").exists()  # nothing saved, nothing added
+
+
+def test_krita_dialog_like_a_user(krita, latent_server, tmp_path):
+    """Open the real dialog, wait for the server's models, pick method/steps/edit, click Apply."""
+    directions = latent_server.directions()
+    direction = directions[1 % len(directions)]
+    _img, png, sel, sel_path = write_inputs(tmp_path)
+    job = base_job(tmp_path, latent_server, png, sel_path, direction, options=None,
+                   dialog={"method": "w", "steps": STEPS, "align": False, "edits": [[direction, 1.5]]})
+    res = run_ok(krita, job, tmp_path, latent_server)
+    d, out = res.result["dialog"], res.out_dir
+    assert d["server_status"].startswith("connected")
+    assert latent_server.model in d["models"] and d["methods"] == ["pti", "chunks", "w", "wplus"]
+    assert d["directions"] == directions
+    info = {x["name"]: x for x in latent_server.model_info["directions"]}
+    assert d["defaults"] == [pytest.approx(info[n].get("default_strength", 1.0)) for n in directions]
+    assert d["enabled_while_running"] is False  # Apply is disabled while the job runs (no double submit)
+    assert any(0 < p < 100 for p in d["progress_seen"]) and d["progress"] == 100
+    g = GROUP_PREFIX + direction + " +1.5"
+    assert d["message"] == "Added %s." % g
+    assert siblings_of(res.result["tree"], "Background")[:2] == ["Background", g]
+    before = raw(out, "projection_before.raw", np.uint8, 4).astype(int)
+    after = raw(out, "projection_after.raw", np.uint8, 4).astype(int)
+    diff = np.abs(after - before)[..., :3].max(axis=2)
+    assert diff[sel == 0].max() == 0 and diff[sel == 255].mean() > 2.0
