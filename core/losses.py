@@ -102,27 +102,48 @@ def downsample_to(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="area")
 
 
+class ImageLoss:
+    """``lpips_weight·LPIPS + l2_weight·MSE`` against a fixed ``target`` ``(N,3,H,W)``, per image.
+
+    The target's LPIPS features are computed once.  ``mask`` restricts both terms; ``crop`` evaluates them on
+    the mask's bounding box (grown by ``crop_pad``) only; ``max_size`` area-downsamples the LPIPS inputs (the
+    MSE always uses full resolution).  ``loss(x) -> (total (N,), lpips (N,), mse (N,))``.
+    """
+
+    def __init__(self, target: torch.Tensor, mask: Optional[torch.Tensor] = None, lpips: Optional[LPIPS] = None,
+                 lpips_weight: float = 1.0, l2_weight: float = 0.0, max_size: Optional[int] = None,
+                 crop: bool = False, crop_pad: int = 8):
+        mask = as_mask(mask, target)
+        self.box = mask_bbox(mask, pad=crop_pad) if (mask is not None and crop) else None
+        if self.box is not None:
+            y0, y1, x0, x1 = self.box
+            mask, target = mask[..., y0:y1, x0:x1], target[..., y0:y1, x0:x1]
+        self.target, self.mask = target, mask
+        self.lpips, self.lpips_weight, self.l2_weight, self.max_size = lpips, lpips_weight, l2_weight, max_size
+        self.ref = None
+        if lpips is not None and lpips_weight:
+            ys, ms = target, mask
+            if max_size is not None:
+                ys, ms = downsample_to(target, max_size), None if mask is None else downsample_to(mask, max_size)
+            self.ref = lpips.prepare(ys, ms)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.box is not None:
+            y0, y1, x0, x1 = self.box
+            x = x[..., y0:y1, x0:x1]
+        mse = masked_mse(x, self.target, self.mask)
+        if self.ref is not None:
+            lp = self.lpips.compare(downsample_to(x, self.max_size) if self.max_size is not None else x, self.ref)
+        else:
+            lp = torch.zeros_like(mse)
+        return self.lpips_weight * lp + self.l2_weight * mse, lp, mse
+
+
 def image_loss(x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor], lpips: Optional[LPIPS],
                lpips_weight: float = 1.0, l2_weight: float = 0.0, max_size: Optional[int] = None,
                crop: bool = False, crop_pad: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``lpips_weight·LPIPS + l2_weight·MSE``, per image.  Returns ``(total (N,), lpips (N,), mse (N,))``.
-
-    ``mask`` restricts both terms; ``crop`` evaluates them on the mask's bounding box only; ``max_size``
-    area-downsamples the LPIPS inputs (the MSE always uses full resolution).
-    """
-    mask = as_mask(mask, x)
-    if mask is not None and crop:
-        mask, x, y = crop_to_mask_bbox(mask, x, y, pad=crop_pad)
-    mse = masked_mse(x, y, mask)
-    if lpips is not None and lpips_weight:
-        xs, ys, ms = x, y, mask
-        if max_size is not None:
-            xs, ys = downsample_to(x, max_size), downsample_to(y, max_size)
-            ms = None if mask is None else downsample_to(mask, max_size)
-        lp = lpips(xs, ys, ms)
-    else:
-        lp = torch.zeros_like(mse)
-    return lpips_weight * lp + l2_weight * mse, lp, mse
+    """One-off :class:`ImageLoss`: ``(total (N,), lpips (N,), mse (N,))``; gradients flow to ``x`` (and ``y``)."""
+    return ImageLoss(y, mask, lpips, lpips_weight, l2_weight, max_size, crop, crop_pad)(x)
 
 
 # --- noise (Karras et al. 2020, "Analyzing and Improving the Image Quality of StyleGAN", projector) -------------

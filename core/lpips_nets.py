@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -226,27 +227,54 @@ class LPIPS(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3 or y.shape[1:] != x.shape[1:]:
             raise InvalidInput(f"LPIPS expects two (N,3,H,W) images of one size, got {tuple(x.shape)} and {tuple(y.shape)}")
+        return self.compare(x, self.prepare(y, mask))
+
+    def prepare(self, y: torch.Tensor, mask: Optional[torch.Tensor] = None) -> "PreparedTarget":
+        """Features of a fixed reference ``y`` (and its mask), so repeated :meth:`compare` calls skip them."""
+        if y.ndim != 4 or y.shape[1] != 3:
+            raise InvalidInput(f"LPIPS expects (N,3,H,W) images, got {tuple(y.shape)}")
+        size = tuple(y.shape[-2:])
+        work = _min_size(size) if min(size) < MIN_SIZE else size
+        m = None
         if mask is not None:
-            x = x * mask
-            y = y * mask
-        if min(x.shape[-2:]) < MIN_SIZE:
-            size = _min_size(x.shape[-2:])
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-            if mask is not None:
-                mask = F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
-        fx = self.features((x - self.shift) / self.scale)
-        fy = self.features((y - self.shift) / self.scale)
-        total = x.new_zeros(max(x.shape[0], y.shape[0]))
-        for a, b, head in zip(fx, fy, self.heads):
-            d = (_unit(a) - _unit(b)).square()
-            d = (d * head).sum(1, keepdim=True)  # (N,1,h,w)
-            if mask is None:
+            m = F.interpolate(mask, size=work, mode="bilinear", align_corners=False) if work != size else mask
+        with torch.set_grad_enabled(torch.is_grad_enabled() and y.requires_grad):  # a constant target: no graph
+            feats = [_unit(f) for f in self._features(y * mask if mask is not None else y, work)]
+        maps = None if m is None else [F.adaptive_avg_pool2d(m, f.shape[-2:]) for f in feats]
+        return PreparedTarget(size, work, mask, m, feats, maps)
+
+    def compare(self, x: torch.Tensor, ref: "PreparedTarget") -> torch.Tensor:
+        """LPIPS of ``x`` ``(N,3,H,W)`` to a prepared reference (same H,W; batch N or broadcastable)."""
+        if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != ref.size:
+            raise InvalidInput(f"LPIPS input {tuple(x.shape)} does not match the reference size {ref.size}")
+        if ref.mask is not None:
+            x = x * ref.mask
+        total = 0.0
+        for a, b, head, m in zip(self._features(x, ref.work), ref.features, self.heads, ref.maps or [None] * 5):
+            d = ((_unit(a) - b).square() * head).sum(1, keepdim=True)  # (N,1,h,w)
+            if m is None:
                 total = total + d.mean((1, 2, 3))
             else:
-                m = F.adaptive_avg_pool2d(mask, d.shape[-2:])
                 total = total + (d * m).sum((1, 2, 3)) / m.sum((1, 2, 3)).clamp_min(1e-8)
         return total
+
+    def _features(self, x: torch.Tensor, work: tuple) -> list[torch.Tensor]:
+        if tuple(x.shape[-2:]) != tuple(work):
+            x = F.interpolate(x, size=work, mode="bilinear", align_corners=False)
+        return self.features((x - self.shift) / self.scale)
+
+
+@dataclass
+class PreparedTarget:
+    """A reference image's LPIPS features: input ``size``, network input size ``work``, mask at both sizes,
+    channel-normalised ``features`` per tap and the mask area-resized to each tap (``maps``)."""
+
+    size: tuple
+    work: tuple
+    mask: Optional[torch.Tensor]
+    mask_work: Optional[torch.Tensor]
+    features: list
+    maps: Optional[list]
 
 
 def _unit(f: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from core.common import CancelLike, InvalidInput, ProgressFn, check_cancel
-from core.losses import as_mask, image_loss, noise_regularization, normalize_noise_, perceptual_loss
+from core.losses import ImageLoss, as_mask, noise_regularization, normalize_noise_, perceptual_loss
 
 
 @dataclass
@@ -34,7 +34,7 @@ class ProjectOptions:
     lpips_net: str = "vgg"  # PTI / Karras et al.: VGG16 LPIPS for the projection
     lpips_size: int = 256  # PTI w_projector.py: area-downsample to 256×256 when larger
     lpips_weight: float = 1.0  # Karras et al.: the perceptual distance is the only image term
-    l2_weight: float = 0.0  # Karras et al.: no pixel term (an extension; see core.losses.image_loss)
+    l2_weight: float = 0.0  # Karras et al.: no pixel term (an extension; see core.losses.ImageLoss)
     crop_to_mask: bool = True  # ours: with a mask, compute the loss on its bounding box only (same gradients, less work)
     crop_pad: int = 8  # ours: context pixels kept around the mask's bounding box
     seed: int = 0  # ours: seeds w_avg sampling, initial noise maps and the code noise (deterministic runs)
@@ -111,6 +111,8 @@ def project(G, target: torch.Tensor, space: str = "w", steps: int = 450, mask: O
     device = target.device
     lpips = perceptual_loss(o.lpips_net, device, o.weights_dir) if o.lpips_weight else None
 
+    loss_fn = ImageLoss(target, mask, lpips, lpips_weight=o.lpips_weight, l2_weight=o.l2_weight,
+                        max_size=o.lpips_size, crop=o.crop_to_mask, crop_pad=o.crop_pad)
     w_avg, w_std = w_statistics(G, o.w_avg_samples, o.seed)
     gen = torch.Generator().manual_seed(o.seed + 1)
     rows = 1 if space == "w" else G.num_ws
@@ -127,9 +129,7 @@ def project(G, target: torch.Tensor, space: str = "w", steps: int = 450, mask: O
         w_noise = torch.randn(w_opt.shape, generator=gen).to(device) * w_noise_scale
         ws = (w_opt + w_noise).expand(n, G.num_ws, -1) if space == "w" else w_opt + w_noise
         synth = G.synthesis(ws, noise_mode="const", noise=noises)
-        total, _, _ = image_loss(synth, target, mask, lpips, lpips_weight=o.lpips_weight,
-                                 l2_weight=o.l2_weight, max_size=o.lpips_size, crop=o.crop_to_mask,
-                                 crop_pad=o.crop_pad)
+        total, _, _ = loss_fn(synth)
         loss = total.sum()
         if noises:
             loss = loss + o.regularize_noise_weight * noise_regularization(noises)

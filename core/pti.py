@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 
 from core.common import CancelLike, InvalidInput, ProgressFn, check_cancel
-from core.losses import as_mask, image_loss, locality_codes, locality_loss, perceptual_loss
+from core.losses import ImageLoss, as_mask, locality_codes, locality_loss, perceptual_loss
 from core.project import check_target
 
 
@@ -118,6 +118,8 @@ def pivotal_tune_report(G, ws, target, steps: int = 350, mask=None, locality=Fal
     lpips = perceptual_loss(o.lpips_net, device, o.weights_dir)
     threshold = o.lpips_threshold if (lpips.pretrained or o.threshold_with_fallback) else None
 
+    loss_fn = ImageLoss(target, mask, lpips, lpips_weight=o.lpips_weight, l2_weight=o.l2_weight,
+                        max_size=o.lpips_size, crop=o.crop_to_mask, crop_pad=o.crop_pad)
     check_cancel(cancel)
     G_tuned = copy.deepcopy(G)
     G_tuned.train(G.training).requires_grad_(True)
@@ -134,8 +136,7 @@ def pivotal_tune_report(G, ws, target, steps: int = 350, mask=None, locality=Fal
         if img is None:
             with torch.no_grad():
                 img = G_tuned.synthesis(ws, noise_mode=o.noise_mode)
-        total, lp, mse = image_loss(img, target, mask, lpips, lpips_weight=o.lpips_weight, l2_weight=o.l2_weight,
-                                    max_size=o.lpips_size, crop=o.crop_to_mask, crop_pad=o.crop_pad)
+        total, lp, mse = loss_fn(img)
         lp_val, mse_val = float(lp.detach().max()), float(mse.detach().mean())
         if threshold is not None and lp_val <= threshold:
             stopped = step < steps
