@@ -95,7 +95,8 @@ async def serve(args: argparse.Namespace) -> None:
 
     log = logging.getLogger("server")
     data_dir = (args.data_dir or default_data_dir()).expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    if not data_dir.exists():
+        data_dir.mkdir(parents=True, mode=0o700)  # it will hold the user's photos and the token
     token_file = (args.token_file or data_dir / "token").expanduser()
     token = load_or_create_token(token_file)
     if args.models_dir is None:
@@ -135,6 +136,9 @@ async def serve(args: argparse.Namespace) -> None:
     url_host = f"[{host}]" if ":" in host else host
     log.info("latent-edit %s on %s; data %s; token file %s; models dir %s; models: %s", __version__, device, data_dir,
              token_file, models_dir, ", ".join(app[ENGINE].model_names()) or "none")
+    if not app[ENGINE].model_names():
+        log.warning("no generator available: the embedded default model is missing and %s holds no checkpoint; "
+                    "session requests will answer 422 no_models", models_dir)
     print(f"{READY_PREFIX}http://{url_host}:{port}/", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
