@@ -7,26 +7,13 @@ drives it with QTimer.singleShot (see ``extension.drive``); tests iterate it dir
 """
 from __future__ import annotations
 
-GROUP_PREFIX = "Latent Edit"
-SEP = " · "
+from ._common import flow
+
+GROUP_PREFIX, SEP = flow.GROUP_PREFIX, flow.SEP  # result naming is shared with the GIMP plug-in
 SETTLE_MS = 250  # event-loop time Krita 5.1.5 needs after adding nodes (krita-headless.md)
-
-
-def format_strength(strength: float) -> str:
-    """1.5 -> "+1.5", -2 -> "-2", 0.125 -> "+0.13" (two decimals at most, no trailing zeros)."""
-    s = "%+.2f" % float(strength)
-    s = s.rstrip("0").rstrip(".")
-    return "+0" if s in ("+", "-", "-0", "+0") else s
-
-
-def edit_label(edits) -> str:
-    """[("smile", 1.5), ("age", -2)] -> "smile +1.5, age -2"; no edits -> "reconstruction"."""
-    parts = ["%s %s" % (name, format_strength(strength)) for name, strength in edits]
-    return ", ".join(parts) if parts else "reconstruction"
-
-
-def group_name(edits) -> str:
-    return GROUP_PREFIX + SEP + edit_label(edits)
+format_strength = flow.format_strength  # 1.5 -> "+1.5"
+edit_label = flow.edit_label  # [("smile", 1.5)] -> "smile +1.5"
+group_name = flow.edit_title  # -> "Latent Edit · smile +1.5"
 
 
 def result_layer_name(source_name: str, edits) -> str:

@@ -2,24 +2,17 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, fields
 
 from ._common import client as cl
+from ._common import flow
 
 GROUP = "latent_edit"
 
 
 def default_token_file() -> str:
-    """DATA_DIR/token for the server's default data folder (``python -m server`` without --data-dir):
-    ~/.local/share/latent-edit (XDG_DATA_HOME), %LOCALAPPDATA%\\latent-edit, ~/Library/Application Support/latent-edit."""
-    if sys.platform.startswith("win"):
-        base = os.environ.get("LOCALAPPDATA") or os.path.join(os.path.expanduser("~"), "AppData", "Local")
-    elif sys.platform == "darwin":
-        base = os.path.join(os.path.expanduser("~"), "Library", "Application Support")
-    else:
-        base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "latent-edit", "token")
+    """DATA_DIR/token of the server's default data folder (``python -m server`` without --data-dir)."""
+    return flow.default_token_file()
 
 
 @dataclass
