@@ -1,0 +1,311 @@
+"""Reproduce the embedded default from scratch: ``python -m core.demo.train --out DIR [--steps N] [--resume]``.
+
+Stages (each resumable, each skipped when its output exists):
+
+1. ``cache``      render ``train.npz`` (z, params, images) and a held-out ``test.npz``;
+2. ``scorer``     fit the attribute CNN (``scorer.pt``) and report its held-out error (``scorer_eval.json``);
+3. ``generator``  distil the renderer into a StyleGAN2 generator (``ckpt.pt`` every few minutes, ``face64.pt``);
+4. ``directions`` fit one W direction per attribute on generated faces (``face64.directions.json`` + ``.npy``);
+5. ``install``    copy the shipped files into ``core/demo/weights/`` (only with ``--install``).
+
+Why distillation, not a GAN: on two shared CPU cores a GAN needs far more steps than we have, and
+adversarial training gives no handle on what W means.  Here every ``z`` has exactly one target face
+(``data.params_from_z``: second-moment-normalised z, first K coordinates through the normal CDF), so
+mapping+synthesis are trained end to end by regression (L1 on pixels + L1 on image gradients) and W
+is forced to carry the attributes; directions are then fitted InterfaceGAN-style on the trained W.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import pathlib
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.demo.data import build_cache, params_from_z
+from core.demo.renderer import ATTRIBUTES, DESCRIPTIONS, NUM_ATTRIBUTES
+
+WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
+
+
+class Bar:
+    """Minimal progress bar on stderr: redraws in place on a terminal, one line per ``every`` steps otherwise."""
+
+    def __init__(self, total: int, desc: str, every: int = 50, start: int = 0):
+        self.total, self.desc, self.every, self.t0, self.start = total, desc, every, time.time(), start
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, **info) -> None:
+        if not self.tty and step % self.every and step != self.total:
+            return
+        frac = step / max(1, self.total)
+        done = int(30 * frac)
+        rate = (step - self.start) / max(1e-9, time.time() - self.t0)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
+        line = f"{self.desc} [{'#' * done}{'.' * (30 - done)}] {step}/{self.total} {rate:.2f}it/s eta {eta / 60:.1f}m {extra}"
+        print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+        if self.tty and step == self.total:
+            print(file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- generator
+
+
+@dataclass
+class GeneratorTrainOptions:
+    resolution: int = 64
+    z_dim: int = 64               # ours: first NUM_ATTRIBUTES dims carry the face, the rest are ignored
+    w_dim: int = 128              # ours: ample for 13 attributes, keeps affines small
+    mapping_layers: int = 4       # ours: half of StyleGAN2's 8, the z->W map is simple here
+    channels: dict = field(default_factory=lambda: {4: 128, 8: 128, 16: 96, 32: 48, 64: 24})  # ours: < 50 ms forward
+    lr_multiplier: float = 0.1    # ours: StyleGAN2 uses 0.01 for GAN stability; regression tolerates a faster mapping
+    steps: int = 20000            # ours: upper bound; the shipped run was limited by --max-minutes
+    batch: int = 16               # ours: small batches learn more per image on CPU
+    lr: float = 8e-3              # ours: Adam; 1e-2 > 3e-3 > 1e-3 in 240-step trials (StyleGAN2's GAN uses 2e-3)
+    betas: tuple = (0.9, 0.99)
+    warmup: int = 100             # ours: linear lr warm-up steps, then cosine decay to 2%
+    grad_weight: float = 1.0      # ours: L1 on finite differences sharpens edges
+    ema_half_life: int = 2000     # ours: images; the shipped weights are the EMA (Karras et al. use 10k at scale)
+    max_minutes: float = 0.0      # ours: > 0 ends (and anneals the lr) by wall time as well as by steps
+    checkpoint_minutes: float = 3.0
+    seed: int = 0
+
+
+def _lr_factor(progress: float, step: int, warmup: int) -> float:
+    w = min(1.0, (step + 1) / max(1, warmup))
+    return w * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def distill_loss(img: torch.Tensor, target: torch.Tensor, grad_weight: float) -> torch.Tensor:
+    """L1 on pixels + ``grad_weight`` × L1 on horizontal/vertical differences; ``(N,3,H,W)`` in [-1,1]."""
+    loss = (img - target).abs().mean()
+    if grad_weight:
+        d = img - target
+        loss = loss + grad_weight * 0.5 * ((d[..., 1:, :] - d[..., :-1, :]).abs().mean()
+                                           + (d[..., :, 1:] - d[..., :, :-1]).abs().mean())
+    return loss
+
+
+def build_generator(o: GeneratorTrainOptions):
+    from core.stylegan2.network import Generator, GeneratorConfig
+
+    torch.manual_seed(o.seed)
+    cfg = GeneratorConfig(resolution=o.resolution, z_dim=o.z_dim, w_dim=o.w_dim, mapping_layers=o.mapping_layers,
+                          channels=dict(o.channels), lr_multiplier=o.lr_multiplier)
+    G = Generator(cfg)
+    for conv in G.convs:  # the target is deterministic: keep noise out of the picture (strength fixed at 0)
+        conv.noise_strength.requires_grad_(False)
+    return G
+
+
+def train_generator(out: pathlib.Path, data: dict, o: GeneratorTrainOptions, resume: bool = True):
+    """Distil the cached renders into a generator; checkpoints ``out/ckpt.pt``; returns ``(G_ema, log)``."""
+    ckpt_path = out / "ckpt.pt"
+    G = build_generator(o)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    params = [p for p in G.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas))
+    step, elapsed, log = 0, 0.0, []
+    gen = torch.Generator().manual_seed(o.seed)
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        G.load_state_dict(ck["G"])
+        G_ema.load_state_dict(ck["G_ema"])
+        opt.load_state_dict(ck["opt"])
+        step, elapsed, log = ck["step"], ck["elapsed"], json.loads(ck["log"])
+        gen.set_state(ck["rng"])
+        print(f"resumed generator training at step {step} ({elapsed / 60:.1f} min)", file=sys.stderr)
+    z_all = torch.from_numpy(data["z"])
+    imgs = torch.from_numpy(data["images"])
+    n = len(z_all)
+    beta = 0.5 ** (o.batch / max(o.ema_half_life, 1e-8))
+    bar = Bar(o.steps, "generator", every=25, start=step)
+    t_start, t_ckpt = time.time() - elapsed, time.time()
+    run_loss = None
+
+    def save_ckpt():
+        with torch.no_grad():  # a visual check: EMA samples (top) over their targets (bottom)
+            from core.demo.renderer import contact_sheet
+
+            fake = to_uint8(generate(G_ema, z_all[:8]))
+            contact_sheet(np.concatenate([fake, data["images"][:8]]), cols=8, scale=2).save(out / "samples.png")
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"G": G.state_dict(), "G_ema": G_ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "elapsed": time.time() - t_start, "log": json.dumps(log), "rng": gen.get_state(),
+                    "options": json.dumps(asdict(o), default=str)}, tmp)
+        tmp.replace(ckpt_path)
+
+    G.train()
+    while step < o.steps:
+        elapsed = time.time() - t_start
+        progress = step / o.steps
+        if o.max_minutes > 0:
+            progress = max(progress, elapsed / (60 * o.max_minutes))
+        if progress >= 1.0:
+            break
+        for gparam in opt.param_groups:
+            gparam["lr"] = o.lr * _lr_factor(progress, step, o.warmup)
+        idx = torch.randint(0, n, (o.batch,), generator=gen)
+        target = imgs[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        img = G.synthesis(G.mapping(z_all[idx]), noise_mode="const")
+        loss = distill_loss(img, target, o.grad_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        with torch.no_grad():
+            b = min(beta, (1 + step) / (10 + step))
+            for pe, p in zip(G_ema.parameters(), G.parameters()):
+                pe.lerp_(p, 1 - b)
+            for be, bb in zip(G_ema.buffers(), G.buffers()):
+                be.copy_(bb)
+        lv = float(loss.detach())
+        run_loss = lv if run_loss is None else 0.98 * run_loss + 0.02 * lv
+        if step % 25 == 0:
+            log.append({"step": step, "minutes": round((time.time() - t_start) / 60, 2), "loss": round(run_loss, 5)})
+        bar.update(step, loss=run_loss, lr=opt.param_groups[0]["lr"])
+        if time.time() - t_ckpt > 60 * o.checkpoint_minutes:
+            save_ckpt()
+            t_ckpt = time.time()
+    save_ckpt()
+    G_ema.reset_w_avg()
+    return G_ema, log
+
+
+@torch.no_grad()
+def generate(G, z: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """``G.synthesis(G.mapping(z))`` in batches -> ``(N,3,H,W)`` clamped to [-1,1]."""
+    out = [G.synthesis(G.mapping(z[i:i + batch]), noise_mode="const").clamp(-1, 1) for i in range(0, len(z), batch)]
+    return torch.cat(out)
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """``(N,3,H,W)`` in [-1,1] -> uint8 ``(N,H,W,3)``."""
+    return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of ``(N,3,H,W)`` images in [-1,1] (peak-to-peak 2)."""
+    mse = (a - b).square().flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+def save_shipped_generator(G, path: pathlib.Path, meta: dict) -> None:
+    """Write the generator with core.stylegan2.formats.save_generator."""
+    try:
+        from core.stylegan2.formats import save_generator
+    except ImportError:  # TEMPORARY until core/stylegan2/formats.py lands: plain config + state dict
+        torch.save({"config": json.dumps(G.config.to_dict()), "state_dict": G.state_dict(), "meta": json.dumps(meta)}, path)
+        return
+    save_generator(G, path, meta=meta)
+
+
+def load_trained_generator(path: pathlib.Path):
+    """Load a generator written by :func:`save_shipped_generator`."""
+    try:
+        from core.stylegan2.formats import load_generator
+    except ImportError:  # TEMPORARY, see save_shipped_generator
+        from core.stylegan2.network import Generator, GeneratorConfig
+
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        G = Generator(GeneratorConfig.from_dict(json.loads(ck["config"])))
+        G.load_state_dict(ck["state_dict"])
+        return G.eval()
+    return load_generator(path)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=pathlib.Path, required=True, help="work folder (caches, checkpoints, outputs)")
+    ap.add_argument("--steps", type=int, default=GeneratorTrainOptions.steps, help="generator steps")
+    ap.add_argument("--max-minutes", type=float, default=0.0, help="also stop generator training after this wall time")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt and keep finished stages")
+    ap.add_argument("--stages", default="cache,scorer,generator,directions",
+                    help="comma list of: cache, scorer, generator, directions")
+    ap.add_argument("--train-size", type=int, default=40000)
+    ap.add_argument("--test-size", type=int, default=2000)
+    ap.add_argument("--scorer-steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 is far faster than 2 on a CPU other jobs share (OpenMP spin-waits)")
+    ap.add_argument("--install", action="store_true", help="copy the results into core/demo/weights/")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not args.resume:
+        for name in ("ckpt.pt", "scorer.pt", "face64.pt"):
+            if (out / name).exists() and any(s in stages for s in ("scorer", "generator")):
+                print(f"{out / name} exists: pass --resume to continue, or choose another --out", file=sys.stderr)
+                return 2
+    o = GeneratorTrainOptions(steps=args.steps, max_minutes=args.max_minutes)
+    need_data = any(s in stages for s in ("cache", "scorer", "generator"))
+    data = test = None
+    if need_data:
+        bar = Bar(args.train_size, "render cache", every=5000)
+        test = build_cache(out / "test.npz", args.test_size, o.z_dim, seed=1)
+        data = build_cache(out / "train.npz", args.train_size, o.z_dim, seed=0, progress=lambda a, b: bar.update(a))
+    if "scorer" in stages and not (out / "scorer.pt").exists():
+        from core.demo import scorer as sc
+
+        so = sc.ScorerTrainOptions()
+        if args.scorer_steps:
+            so.steps = args.scorer_steps
+        bar = Bar(so.steps, "scorer", every=100)
+        t0 = time.time()
+        net = sc.train_scorer(data["images"], data["params"], so, progress=lambda s, t, l: bar.update(s, loss=l))
+        pred = np.stack([v for v in sc.score(test["images"], net).values()], 1)
+        mae = np.abs(pred - test["params"]).mean(0)
+        ev = {"minutes": round((time.time() - t0) / 60, 2), "steps": so.steps,
+              "held_out_mae": {a: round(float(m), 4) for a, m in zip(ATTRIBUTES, mae)}}
+        sc.save_scorer(net, out / "scorer.pt", meta=ev)
+        (out / "scorer_eval.json").write_text(json.dumps(ev, indent=2))
+        print(json.dumps(ev, indent=2))
+    if "generator" in stages:
+        t0 = time.time()
+        G, log = train_generator(out, data, o, resume=args.resume)
+        zt = torch.from_numpy(test["z"][:256])
+        p = psnr(generate(G, zt), torch.from_numpy(test["images"][:256]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+        meta = {"domain": "latent-edit demo faces (core.demo.renderer)", "attributes": list(ATTRIBUTES),
+                "z_to_params": "core.demo.data.params_from_z", "train_steps": log[-1]["step"] if log else 0,
+                "train_minutes": log[-1]["minutes"] if log else 0, "final_loss": log[-1]["loss"] if log else None,
+                "test_psnr_db": round(float(p.mean()), 2)}
+        save_shipped_generator(G, out / "face64.pt", meta)
+        (out / "generator_eval.json").write_text(json.dumps(meta, indent=2))
+        (out / "train_log.json").write_text(json.dumps(log))
+        print(json.dumps(meta, indent=2), f"(stage took {(time.time() - t0) / 60:.1f} min)")
+    if "directions" in stages:
+        from core.demo.directions import fit_directions, write_manifest
+
+        from core.demo.scorer import load_scorer
+
+        G = load_trained_generator(out / "face64.pt")
+        net = load_scorer(out / "scorer.pt")
+        dirs, report = fit_directions(G, net)
+        write_manifest(out / "face64.directions.json", dirs, G)
+        (out / "directions_eval.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+    if args.install:
+        WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
+        names = ["face64.pt", "scorer.pt", "face64.directions.json"] + [p.name for p in out.glob("face64.*.npy")]
+        for name in names:
+            if (out / name).exists():
+                shutil.copy2(out / name, WEIGHTS_DIR / name)
+                print(f"installed {WEIGHTS_DIR / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
