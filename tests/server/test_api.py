@@ -7,7 +7,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from conftest import box_selection, collect_events, http_request, layer, make_image, wait_job
+from server_helpers import box_selection, collect_events, http_request, layer, make_image, wait_job
+from server_helpers import server, step_log  # noqa: F401  (pytest fixtures)
 
 
 def decode_layer(d: dict) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import LiveServer, box_selection, layer, make_image, wait_job
+from server_helpers import LiveServer, box_selection, layer, make_image, wait_job
 from fake_engine import make_engine
 from server.protocol import Limits
 

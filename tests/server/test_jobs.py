@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from conftest import LiveServer, collect_events, layer, make_image, wait_job, wait_running
+from server_helpers import LiveServer, collect_events, layer, make_image, wait_job, wait_running
+from server_helpers import server, step_log  # noqa: F401  (pytest fixtures)
 from fake_engine import StepLog, make_engine
 
 SLOW = {"project_steps": 400}  # 400 x 50 ms: far longer than any test waits

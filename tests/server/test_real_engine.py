@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import (LiveServer, ServerProcess, box_selection, collect_events, layer, make_image, pick_real_model,
+from server_helpers import (LiveServer, ServerProcess, box_selection, collect_events, layer, make_image, pick_real_model,
                       tiny_models_dir, wait_job, wait_running)
 from server.engine import Engine
 

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from conftest import ROOT, ServerProcess, box_selection, layer, make_image, wait_job, wait_running
+from server_helpers import ROOT, ServerProcess, box_selection, layer, make_image, wait_job, wait_running
 
 FAKE = ["--engine", "fake_engine:make_engine", "--device", "cpu"]  # cpu: no torch import
 

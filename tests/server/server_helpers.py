@@ -1,4 +1,8 @@
-"""Fixtures for server tests: a real aiohttp server on a loopback port (in a thread, or a subprocess)."""
+"""Helpers and fixtures for server tests: a real aiohttp server on a loopback port (in a thread, or a subprocess).
+
+Not a conftest.py on purpose: a second ``conftest`` module would shadow tests/conftest.py for tests that do
+``from conftest import make_tiny_generator``.  Test modules import the fixtures they use from here.
+"""
 from __future__ import annotations
 
 import asyncio
