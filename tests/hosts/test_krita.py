@@ -259,3 +259,22 @@ def test_krita_dialog_like_a_user(krita, latent_server, tmp_path):
     after = raw(out, "projection_after.raw", np.uint8, 4).astype(int)
     diff = np.abs(after - before)[..., :3].max(axis=2)
     assert diff[sel == 0].max() == 0 and diff[sel == 255].mean() > 2.0
+
+
+def test_krita_cancel_adds_nothing_and_stops_the_server_job(krita, latent_server, tmp_path):
+    direction = latent_server.directions()[0]
+    _img, png, sel, sel_path = write_inputs(tmp_path)
+    job = base_job(tmp_path, latent_server, png, sel_path, direction, cancel=True)
+    job["options"]["project_steps"] = 20000  # long enough to be cancelled mid-way
+    res = run_ok(krita, job, tmp_path, latent_server)
+    out, r = res.out_dir, res.result
+    assert r["runs"] == [{"seconds": pytest.approx(r["runs"][0]["seconds"]), "cancelled": True}]
+    assert r["runs"][0]["seconds"] < 120
+    assert not [c for c in r["tree"]["children"] if c["name"].startswith(GROUP_PREFIX)]
+    assert (out / "source0_before.raw").read_bytes() == (out / "source0_after.raw").read_bytes()
+    assert (out / "projection_before.raw").read_bytes() == (out / "projection_after.raw").read_bytes()
+    sys.path.insert(0, str(HERE.parents[1]))
+    from plugins.common.client import Client
+
+    jobs = Client(latent_server.url, token_file=str(latent_server.token_file)).request("GET", "/v1/jobs?limit=1")["jobs"]
+    assert jobs[0]["state"] == "cancelled" and 0 < jobs[0]["progress"] < 1

@@ -13,6 +13,7 @@ job.json keys (all paths absolute):
                 dialog (open, wait for the models, set the widgets, click Apply, wait for the result)
   options       EditOptions fields: edits [[name, strength]], model, method, align, feather, project_steps...
   options2      optional: run the action a second time with these options (re-edit of the cached session)
+  cancel        optional: cancel the first run once the server reports progress (expects it cancelled)
   undo_probe    optional N: after the runs, trigger Edit > Undo N times and record the layer tree each time
   save_kra, save_png   outputs
 Dumps in out_dir (Krita's layout, whole canvas): source{i}_before/after.raw, projection_before/after.raw
@@ -32,6 +33,7 @@ from krita import InfoObject, Krita, Selection
 from PyQt5.QtCore import QTimer
 
 from . import model, settings
+from ._common import client as cl
 
 SETTLE_MS = 250
 
@@ -131,7 +133,14 @@ class Automation:
             t0 = time.time()
             app.action("latent_edit_dialog").trigger()  # the real menu action
             while "err" not in box:
+                run = self.ext.running
+                if job.get("cancel") and run is not None and run.status().progress > 0 and not run.cancelled:
+                    self.log("cancelling at", run.status())
+                    self.ext.cancel()  # what the dialog's "Cancel job" button does
                 yield 100
+            if job.get("cancel") and isinstance(box["err"], cl.JobCancelled):
+                self.result["runs"].append({"seconds": round(time.time() - t0, 2), "cancelled": True})
+                continue
             if box["err"] is not None:
                 raise box["err"]
             run = self.ext.running
