@@ -57,6 +57,15 @@ def test_read_layer_converts_krita_layout_to_wire_rgba(depth):
     assert item.selection is None and item.name == "face"
 
 
+def test_deferred_conversion_matches_the_immediate_one():
+    doc = make_doc("U16", "sRGB-elle-V2-g10.icc")
+    node = fk.paint_layer(doc, "face", bgra_image("U16").tobytes(), bounds=(2, 1, 20, 12))
+    lazy = document.read_layer(doc, node, convert=False)
+    assert lazy.layer is None and len(lazy.raw) == 20 * 12 * 8
+    eager = document.read_layer(doc, node)
+    assert document.prepare(lazy).layer == eager.layer and lazy.raw is None
+
+
 @pytest.mark.parametrize("depth", ["U8", "U16", "F16", "F32"])
 def test_wire_round_trip_back_to_krita_layout(depth):
     space = document.ColorSpace("RGBA", depth, "sRGB-elle-V2-srgbtrc.icc")

@@ -72,9 +72,20 @@ class LayerPixels:
     name: str
     rect: Rect
     space: ColorSpace
-    layer: dict
+    layer: Optional[dict]  # None until prepare(): the conversion may be slow, so it runs off the UI thread
     selection: Optional[dict]
     selection_bytes: Optional[bytes]  # gray8 over ``rect`` (what the transparency mask gets)
+    raw: Optional[bytes] = None  # Krita's pixelData over ``rect``, until prepare() converts it
+
+
+def prepare(item: LayerPixels) -> LayerPixels:
+    """Convert ``item.raw`` to the wire layer map (pure Python, thread-safe: no Krita calls)."""
+    if item.layer is None:
+        r = item.rect
+        item.layer = px.pack_layer(krita_to_wire(item.raw, item.space), r.width, r.height, item.space.wire_format,
+                                   r.x, r.y, item.name)
+        item.raw = None
+    return item
 
 
 def qrect(r) -> Rect:
@@ -146,8 +157,11 @@ def read_selection(doc, rect: Rect) -> Optional[bytes]:
     return bytes(sel.pixelData(rect.x, rect.y, rect.width, rect.height))
 
 
-def read_layer(doc, node, use_selection: bool = True) -> LayerPixels:
-    """Read ``node``'s pixels (its own, never the projection of children) and the selection over them."""
+def read_layer(doc, node, use_selection: bool = True, convert: bool = True) -> LayerPixels:
+    """Read ``node``'s pixels (its own, never the projection of children) and the selection over them.
+
+    With ``convert=False`` the wire conversion is left to :func:`prepare` (call it on a worker thread).
+    """
     if node is None:
         raise DocumentError("No active layer. Select the layer with the face first.")
     kind = node.type()
@@ -161,7 +175,6 @@ def read_layer(doc, node, use_selection: bool = True) -> LayerPixels:
     if len(raw) != expected:
         raise DocumentError("Krita returned %d bytes for a %dx%d %s layer (expected %d)."
                             % (len(raw), rect.width, rect.height, space.depth, expected))
-    wire = px.pack_layer(krita_to_wire(raw, space), rect.width, rect.height, space.wire_format, rect.x, rect.y, node.name())
     sel_bytes = read_selection(doc, rect) if use_selection else None
     sel_map = None
     if sel_bytes is not None:
@@ -169,4 +182,5 @@ def read_layer(doc, node, use_selection: bool = True) -> LayerPixels:
             raise DocumentError("The selection does not overlap layer \"%s\". Select (part of) the face, or "
                                 "deselect to edit the whole layer." % node.name())
         sel_map = px.pack_selection(sel_bytes, rect.width, rect.height, rect.x, rect.y)
-    return LayerPixels(node, node.name(), rect, space, wire, sel_map, sel_bytes)
+    item = LayerPixels(node, node.name(), rect, space, None, sel_map, sel_bytes, raw)
+    return prepare(item) if convert else item

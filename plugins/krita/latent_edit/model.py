@@ -162,6 +162,8 @@ class EditRun:
             self._set(progress=0.9 + 0.1 * (i + 1) / len(self.items))
 
     def _sessions(self) -> list:
+        for item in self.items:
+            document.prepare(item)  # Krita layout -> wire, here rather than on the UI thread
         keys = [item_key(self.client.url, it, self.options) for it in self.items]
         sessions = [self.cache.get(k) for k in keys]
         self.reused = sum(s is not None for s in sessions)
@@ -211,7 +213,7 @@ def apply_steps(app, krita_module, doc, nodes, options: EditOptions, client, cac
     """
     if not nodes:
         raise document.DocumentError("No layer selected. Select the layer with the face first.")
-    items = [document.read_layer(doc, n, use_selection=options.use_selection) for n in nodes]
+    items = [document.read_layer(doc, n, use_selection=options.use_selection, convert=False) for n in nodes]
     run = EditRun(client, items, options, cache).start()
     if on_run is not None:
         on_run(run)
