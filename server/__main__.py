@@ -136,6 +136,8 @@ async def serve(args: argparse.Namespace) -> None:
     url_host = f"[{host}]" if ":" in host else host
     log.info("latent-edit %s on %s; data %s; token file %s; models dir %s; models: %s", __version__, device, data_dir,
              token_file, models_dir, ", ".join(app[ENGINE].model_names()) or "none")
+    for name, message in app[ENGINE].model_errors().items():
+        log.warning("model %s is not available: %s", name, message)
     if not app[ENGINE].model_names():
         log.warning("no generator available: the embedded default model is missing and %s holds no checkpoint; "
                     "session requests will answer 422 no_models", models_dir)

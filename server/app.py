@@ -205,7 +205,8 @@ async def health(request: web.Request):
 @routes.get("/v1/models")
 async def models(request: web.Request):
     engine = request.app[ENGINE]
-    return respond(request, {"models": engine.models(), "default_model": engine.default_model()})
+    return respond(request, {"models": engine.models(), "default_model": engine.default_model(),
+                             "errors": engine.model_errors()})
 
 
 async def _submit(request: web.Request, kind: str, parse):

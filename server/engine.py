@@ -46,6 +46,10 @@ class Engine:
             self._models_cache = list(self.registry.list())
         return self._models_cache
 
+    def model_errors(self) -> dict:
+        """``{name: message}`` for checkpoints in the models folder that failed to load."""
+        return dict(getattr(self.registry, "errors", {}) or {})
+
     def model_names(self) -> list:
         return [str(m["name"]) for m in self.models()]
 

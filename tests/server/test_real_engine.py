@@ -121,3 +121,17 @@ def test_real_sigkill_mid_job_then_restart(real, tmp_path):
         assert after.body["layer"]["data"] == before.body["layer"]["data"]  # reloaded from disk, same pixels
     finally:
         assert srv.stop() == 0
+
+
+def test_broken_checkpoint_is_reported_not_fatal(tmp_path):
+    models_dir = tiny_models_dir(tmp_path)
+    (models_dir / "broken.pt").write_bytes(b"not a checkpoint")
+    srv = LiveServer(tmp_path / "data", Engine.from_core(models_dir, "cpu"))
+    try:
+        body = srv.request("GET", "/v1/models").body
+        assert "tiny32" in [m["name"] for m in body["models"]]
+        assert "broken" in body["errors"] and body["errors"]["broken"]
+        r = srv.request("POST", "/v1/sessions", {"layer": layer(make_image(32, 32)), "model": "broken"})
+        assert r.status == 422 and r.body["error"] == "unknown_model"
+    finally:
+        srv.stop()
