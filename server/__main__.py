@@ -76,6 +76,27 @@ class AccessLogger(AbstractAccessLogger):
         self.logger.info("%s %s %s %.1fms", request.method, request.path, response.status, time * 1000)
 
 
+def lock_data_dir(data_dir: Path):
+    """Hold an exclusive lock on DATA_DIR/server.lock for the process lifetime (one server per data dir:
+    a second one would mark the first one's running jobs interrupted).  Returns the open file (keep it)."""
+    f = open(data_dir / "server.lock", "a+")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock; rely on the port being taken
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        other = f.read().strip()
+        raise SystemExit(f"error: another server is already using {data_dir}" + (f" ({other})" if other else ""))
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def resolve_device(choice: str) -> str:
     if choice == "cpu":
         return "cpu"
@@ -97,6 +118,7 @@ async def serve(args: argparse.Namespace) -> None:
     data_dir = (args.data_dir or default_data_dir()).expanduser().resolve()
     if not data_dir.exists():
         data_dir.mkdir(parents=True, mode=0o700)  # it will hold the user's photos and the token
+    lock = lock_data_dir(data_dir)  # noqa: F841  (held until the process exits)
     token_file = (args.token_file or data_dir / "token").expanduser()
     token = load_or_create_token(token_file)
     if args.models_dir is None:

@@ -165,6 +165,9 @@ class JobManager:
         if self.interrupted_at_start:
             log.warning("marked %d job(s) interrupted by the previous shutdown: %s", len(self.interrupted_at_start),
                         ", ".join(self.interrupted_at_start))
+        orphans = storage.remove_orphans()
+        if orphans:
+            log.info("removed %d folder(s) left by unfinished requests or sessions", orphans)
         storage.evict(cache_max_bytes)
 
     # --- lifecycle -------------------------------------------------------------------------------

@@ -193,6 +193,19 @@ class Storage:
             self.update_sessions_of_job(jid, ["pending"], state="interrupted")
         return ids
 
+    def remove_orphans(self) -> int:
+        """At start-up: delete job folders without a row (a crash between saving inputs and recording the job:
+        the client never got a job id) and session folders without a ready row."""
+        jobs = {r[0] for r in self._exec("SELECT id FROM jobs")}
+        ready = {r[0] for r in self._exec("SELECT id FROM sessions WHERE state='ready'")}
+        removed = 0
+        for folder, keep in ((self.jobs_dir, jobs), (self.sessions_dir, ready)):
+            for d in folder.iterdir():
+                if d.is_dir() and d.name not in keep:
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed += 1
+        return removed
+
     def delete_session(self, session_id: str) -> None:
         shutil.rmtree(self.session_dir(session_id), ignore_errors=True)
         self.update_session(session_id, state="deleted", size_bytes=0)

@@ -35,9 +35,13 @@ def test_sigkill_mid_job_then_restart(tmp_path):
     finally:
         srv.stop()
 
+    orphan = data / "jobs" / "f00dfeed"  # as if killed between saving inputs and recording the job
+    orphan.mkdir()
+    (orphan / "item0.layer.npy").write_bytes(b"partial")
     srv = ServerProcess(data, FAKE, env={"FAKE_STEP_S": "0.01"})
     try:
         assert srv.token == token_file.read_text().strip()  # the token survives restarts
+        assert not orphan.exists()
         for job in (running, queued):
             r = srv.request("GET", f"/v1/jobs/{job['job_id']}")
             assert r.status == 200 and r.body["state"] == "interrupted", r.body
@@ -71,6 +75,18 @@ def test_token_file_option(tmp_path):
         assert not (tmp_path / "data" / "token").exists()
     finally:
         srv.stop()
+
+
+def test_second_server_on_same_data_dir_refused(tmp_path):
+    srv = ServerProcess(tmp_path / "data", FAKE)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "server", "--port", "0", "--data-dir", str(tmp_path / "data"),
+                               *FAKE], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "server")])))
+        assert proc.returncode != 0 and "another server is already using" in proc.stderr
+        assert srv.request("GET", "/v1/health", token=None).status == 200
+    finally:
+        assert srv.stop() == 0
 
 
 def test_cli_rejects_bad_arguments(tmp_path):
