@@ -19,7 +19,7 @@ import torch
 from _util import parse_args, print_table, write_json
 
 from core.metrics import identity, lpips, lpips_backbone, ms_ssim, mse
-from core.project import ProjectOptions, project
+from core.project import ProjectOptions, effective_l2_weight, project
 from core.pti import LocalityOptions, PTIOptions, pivotal_tune
 
 
@@ -156,8 +156,8 @@ def main():
                          "drift": _drift(G, G_t)})
         if args.loss_study:
             for label, o in (("W[l2]", ProjectOptions(lpips_weight=0.0, l2_weight=1.0)),
-                             ("W[lpips-vgg]", ProjectOptions()),
-                             ("W[lpips-alex]", ProjectOptions(lpips_net="alex")),
+                             ("W[lpips-vgg]", ProjectOptions(l2_weight=0.0)),
+                             ("W[lpips-alex]", ProjectOptions(lpips_net="alex", l2_weight=0.0)),
                              ("W[lpips-vgg+l2]", ProjectOptions(l2_weight=1.0))):
                 o.w_avg_samples = popts.w_avg_samples
                 t0 = time.perf_counter()
@@ -174,6 +174,7 @@ def main():
         "resolution": G.resolution,
         "lpips_backbone": lpips_backbone("alex"),
         "projection_backbone": lpips_backbone(popts.lpips_net),
+        "projection_l2_weight": effective_l2_weight(popts),
         "identity": identity(images["generated"], images["generated"])[1],
         "images": how,
         "projection_steps": proj_steps,

@@ -9,7 +9,10 @@ import torch
 
 from conftest import make_tiny_generator
 from core.common import Cancelled, InvalidInput
-from core.project import ProjectOptions, learning_rate, project, project_w, project_wplus, w_statistics
+from core.losses import _cached_lpips
+from core.lpips_nets import HUB_FILES, VGG16Features
+from core.project import (FALLBACK_L2_WEIGHT, ProjectOptions, effective_l2_weight, learning_rate, project, project_w,
+                          project_wplus, w_statistics)
 
 # the tiny random generator's W spread is ~5 (FFHQ's lr 0.01 is tuned for a trained 512-D W): a larger lr
 FAST = ProjectOptions(lpips_net="alex", l2_weight=1.0, initial_learning_rate=0.1, w_avg_samples=200)
@@ -128,3 +131,16 @@ def test_schedule_and_statistics(G):
     w_avg, w_std = w_statistics(G, 300)
     assert w_avg.shape == (1, 1, G.w_dim) and w_std > 0
     assert torch.allclose(w_avg.flatten(), G.w_avg, atol=0.3 * w_std)
+
+
+def test_pixel_term_is_automatic_only_for_the_random_backbone_fallback(tmp_path, monkeypatch, request):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("HOME", str(tmp_path / "empty"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    _cached_lpips.cache_clear()  # modules cached before the environment changed may hold ImageNet weights
+    request.addfinalizer(_cached_lpips.cache_clear)
+    assert effective_l2_weight(ProjectOptions()) == FALLBACK_L2_WEIGHT > 0
+    assert effective_l2_weight(ProjectOptions(l2_weight=0.25)) == 0.25
+    assert effective_l2_weight(ProjectOptions(lpips_weight=0.0)) == 1.0
+    torch.save(VGG16Features().state_dict(), tmp_path / HUB_FILES["vgg"])  # stands in for the ImageNet file
+    assert effective_l2_weight(ProjectOptions(weights_dir=str(tmp_path))) == 0.0  # Karras et al.: LPIPS only
