@@ -214,6 +214,24 @@ class StyleConv(nn.Module):
         return F.conv2d(x, weight, padding=1)
 
 
+class PixelMatmul(torch.autograd.Function):
+    """``bias + pix @ wmodᵀ`` for pix (N,P,C), wmod (N,K,C) → (N,P,K), with a backward whose products keep the
+    long pixel axis as the contraction/row axis (autograd's default ``pixᵀ @ grad`` is ~10× slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, pix, wmod, bias):
+        ctx.save_for_backward(pix, wmod)
+        return torch.baddbmm(bias.view(1, 1, -1), pix, wmod.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        pix, wmod = ctx.saved_tensors
+        g_pix = torch.bmm(grad, wmod) if ctx.needs_input_grad[0] else None  # (N,P,C): channels-last
+        g_w = torch.bmm(grad.transpose(1, 2), pix) if ctx.needs_input_grad[1] else None  # (N,K,C)
+        g_b = grad.sum(dim=(0, 1)) if ctx.needs_input_grad[2] else None
+        return g_pix, g_w, g_b
+
+
 class ToRGB(nn.Module):
     """Modulated 1×1 conv to 3 channels (styles × 1/√C_in, no demodulation) + bias.  (N,C,H,W) → (N,3,H,W)."""
 
@@ -235,7 +253,7 @@ class ToRGB(nn.Module):
         wmod = self.weight.to(x.dtype)[:, :, 0, 0].unsqueeze(0) * styles.unsqueeze(1)  # (N, 3, C)
         # 1×1 conv as a matmul over pixels: (N, HW, C) @ (N, C, 3); a free view for channels-last x.
         pix = x.permute(0, 2, 3, 1).reshape(n, h * wd, c)
-        y = torch.baddbmm(self.bias.to(x.dtype).view(1, 1, -1), pix, wmod.transpose(1, 2))
+        y = PixelMatmul.apply(pix, wmod, self.bias.to(x.dtype))
         if self.conv_clamp is not None:
             y = y.clamp(-self.conv_clamp, self.conv_clamp)
         return y.view(n, h, wd, -1).permute(0, 3, 1, 2)
