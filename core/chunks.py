@@ -20,7 +20,7 @@ import copy
 import dataclasses
 import math
 import time
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -163,15 +163,19 @@ def seam_energy(delta: torch.Tensor, masks: torch.Tensor) -> float:
 def edit_inputs(G, ws: torch.Tensor, edits, registry=None) -> tuple[torch.Tensor, Optional[dict]]:
     """``(edited ws, style_deltas or None)`` for ``edits`` [(direction, strength[, layers]), ...] where a
     direction is a ``core.edits.Direction``, a name in ``registry`` or a raw W tensor (w_dim,)/(num_ws,w_dim)."""
-    from core.edits import Direction
-    from core.edits import edit_inputs as _inputs
+    from core.edits import Direction, apply_edits, style_deltas_for
 
-    items = []
+    items, stylespace = [], False
     for item in edits:
         if isinstance(item, (tuple, list)) and item and torch.is_tensor(item[0]):
             item = (Direction(name="tensor", vector=item[0]), *item[1:])
+        ref = item.get("direction") if isinstance(item, Mapping) else (item[0] if isinstance(item, (tuple, list))
+                                                                          and item else None)
+        d = ref if isinstance(ref, Direction) else (registry or {}).get(ref) if isinstance(ref, str) else None
+        stylespace = stylespace or (d is not None and d.space == "s")
         items.append(item)
-    ws_e, deltas = _inputs(ws, items, G, registry)
+    ws_e = apply_edits(ws, items, registry)  # validates every item (unknown names, bad strengths)
+    deltas = style_deltas_for(items, G, registry) if stylespace else None
     return ws_e, (deltas or None)
 
 
@@ -196,6 +200,7 @@ class SegmentSession:
         self.directions = directions
         self.info = dict(info or {})
         self._rec: Optional[torch.Tensor] = None  # (n,3,H,W) unedited G(X_i)
+        self._rec_mixed: Optional[torch.Tensor] = None  # (1,3,H,W) their composite
 
     @property
     def tuned(self) -> bool:
@@ -247,14 +252,14 @@ class SegmentSession:
         """
         rec = self.reconstructions()
         idx = self._segments(segments)
-        if edits and idx:
-            outs = rec.clone()
-            ws_e, deltas = edit_inputs(self.G, self.ws[idx], edits, self.directions)
-            outs[idx] = self.synthesize(ws_e, deltas)
-        else:
-            outs = rec
-        mixed = (outs * self.masks).sum(0, keepdim=True)
-        return torch.where(self.support, mixed, self.image)
+        if not edits or not idx:
+            if self._rec_mixed is None:
+                self._rec_mixed = torch.where(self.support, (rec * self.masks).sum(0, keepdim=True), self.image)
+            return self._rec_mixed
+        outs = rec.clone()
+        ws_e, deltas = edit_inputs(self.G, self.ws[idx], edits, self.directions)
+        outs[idx] = self.synthesize(ws_e, deltas)
+        return torch.where(self.support, (outs * self.masks).sum(0, keepdim=True), self.image)
 
     def alpha(self, feather: float) -> torch.Tensor:
         """The feathered soft selection (1,1,H,W), exactly 0 outside it (cached per radius)."""

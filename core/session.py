@@ -266,10 +266,13 @@ class EditSession:
         """Generator-resolution delta (1,3,r,r) -> the delta over the layer ``window`` (1,3,h,w)."""
         g = self.geometry
         x0, y0, x1, y1 = window
-        H, W = self.image.shape[:2]
         if g["kind"] == "scale":
-            up = F.interpolate(delta, size=(H, W), mode="bilinear", align_corners=False)
-            return up[..., y0:y1, x0:x1]
+            # upsample only the low-resolution pixels the window needs (+1 px so no clamped border is used)
+            k, r = int(g["scale"]), delta.shape[-1]
+            lx0, ly0 = max(x0 // k - 1, 0), max(y0 // k - 1, 0)
+            lx1, ly1 = min(-(-x1 // k) + 1, r), min(-(-y1 // k) + 1, r)
+            up = F.interpolate(delta[..., ly0:ly1, lx0:lx1], scale_factor=k, mode="bilinear", align_corners=False)
+            return up[..., y0 - ly0 * k:y1 - ly0 * k, x0 - lx0 * k:x1 - lx0 * k]
         if g["kind"] == "align":
             from core.align import warp_back
 

@@ -169,6 +169,16 @@ def test_named_and_direction_edits(G, photo):
         sess.render([("frown", 1.0)])
     ws, deltas = edit_inputs(G, sess.ws, [(v, 1.0)])
     assert deltas is None and torch.allclose(ws - sess.ws, v.expand_as(ws))
+    # StyleSpace edits become synthesis inputs (by name or object), not code changes
+    s_dir = Direction(name="chan", space="s", s_edits=[(2, 3, 4.0)])
+    sess.directions["chan"] = s_dir
+    ws, deltas = edit_inputs(G, sess.ws, [("chan", 1.0)], sess.directions)
+    assert torch.equal(ws, sess.ws) and set(deltas) == {2} and deltas[2][3] == 4.0
+    out = sess.render([("chan", 1.0)])
+    outside = (region == 0).expand(1, 3, 32, 32)
+    assert torch.equal(out[outside], photo[outside]) and not torch.equal(out, sess.render())
+    with pytest.raises(InvalidInput, match="StyleSpace"):
+        sess.refine(region, edits=[(s_dir, 1.0)], steps=1)
 
 
 def test_all_selected_is_global_inversion(G, photo):
