@@ -140,6 +140,8 @@ def pivotal_tune_report(G, ws, target, steps: int = 350, mask=None, locality=Fal
         lp_val, mse_val = float(lp.detach().max()), float(mse.detach().mean())
         if threshold is not None and lp_val <= threshold:
             stopped = step < steps
+            if stopped and progress is not None:
+                progress(steps, steps, float(total.detach().mean()), img.detach())  # done early: report 100 %
             break
         if step == steps:
             break

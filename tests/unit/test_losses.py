@@ -175,3 +175,16 @@ def test_locality_codes_lie_at_distance_alpha(tiny_generator):
     codes = locality_codes(G, pivot, 5, alpha=7.5, generator=torch.Generator().manual_seed(1))
     assert codes.shape == (5, G.num_ws, G.w_dim)
     assert torch.allclose((codes - pivot).flatten(1).norm(dim=1), torch.full((5,), 7.5), atol=1e-4)
+
+
+def test_image_loss_keeps_gradients_to_both_inputs_and_matches_the_prepared_path():
+    x, y = _imgs(1, 32)
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    lp = perceptual_loss("alex")
+    total, a, m = image_loss(x, y, None, lp, 1.0, 1.0)
+    total.sum().backward()
+    assert x.grad.abs().sum() > 0 and y.grad.abs().sum() > 0
+    ref = lp.prepare(y.detach())
+    assert torch.allclose(lp.compare(x.detach(), ref), a.detach(), atol=1e-6)
+    assert torch.allclose(lp(x.detach(), y.detach()), a.detach(), atol=1e-6)

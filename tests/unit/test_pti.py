@@ -137,8 +137,11 @@ def test_early_stop_threshold_and_its_fallback_rule(setup):
     assert rep.steps_run == 3 and not rep.stopped_early
     assert rep.threshold_applied == ("imagenet" in rep.lpips_backbone)
     forced = PTIOptions(learning_rate=3e-3, lpips_threshold=1e9, threshold_with_fallback=True)
-    G_same, rep = pivotal_tune_report(G, pivot, target, steps=3, options=forced)
+    calls = []
+    G_same, rep = pivotal_tune_report(G, pivot, target, steps=3, options=forced,
+                                      progress=lambda *a: calls.append(a))
     assert rep.stopped_early and rep.steps_run == 0 and _same(G_same, setup["state"])
+    assert [c[:2] for c in calls] == [(3, 3)], "an early stop reports completion once"
 
 
 def test_delta_round_trip_reproduces_tuned_outputs(setup, tmp_path):
