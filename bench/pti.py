@@ -26,6 +26,8 @@ from core.pti import LocalityOptions, PTIOptions, pivotal_tune
 def _extra(parser):
     parser.add_argument("--loss-study", action="store_true", help="also compare projection losses (L2 vs LPIPS)")
     parser.add_argument("--model", default=None, help="generator checkpoint (default: the embedded default model)")
+    parser.add_argument("--project-steps", type=int, default=None, help="override the projection steps")
+    parser.add_argument("--tune-steps", type=int, default=None, help="override the tuning steps")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest on a shared, oversubscribed 2-core machine)")
 
@@ -134,6 +136,8 @@ def main():
     G, model_note = load_model(args.model)
     images, how = load_images(G, args.quick)
     proj_steps, tune_steps = (30, 30) if args.quick else (450, 350)  # PTI §4.5: 450 projection, 350 tuning steps
+    proj_steps = args.project_steps or proj_steps
+    tune_steps = args.tune_steps or tune_steps
     # --quick projects with AlexNet-LPIPS (~7x cheaper than VGG on CPU); the full run uses PTI's VGG
     popts = ProjectOptions(w_avg_samples=200, lpips_net="alex") if args.quick else ProjectOptions()
     topts = PTIOptions()
