@@ -22,7 +22,7 @@ import run_krita  # noqa: E402
 
 pytestmark = [pytest.mark.hosts, pytest.mark.slow]
 
-SIZE = 128
+SIZE = 128  # set per server model below: a square multiple of its resolution ("align": "none" needs that)
 STEPS = 10  # a fast W projection: the test checks plumbing and layers, not inversion quality
 GROUP_PREFIX = "Latent Edit · "
 
@@ -41,7 +41,9 @@ def face_image(seed: int) -> np.ndarray:
         return np.asarray(Image.fromarray(crop).resize((SIZE, SIZE), Image.LANCZOS))
 
 
-def ellipse_selection(cx=64, cy=76, rx=36, ry=28) -> np.ndarray:
+def ellipse_selection() -> np.ndarray:
+    """The lower half of the face (mouth and cheeks), 255 inside."""
+    cx, cy, rx, ry = SIZE * 0.5, SIZE * 0.59, SIZE * 0.28, SIZE * 0.22
     yy, xx = np.mgrid[:SIZE, :SIZE]
     return ((((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2) <= 1).astype(np.uint8) * 255
 
@@ -62,6 +64,15 @@ def krita(tmp_path_factory, host_unavailable):
         return res
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def image_size(krita, latent_server):
+    """SIZE = k × the model's resolution, close to 128 px."""
+    global SIZE
+    res = int(latent_server.model_info.get("resolution") or 64)
+    SIZE = res * max(1, round(128 / res))
+    return SIZE
 
 
 def write_inputs(tmp: Path, seed: int = 3):
