@@ -112,13 +112,6 @@ def fir_kernel(dtype=torch.float32, device=None) -> torch.Tensor:
     return (k / k.sum()).to(dtype=dtype, device=device)
 
 
-def bias_lrelu_(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``lrelu(x + b, 0.2) * sqrt(2)`` for (N,C,H,W) x; in place when x is a fresh intermediate."""
-    # lrelu is positively homogeneous, so the gain goes first and the saved lrelu result stays unmodified.
-    x = x.add_(bias.to(x.dtype).view(1, -1, 1, 1)).mul_(SQRT2)
-    return F.leaky_relu_(x, LRELU_SLOPE)
-
-
 def upsample_fir(x: torch.Tensor, fir: torch.Tensor) -> torch.Tensor:
     """2× upsampling of (N,C,H,W): zero insertion + 4×4 FIR (gain 4), padding (2,1) → (N,C,2H,2W)."""
     c = x.shape[1]
@@ -159,7 +152,12 @@ class FullyConnected(nn.Module):
 
 
 class StyleConv(nn.Module):
-    """Modulated 3×3 conv (optionally 2× up), noise, bias, lrelu·√2.  (N,C_in,H,W) → (N,C_out,H·up,W·up)."""
+    """Modulated 3×3 conv (optionally 2× up), noise, bias, lrelu.  (N,C_in,H,W) → (N,C_out,H·up,W·up).
+
+    The activation gain √2 is *not* applied to the output: it is carried by the consumer (``in_gain`` of the next
+    StyleConv / ToRGB scales their styles), which saves a full pass over every feature map, forward and backward.
+    So this layer returns ``lrelu(...)`` = (the reference's activation) / √2.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, up: bool,
                  conv_clamp: Optional[float] = None, init: bool = True):
@@ -173,38 +171,42 @@ class StyleConv(nn.Module):
         self.resolution = resolution
         self.up = up
 
-    def forward(self, x, w, fir, noise_mode="const", noise=None, style_delta=None):
+    def forward(self, x, w, fir, noise_mode="const", noise=None, style_delta=None, in_gain=1.0):
         styles = self.affine(w)  # (N, C_in)
         if style_delta is not None:
             styles = styles + style_delta.to(styles.dtype)
         n = x.shape[0]
         weight = self.weight.to(x.dtype)
+        bias = self.bias.to(x.dtype)
         # Demodulation coefficients (N, C_out) = rsqrt(Σ_i s_i² Σ_k W_oik² + eps), at least fp32 (no fp16 overflow).
         acc = torch.promote_types(x.dtype, torch.float32)
         wsq = self.weight.to(acc).square().sum(dim=(2, 3))  # (O, I)
         dcoef = torch.rsqrt(styles.to(acc).square() @ wsq.t() + DEMOD_EPS).to(x.dtype)
-        styles = styles.to(x.dtype)
+        s_in = (styles * in_gain).to(x.dtype)  # the previous layer's √2 rides on the styles
         # One sample and no frozen-weight backward: fold style + demodulation into the weight (one plain conv).
         # Otherwise scale the activations around one shared conv: with frozen weights the backward then needs
         # no weight-gradient convolution, and batches need no grouped conv.
         fused = n == 1 and not (torch.is_grad_enabled() and not self.weight.requires_grad)
         if fused:
-            wmod = weight * (styles[0].view(1, -1, 1, 1) * dcoef[0].view(-1, 1, 1, 1))
-            y = self._conv(x, wmod, fir)
+            wmod = weight * (s_in[0].view(1, -1, 1, 1) * dcoef[0].view(-1, 1, 1, 1))
+            if self.up:
+                y = self._conv(x, wmod, fir).add_(bias.view(1, -1, 1, 1))
+            else:
+                y = F.conv2d(x, wmod, bias, padding=1)  # bias inside the conv: no extra pass
         else:
-            y = self._conv(x * styles.view(n, -1, 1, 1), weight, fir)
-            d = dcoef.view(n, -1, 1, 1)
-            y = y * d if (torch.is_grad_enabled() and d.requires_grad) else y.mul_(d)
+            y = self._conv(x * s_in.view(n, -1, 1, 1), weight, fir)
+            y = torch.addcmul(bias.view(1, -1, 1, 1), y, dcoef.view(n, -1, 1, 1))  # b + y·d in one pass
         if noise is None:
             if noise_mode == "const":
                 noise = self.noise_const
             elif noise_mode == "random":
                 noise = torch.randn(n, 1, y.shape[2], y.shape[3], device=y.device, dtype=y.dtype)
-        if noise is not None:
+        if noise is not None:  # the references add noise before the bias; addition order only changes rounding
             y = y.add_(noise.to(y.dtype) * self.noise_strength.to(y.dtype))
-        y = bias_lrelu_(y, self.bias)
-        if self.conv_clamp is not None:  # stylegan2-ada: clamp after bias + activation
-            y = y.clamp(-self.conv_clamp, self.conv_clamp)
+        y = F.leaky_relu_(y, LRELU_SLOPE)
+        if self.conv_clamp is not None:  # stylegan2-ada clamps lrelu·√2 to ±conv_clamp
+            c = self.conv_clamp / SQRT2
+            y = y.clamp(-c, c)
         return y
 
     def _conv(self, x, weight, fir):
@@ -244,11 +246,11 @@ class ToRGB(nn.Module):
         self.bias = nn.Parameter(torch.zeros(img_channels))
         self.weight_gain = 1.0 / math.sqrt(in_channels)
 
-    def forward(self, x, w, style_delta=None):
+    def forward(self, x, w, style_delta=None, in_gain=1.0):
         styles = self.affine(w)
         if style_delta is not None:
             styles = styles + style_delta.to(styles.dtype)
-        styles = (styles * self.weight_gain).to(x.dtype)
+        styles = (styles * (self.weight_gain * in_gain)).to(x.dtype)
         n, c, h, wd = x.shape
         wmod = self.weight.to(x.dtype)[:, :, 0, 0].unsqueeze(0) * styles.unsqueeze(1)  # (N, 3, C)
         # 1×1 conv as a matmul over pixels: (N, HW, C) @ (N, C, 3); a free view for channels-last x.
@@ -395,11 +397,12 @@ class Generator(nn.Module):
                 rows = [0] if i == 0 else [2 * k - 5, 2 * k - 4]
                 for r in rows:
                     nz = None if noise is None else noise[ci]
-                    x = self.convs[ci](x, ws[:, r], fir, noise_mode, nz, deltas.get(si))
+                    gain = 1.0 if ci == 0 else SQRT2  # const input / lrelu output without its √2
+                    x = self.convs[ci](x, ws[:, r], fir, noise_mode, nz, deltas.get(si), in_gain=gain)
                     ci += 1
                     si += 1
                 r = 1 if i == 0 else 2 * k - 3
-                y = torgb(x, ws[:, r], deltas.get(si))
+                y = torgb(x, ws[:, r], deltas.get(si), in_gain=SQRT2)
                 si += 1
                 img = y if img is None else upsample_fir(img, fir).add_(y)
         return img
