@@ -268,3 +268,94 @@ def test_selection_helpers():
 def test_float_wire_is_little_endian():
     wire = P.pack_layer(struct.pack("<4f", 0.0, 0.5, 1.0, 1.0), 1, 1, "rgbaf32")
     assert np.frombuffer(wire["data"], "<f4").tolist() == [0.0, 0.5, 1.0, 1.0]
+
+
+# --- contract: the client against the real server app (python -m server) with the server's fake engine ---
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory):
+    """``python -m server --port 0`` with tests/server/fake_engine.py (fast, deterministic renders)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    data = tmp_path_factory.mktemp("srv")
+    env = dict(os.environ, PYTHONPATH=str(root / "tests" / "server"), FAKE_STEP_S="0.05", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data),
+                             "--engine", "fake_engine:make_engine", "--log-level", "warning"], cwd=str(root), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    url = None
+    for line in proc.stdout:  # the ready line carries the port
+        if line.startswith("latent-edit server ready at "):
+            url = line.split(" at ", 1)[1].strip().rstrip("/")
+            break
+    assert url, "the server did not start"
+    yield C.Client(url, token_file=str(data / "token"), timeout=20), data
+    proc.terminate()
+    proc.wait(20)
+
+
+def _face_layer(w=16, h=16, fmt="rgba8"):
+    rgba = np.random.default_rng(1).integers(0, 256, (h, w, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    return rgba, P.pack_layer(rgba.tobytes(), w, h, fmt, x=5, y=7, name="face")
+
+
+def test_contract_session_render_formats_and_placement(real_server):
+    c, _ = real_server
+    assert c.health()["status"] == "ok"
+    models = c.models()
+    assert models[0]["name"] == "fake32" and models[0]["directions"][0]["name"] == "smile"
+    rgba, layer = _face_layer()
+    sel = np.zeros((16, 16), np.uint8)
+    sel[4:12, 4:12] = 255
+    out = c.create_session(layer, P.pack_selection(sel.tobytes(), 16, 16, 5, 7), model="fake32", method="w", align="none",
+                           options={"project_steps": 3})
+    job = c.wait_job(out["job_id"], poll_interval=0.05)
+    assert job["state"] == "done" and out["session_id"] in job["session_ids"]
+    for fmt, dtype, scale in (("rgba8", np.uint8, 1), ("rgba16", "<u2", 257), ("rgbaf32", "<f4", 1 / 255)):
+        res = C.result_layers(c.render(out["session_id"], [("smile", 1.0)], feather=0, format=fmt))[0]
+        data, w, h, got_fmt, x, y = P.unpack_layer(res)
+        assert (w, h, got_fmt, x, y, res.get("name")) == (16, 16, fmt, 5, 7, "face")
+        arr = np.frombuffer(data, dtype).reshape(16, 16, 4).astype(np.float64)
+        src = rgba.astype(np.float64)
+        assert np.allclose(arr[..., 3], sel.astype(np.float64) * scale, atol=1e-4 * scale)
+        assert np.allclose(arr[..., :3][sel == 0], src[..., :3][sel == 0] * scale, atol=1e-4 * scale)
+        assert (arr[..., 0][sel == 255] >= src[..., 0][sel == 255] * scale - 1e-3).all()
+
+
+def test_contract_errors_map_to_client_exceptions(real_server):
+    c, data = real_server
+    _, layer = _face_layer()
+    out = c.create_session(layer, method="w", options={"project_steps": 1})
+    c.wait_job(out["job_id"], poll_interval=0.05)
+    with pytest.raises(C.ServerError) as ei:
+        c.render(out["session_id"], [("no_such_direction", 1.0)])
+    assert (ei.value.status, ei.value.code, ei.value.field) == (422, "invalid_field", "edits[0].direction")
+    with pytest.raises(C.ServerError) as ei:
+        c.render("nope", [])
+    assert ei.value.status == 404
+    with pytest.raises(C.ServerError) as ei:
+        c.create_session(layer, method="bogus")
+    assert ei.value.field == "method"
+    with pytest.raises(C.Unauthorized):
+        C.Client(c.url, token="wrong").models()
+
+
+def test_contract_batch_and_cancel(real_server):
+    c, _ = real_server
+    _, a = _face_layer()
+    _, b = _face_layer(24, 16)
+    out = c.batch([{"layer": a}, {"layer": b}], method="w", options={"project_steps": 2})
+    assert len(out["session_ids"]) == 2
+    c.wait_job(out["job_id"], poll_interval=0.05)
+    sizes = [P.unpack_layer(C.result_layers(c.render(s, [("age", 1)]))[0])[1:3] for s in out["session_ids"]]
+    assert sizes == [(16, 16), (24, 16)]
+    long = c.create_session(a, method="w", options={"project_steps": 2000})
+    seen = []
+    with pytest.raises(C.JobCancelled):
+        c.wait_job(long["job_id"], on_progress=seen.append, should_cancel=lambda: any(j["progress"] > 0 for j in seen),
+                   poll_interval=0.05)
+    assert c.job(long["job_id"])["state"] == "cancelled"
