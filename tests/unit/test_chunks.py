@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_generator
+from tests.conftest import make_tiny_generator
 from core.chunks import (ChunksOptions, SegmentSession, code_spread, edit_inputs, invert_segments, normalize_masks,
                          seam_energy)
 from core.common import Cancelled, InvalidInput
@@ -104,6 +104,21 @@ def test_segment_inversion_beats_global_wplus_in_region(G, photo):
     mse_local = float(masked_mse(local.generated(), photo, region))
     mse_global = float(masked_mse(glob.generated(), photo, region))
     assert mse_local < 0.85 * mse_global, (mse_local, mse_global)
+
+
+def test_segment_inversion_beats_global_with_lpips_loss(G, photo):
+    """The default loss (masked LPIPS + L2; AlexNet LPIPS here for speed) at equal steps."""
+    from core.losses import perceptual_loss
+
+    region = torch.zeros(1, 32, 32)
+    region[0, 4:18, 8:24] = 1
+    opts = ChunksOptions(w_avg_samples=200, net="alex")
+    local = invert_segments(G, photo, region, steps=30, options=opts)
+    glob = invert_segments(G, photo, torch.ones(1, 32, 32), steps=30, options=opts)
+    lp = perceptual_loss("alex")
+    with torch.no_grad():
+        assert float(lp(local.generated(), photo, region[None])) < float(lp(glob.generated(), photo, region[None]))
+    assert float(masked_mse(local.generated(), photo, region)) < float(masked_mse(glob.generated(), photo, region))
 
 
 def test_reg_shrinks_code_spread_and_seam_energy(G, photo, two_segments):
