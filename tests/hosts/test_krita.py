@@ -289,3 +289,13 @@ def test_krita_cancel_adds_nothing_and_stops_the_server_job(krita, latent_server
 
     jobs = Client(latent_server.url, token_file=str(latent_server.token_file)).request("GET", "/v1/jobs?limit=1")["jobs"]
     assert jobs[0]["state"] == "cancelled" and 0 < jobs[0]["progress"] < 1
+
+
+def test_krita_refuses_a_cmyk_document_with_advice(krita, latent_server, tmp_path):
+    direction = latent_server.directions()[0]
+    _img, png, _sel, sel_path = write_inputs(tmp_path)
+    job = base_job(tmp_path, latent_server, png, sel_path, direction, convert={"model": "CMYKA", "depth": "U8", "profile": ""})
+    res = krita(job, tmp_path)
+    assert res.result.get("model") == "CMYKA", res.describe()
+    assert res.rc == 12 and res.result.get("error_type") == "UnsupportedColorModel", res.describe()
+    assert "Convert Image Color Space" in res.result["error_message"]

@@ -446,3 +446,25 @@ def test_install_gimp_copies_plugin_and_common(tmp_path):
             assert (dst / f.relative_to(src)).is_file()
     install_plugins.uninstall_gimp(tmp_path / "plug-ins")
     assert not dst.exists()
+
+
+def test_krita_52_transparency_mask_api_is_used_when_present():
+    """Krita >= 5.2: Document.createTransparencyMask + TransparencyMask.setSelection, no GUI action."""
+
+    class Doc52(fk.Document):
+        def createTransparencyMask(self, name):
+            mask = self.createNode(name, "transparencymask")
+            mask.setSelection = lambda sel: mask.setPixelData(sel.pixelData(0, 0, W, H), 0, 0, W, H)
+            return mask
+
+    doc = Doc52(W, H)
+    app = fk.Krita(doc)
+    source = fk.paint_layer(doc, "face", bgra_image().tobytes())
+    sel = fk.Selection()
+    sel.setPixelData(ellipse().tobytes(), 0, 0, W, H)
+    doc.setSelection(sel)
+    _g, layer, mask = run_steps(layers.insert_result(app, fk, doc, source, document.Rect(0, 0, W, H), bytes(W * H * 4),
+                                                     ellipse().tobytes(), [("smile", 1)]))
+    assert app.triggered == [] and doc.selection() is sel
+    assert [c.name() for c in layer.childNodes()] == ["Selection"]
+    assert mask.pixelData(0, 0, W, H) == ellipse().tobytes()
