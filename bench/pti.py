@@ -7,8 +7,8 @@ a random-backbone fallback is *not* a calibrated perceptual metric), ``mse`` ([-
 ``id`` (dlib cosine similarity, or None when dlib is not installed), ``seconds`` (wall time of the method,
 PTI rows include their W pivot projection), ``mse_vs_W`` (ratio to the W row of the same image, same run),
 ``drift`` (PTI rows: mean squared change of 16 random latents' images, tuned vs base generator).
-``--loss-study`` adds projection rows with different losses (random-backbone LPIPS vs pure L2) to decide
-what the projector should use when no ImageNet backbone is installed.
+``--loss-study`` instead compares projection losses (random-backbone LPIPS vs pure L2 vs both) on known-W
+targets of random tiny generators: the measurement behind core.project.FALLBACK_L2_WEIGHT.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from core.pti import LocalityOptions, PTIOptions, pivotal_tune
 
 
 def _extra(parser):
-    parser.add_argument("--loss-study", action="store_true", help="also compare projection losses (L2 vs LPIPS)")
+    parser.add_argument("--loss-study", action="store_true", help="compare projection losses on known-W targets instead")
     parser.add_argument("--model", default=None, help="generator checkpoint (default: the embedded default model)")
     parser.add_argument("--project-steps", type=int, default=None, help="override the projection steps")
     parser.add_argument("--tune-steps", type=int, default=None, help="override the tuning steps")
@@ -130,9 +130,62 @@ def _drift(G, G_tuned, n=16):
         return float((G_tuned.synthesis(ws, noise_mode="const") - G.synthesis(ws, noise_mode="const")).square().mean())
 
 
+LOSSES = {  # projection losses compared by --loss-study (l2_weight=0.0 means LPIPS only)
+    "l2": dict(lpips_weight=0.0, l2_weight=1.0),
+    "vgg": dict(l2_weight=0.0),
+    "alex": dict(lpips_net="alex", l2_weight=0.0),
+    "alex+1.0l2": dict(lpips_net="alex", l2_weight=1.0),
+    "vgg+1.0l2": dict(l2_weight=1.0),
+    "vgg+0.3l2": dict(l2_weight=0.3),
+    "vgg+0.1l2": dict(l2_weight=0.1),
+}
+
+
+def loss_study(quick: bool) -> list:
+    """Known-W inversion on random tiny generators (32 px, w_dim 32) with each projection loss.
+
+    Rows: method ``W[loss]``, image ``g{generator seed}t{target seed}``, mse, ms_ssim, ``w_err`` (per-layer latent
+    error ‖ws − ws_true‖/√num_ws), seconds.  This is the measurement behind core.project.FALLBACK_L2_WEIGHT.
+    """
+    from core.stylegan2.network import Generator, GeneratorConfig
+
+    rows = []
+    pairs = [(0, 5), (0, 6)] if quick else [(0, 5), (0, 6), (1, 5), (1, 6)]
+    losses = {k: LOSSES[k] for k in ("l2", "vgg+0.1l2")} if quick else LOSSES
+    for g_seed, t_seed in pairs:
+        torch.manual_seed(g_seed)
+        G = Generator(GeneratorConfig(resolution=32, z_dim=32, w_dim=32, mapping_layers=2,
+                                      channels={4: 32, 8: 32, 16: 32, 32: 16})).eval()
+        with torch.no_grad():
+            ws_true = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(t_seed)))
+            target = G.synthesis(ws_true, noise_mode="const")
+        for name, kw in losses.items():
+            o = ProjectOptions(initial_learning_rate=0.1, w_avg_samples=200, **kw)
+            t0 = time.perf_counter()
+            ws = project(G, target, steps=40 if quick else 150, options=o)
+            secs = time.perf_counter() - t0
+            with torch.no_grad():
+                img = G.synthesis(ws, noise_mode="const")
+            rows.append({"method": f"W[{name}]", "image": f"g{g_seed}t{t_seed}", "mse": float(mse(img, target)),
+                         "ms_ssim": float(ms_ssim(img.clamp(-1, 1), target.clamp(-1, 1))),
+                         "w_err": float((ws - ws_true).norm() / G.num_ws ** 0.5), "seconds": secs})
+    for name in losses:
+        sel = [r for r in rows if r["method"] == f"W[{name}]"]
+        rows.append({"method": f"W[{name}]", "image": "mean",
+                     **{k: sum(r[k] for r in sel) / len(sel) for k in ("mse", "ms_ssim", "w_err", "seconds")}})
+    return rows
+
+
 def main():
     args = parse_args(__doc__.splitlines()[0], _extra)
     torch.set_num_threads(max(1, args.threads))
+    if args.loss_study:
+        rows = loss_study(args.quick)
+        print(f"LPIPS backbone: {lpips_backbone('vgg')}")
+        print_table(rows, ["method", "image", "mse", "ms_ssim", "w_err", "seconds"],
+                    title="projection loss study (known-W targets, random tiny generators)")
+        write_json(args.json, rows, lpips_backbone=lpips_backbone("vgg"), study="loss")
+        return
     G, model_note = load_model(args.model)
     images, how = load_images(G, args.quick)
     proj_steps, tune_steps = (30, 30) if args.quick else (450, 350)  # PTI §4.5: 450 projection, 350 tuning steps
@@ -158,16 +211,6 @@ def main():
             secs = time.perf_counter() - t0 + t_w
             rows.append({"method": method, "image": name, **_metrics(G_t, ws_w, target), "seconds": secs,
                          "drift": _drift(G, G_t)})
-        if args.loss_study:
-            for label, o in (("W[l2]", ProjectOptions(lpips_weight=0.0, l2_weight=1.0)),
-                             ("W[lpips-vgg]", ProjectOptions(l2_weight=0.0)),
-                             ("W[lpips-alex]", ProjectOptions(lpips_net="alex", l2_weight=0.0)),
-                             ("W[lpips-vgg+l2]", ProjectOptions(l2_weight=1.0))):
-                o.w_avg_samples = popts.w_avg_samples
-                t0 = time.perf_counter()
-                ws = project(G, target, space="w", steps=proj_steps, options=o)
-                rows.append({"method": label, "image": name, **_metrics(G, ws, target),
-                             "seconds": time.perf_counter() - t0})
     base = {r["image"]: r["mse"] for r in rows if r["method"] == "W"}
     for r in rows:
         r["mse_vs_W"] = r["mse"] / max(base[r["image"]], 1e-12)

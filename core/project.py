@@ -8,8 +8,8 @@ regulariser (weight 1e5) and renormalised after every step.  The optimised noise
 in the reference projector; only ``ws`` is returned.
 
 Without ImageNet backbone weights, LPIPS runs on a seeded random backbone (core.lpips_nets) and the projector
-adds a pixel term.  Measured on 4 known-W targets of random tiny generators (seeds 0,1 × targets 5,6; W, 150
-steps, lr 0.1), means over the 4 (image MSE / MS-SSIM / per-layer latent error):
+adds a pixel term.  Measured (``python bench/pti.py --loss-study``) on 4 known-W targets of random tiny
+generators (seeds 0,1 × targets 5,6; W, 150 steps, lr 0.1), means (image MSE / MS-SSIM / per-layer latent error):
 
     L2 only                  0.161 / 0.819 / 3.92
     random-VGG LPIPS         0.549 / 0.854 / 3.31   exact on 2 targets (latent error 0.05, 0.09), colour drift on 1
