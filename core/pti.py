@@ -56,7 +56,7 @@ class PTIOptions:
 
 @dataclass
 class PTIResult:
-    """What :func:`pivotal_tune_report` returns besides the generator."""
+    """What :func:`pivotal_tune_report` returns besides the generator (``final_lpips``: the worst image's)."""
 
     steps_run: int
     stopped_early: bool
@@ -93,7 +93,8 @@ def pivotal_tune(G, ws: torch.Tensor, target: torch.Tensor, steps: int = 350, ma
     """Tune a deep copy of ``G`` so ``G_tuned.synthesis(ws) ≈ target``; returns ``G_tuned``.
 
     ``ws`` ``(N,num_ws,w_dim)`` pivots (from :func:`core.project.project`), ``target`` ``(N,3,R,R)`` in [-1,1];
-    N > 1 tunes one generator for all images (PTI's multi-ID coach).  ``steps``: at most this many (PTI: 350).
+    N > 1 tunes one generator for all images (PTI's multi-ID coach, here one batched step per iteration; it stops
+    early only when every image's LPIPS is under the threshold).  ``steps``: at most this many (PTI: 350).
     ``mask`` ``(N|1,1,R,R)`` / ``(R,R)`` in [0,1] restricts the reconstruction loss.  ``locality``: True for PTI's
     §3.3 regulariser with the paper's settings, or a :class:`LocalityOptions`.  ``progress(step, total, loss,
     preview)`` after each step; ``cancel`` checked before each step (raises Cancelled; ``G`` is untouched).
@@ -131,9 +132,10 @@ def pivotal_tune_report(G, ws, target, steps: int = 350, mask=None, locality=Fal
     lp_val, mse_val, stopped, step = float("nan"), float("nan"), False, 0
     for step in range(steps + 1):
         # the last pass only measures the result (and allows the early stop), it takes no optimiser step
-        check_cancel(cancel)
-        img = G_tuned.synthesis(ws, noise_mode=o.noise_mode) if step < steps else None
-        if img is None:
+        if step < steps:
+            check_cancel(cancel)
+            img = G_tuned.synthesis(ws, noise_mode=o.noise_mode)
+        else:
             with torch.no_grad():
                 img = G_tuned.synthesis(ws, noise_mode=o.noise_mode)
         total, lp, mse = loss_fn(img)
