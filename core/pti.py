@@ -21,10 +21,16 @@ from core.project import check_target
 
 @dataclass
 class LocalityOptions:
-    """PTI §3.3 locality regulariser.  PTI@da94d59 configs/hyperparameters.py + criteria/localitly_regulizer.py."""
+    """PTI §3.3 locality regulariser.  PTI@da94d59 configs/hyperparameters.py + criteria/localitly_regulizer.py.
+
+    PTI ships it off (``use_locality_regularization=False``; an earlier commit, 85632a3, had it on and an LPIPS
+    threshold of 0.07).  α is a distance in the generator's W (over the whole ``(num_ws, w_dim)`` code): 30 suits
+    FFHQ's W; for a generator whose random codes lie much closer to each other, scale it (the unit tests use
+    α=15 on a tiny generator whose random codes lie ~19 from the pivot).
+    """
 
     alpha: float = 30.0  # regulizer_alpha=30: w_r = w_p + α (w_z − w_p)/‖w_z − w_p‖
-    weight: float = 0.1  # λ_R=0.1 (paper §4.5); the code folds it into regulizer_{l2,lpips}_lambda=0.1
+    weight: float = 0.1  # λ_R=0.1 (paper, design.md §2); the code folds it into regulizer_{l2,lpips}_lambda=0.1
     l2_weight: float = 1.0  # λ_R^L2=1 (paper); code: regulizer_l2_lambda = λ_R·λ_R^L2 = 0.1
     lpips_weight: float = 1.0  # λ_R^LPIPS=1 (paper); code: regulizer_lpips_lambda = λ_R·λ_R^LPIPS = 0.1
     num_samples: int = 1  # N_r: latent_ball_num_of_samples=1
