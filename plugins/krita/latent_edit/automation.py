@@ -30,7 +30,7 @@ import traceback
 
 import krita
 from krita import InfoObject, Krita, Selection
-from PyQt5.QtCore import QTimer
+from .qt import QTimer
 
 from . import model, settings
 from ._common import client as cl

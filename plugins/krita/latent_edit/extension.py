@@ -9,7 +9,7 @@ import traceback
 
 import krita
 from krita import Extension, Krita
-from PyQt5.QtCore import QTimer
+from .qt import QTimer
 
 from . import automation, model, settings
 

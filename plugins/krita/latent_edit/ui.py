@@ -3,13 +3,10 @@ strengths, feather, Apply / Cancel, and "Batch over selected layers". All server
 from __future__ import annotations
 
 from krita import Krita
-from PyQt5.QtCore import Qt
-from PyQt5.QtWidgets import (QCheckBox, QComboBox, QDialog, QDoubleSpinBox, QFileDialog, QFormLayout, QGridLayout,
-                             QGroupBox, QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QScrollArea,
-                             QSlider, QSpinBox, QVBoxLayout, QWidget)
 
 from . import model, settings
 from ._common import client as cl
+from .qt import Qt, QtWidgets
 
 SLIDER_SCALE = 100  # slider ticks per strength unit
 
@@ -28,13 +25,13 @@ def direction_specs(model_info: dict) -> list:
 
 
 class EditRow:
-    def __init__(self, grid: QGridLayout, row: int, name, default, lo, hi, description):
+    def __init__(self, grid: QtWidgets.QGridLayout, row: int, name, default, lo, hi, description):
         self.name, self.default = name, default
-        self.check = QCheckBox(name)
+        self.check = QtWidgets.QCheckBox(name)
         self.check.setToolTip(description)
-        self.slider = QSlider(Qt.Horizontal)
+        self.slider = QtWidgets.QSlider(Qt.Orientation.Horizontal)
         self.slider.setRange(int(lo * SLIDER_SCALE), int(hi * SLIDER_SCALE))
-        self.spin = QDoubleSpinBox()
+        self.spin = QtWidgets.QDoubleSpinBox()
         self.spin.setRange(lo, hi)
         self.spin.setSingleStep(0.1)
         self.spin.setDecimals(2)
@@ -56,7 +53,7 @@ class EditRow:
         return (self.name, round(self.spin.value(), 3)) if self.check.isChecked() else None
 
 
-class LatentEditDialog(QDialog):
+class LatentEditDialog(QtWidgets.QDialog):
     def __init__(self, ext):
         super().__init__(Krita.instance().activeWindow().qwindow())
         self.ext = ext
@@ -64,42 +61,42 @@ class LatentEditDialog(QDialog):
         self.models = []
         self.rows = []
         self.conf = settings.load(Krita.instance())
-        lay = QVBoxLayout(self)
+        lay = QtWidgets.QVBoxLayout(self)
 
-        server = QGroupBox("Server")
-        form = QFormLayout(server)
-        self.url = QLineEdit(self.conf.server_url)
-        self.token = QLineEdit(self.conf.token_file)
+        server = QtWidgets.QGroupBox("Server")
+        form = QtWidgets.QFormLayout(server)
+        self.url = QtWidgets.QLineEdit(self.conf.server_url)
+        self.token = QtWidgets.QLineEdit(self.conf.token_file)
         self.token.setPlaceholderText(settings.default_token_file())
-        browse = QPushButton("…")
+        browse = QtWidgets.QPushButton("…")
         browse.clicked.connect(self._browse)
-        tok = QHBoxLayout()
+        tok = QtWidgets.QHBoxLayout()
         tok.addWidget(self.token)
         tok.addWidget(browse)
-        self.server_status = QLabel("not checked")
+        self.server_status = QtWidgets.QLabel("not checked")
         self.server_status.setWordWrap(True)
-        check = QPushButton("Connect")
+        check = QtWidgets.QPushButton("Connect")
         check.clicked.connect(self.refresh)
         form.addRow("URL", self.url)
         form.addRow("Token file", tok)
         form.addRow(check, self.server_status)
         lay.addWidget(server)
 
-        opts = QGroupBox("Inversion")
-        form = QFormLayout(opts)
-        self.model_box = QComboBox()
+        opts = QtWidgets.QGroupBox("Inversion")
+        form = QtWidgets.QFormLayout(opts)
+        self.model_box = QtWidgets.QComboBox()
         self.model_box.currentIndexChanged.connect(self._model_changed)
-        self.method_box = QComboBox()
+        self.method_box = QtWidgets.QComboBox()
         for m in model.METHODS:
             self.method_box.addItem(model.METHOD_LABELS[m], m)
         self.method_box.setCurrentIndex(max(0, model.METHODS.index(self.conf.method) if self.conf.method in model.METHODS else 0))
-        self.align = QCheckBox("Detect and align the face")
+        self.align = QtWidgets.QCheckBox("Detect and align the face")
         self.align.setChecked(True)
-        self.steps = QSpinBox()
+        self.steps = QtWidgets.QSpinBox()
         self.steps.setRange(0, 5000)
         self.steps.setSpecialValueText("method default")
         self.steps.setValue(self.conf.project_steps)
-        self.feather = QDoubleSpinBox()
+        self.feather = QtWidgets.QDoubleSpinBox()
         self.feather.setRange(0.0, 256.0)
         self.feather.setSuffix(" px")
         self.feather.setValue(self.conf.feather)
@@ -110,35 +107,35 @@ class LatentEditDialog(QDialog):
         form.addRow("Feather", self.feather)
         lay.addWidget(opts)
 
-        edits = QGroupBox("Edits")
-        v = QVBoxLayout(edits)
-        scroll = QScrollArea()
+        edits = QtWidgets.QGroupBox("Edits")
+        v = QtWidgets.QVBoxLayout(edits)
+        scroll = QtWidgets.QScrollArea()
         scroll.setWidgetResizable(True)
-        inner = QWidget()
-        self.grid = QGridLayout(inner)
+        inner = QtWidgets.QWidget()
+        self.grid = QtWidgets.QGridLayout(inner)
         scroll.setWidget(inner)
         v.addWidget(scroll)
         lay.addWidget(edits)
 
-        self.batch = QCheckBox("Batch over selected layers")
-        self.use_selection = QCheckBox("Only inside the selection (whole layer when nothing is selected)")
+        self.batch = QtWidgets.QCheckBox("Batch over selected layers")
+        self.use_selection = QtWidgets.QCheckBox("Only inside the selection (whole layer when nothing is selected)")
         self.use_selection.setChecked(True)
         lay.addWidget(self.use_selection)
         lay.addWidget(self.batch)
-        self.progress = QProgressBar()
+        self.progress = QtWidgets.QProgressBar()
         self.progress.setRange(0, 100)
-        self.message = QLabel("")
+        self.message = QtWidgets.QLabel("")
         self.message.setWordWrap(True)
-        self.message.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         lay.addWidget(self.progress)
         lay.addWidget(self.message)
-        buttons = QHBoxLayout()
-        self.apply_btn = QPushButton("Apply")
+        buttons = QtWidgets.QHBoxLayout()
+        self.apply_btn = QtWidgets.QPushButton("Apply")
         self.apply_btn.clicked.connect(self.apply)
-        self.cancel_btn = QPushButton("Cancel job")
+        self.cancel_btn = QtWidgets.QPushButton("Cancel job")
         self.cancel_btn.setEnabled(False)
         self.cancel_btn.clicked.connect(self.ext.cancel)
-        close = QPushButton("Close")
+        close = QtWidgets.QPushButton("Close")
         close.clicked.connect(self.hide)
         buttons.addStretch(1)
         for b in (self.apply_btn, self.cancel_btn, close):
@@ -149,7 +146,7 @@ class LatentEditDialog(QDialog):
     # --- settings and server ---
 
     def _browse(self):
-        path, _ = QFileDialog.getOpenFileName(self, "Token file", self.token.text() or settings.default_token_file())
+        path, _ = QtWidgets.QFileDialog.getOpenFileName(self, "Token file", self.token.text() or settings.default_token_file())
         if path:
             self.token.setText(path)
 
