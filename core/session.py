@@ -178,7 +178,7 @@ class EditSession:
 
     def __init__(self, G, image: np.ndarray, selection: np.ndarray, segments: SegmentSession,
                  options: SessionOptions, geometry: dict, directions: Optional[Mapping] = None,
-                 info: Optional[dict] = None):
+                 info: Optional[dict] = None, reference: Optional[torch.Tensor] = None):
         self.G = G
         self.image = image
         self.selection = selection
@@ -189,6 +189,9 @@ class EditSession:
         self.segments.directions = self.directions
         self.info = dict(info or {})
         self._base = _to_tensor(image[..., :3])
+        # the "unedited" generator-resolution image an edit delta is measured against (None: the reconstruction;
+        # a hole-filled session keeps its parent's, so its baked-in edit shows)
+        self.reference = reference
 
     @property
     def tuned(self) -> bool:
@@ -214,7 +217,8 @@ class EditSession:
         seg = self.segments
         with torch.no_grad():
             # compositing runs on the CPU, next to the numpy layer (the generator may live on a GPU)
-            gen, rec = seg.generated(edits).cpu(), seg.generated().cpu()
+            gen = seg.generated(edits).cpu()
+            rec = (seg.generated() if self.reference is None else self.reference).cpu()
             image, support = seg.image.cpu(), seg.support.cpu()
             if color_match:
                 gen = _color_match(rec, image, seg.coverage.cpu(), target=gen)
@@ -297,6 +301,36 @@ class EditSession:
             self._align_transform = AlignTransform.from_json(self.geometry["transform"])
         return self._align_transform
 
+    def refine(self, correction, edits, steps: Optional[int] = None, progress=None,
+               cancel: CancelLike = None) -> "EditSession":
+        """Hole filling (ChunkyGAN §5): a new session where ``edits`` are baked in and the edited content may
+        continue into ``correction`` ((H,W) float in [0,1], layer coordinates, e.g. where glasses should reach
+        past the selection). The selection grows to include the correction; ``self`` is unchanged."""
+        H, W = self.image.shape[:2]
+        corr = check_selection(correction, (H, W))
+        kind, res = self.geometry["kind"], self.segments.image.shape[-1]
+        if kind == "identity":
+            c_res = corr
+        elif kind == "scale":
+            c_res = F.interpolate(torch.from_numpy(corr)[None, None], size=(res, res), mode="area")[0, 0].numpy()
+        else:
+            from core.align import warp_crop
+
+            c_res = np.clip(warp_crop(corr[..., None], self._transform())[..., 0], 0, 1)
+        if not (c_res > 0).any():
+            raise InvalidInput("the correction mask lies outside the region the generator covers")
+        C = torch.from_numpy(np.ascontiguousarray(c_res, dtype=np.float32)).to(self.segments.image.device)
+        prog = None if progress is None else (lambda s, t, loss=None, *a: progress("refine", s / max(t, 1),
+                                                                                 f"refine step {s}/{t}", None))
+        seg = self.segments.refine(C, edits=list(edits or []), steps=steps, progress=prog, cancel=cancel)
+        selection = np.maximum(self.selection, corr)
+        geometry = dict(self.geometry)
+        geometry["window"] = [min(a, b) if i < 2 else max(a, b)
+                              for i, (a, b) in enumerate(zip(self.geometry["window"], _bbox(corr > 0)))]
+        reference = self.segments.generated() if self.reference is None else self.reference
+        return EditSession(self.G, self.image, selection, seg, self.options, geometry, self.directions,
+                           dict(self.info, refined=True), reference=reference.detach().cpu())
+
     # ---- persistence ----
     def save(self, directory) -> pathlib.Path:
         """Write ``session.json`` (metadata), ``tensors.pt`` (plain tensors) and, when the generator was tuned,
@@ -306,6 +340,8 @@ class EditSession:
         seg = self.segments
         tensors = {"image": torch.from_numpy(self.image), "selection": torch.from_numpy(self.selection)}
         tensors.update({f"seg_{k}": v.detach().cpu() for k, v in seg.state_dict().items()})
+        if self.reference is not None:
+            tensors["reference"] = self.reference.detach().cpu()
         geometry = {k: v for k, v in self.geometry.items() if not torch.is_tensor(v)}
         tensors.update({f"geom_{k}": v.detach().cpu() for k, v in self.geometry.items() if torch.is_tensor(v)})
         torch.save(tensors, d / "tensors.pt")
@@ -356,7 +392,8 @@ class EditSession:
         state = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("seg_")}
         seg = SegmentSession.from_state(G_seg, state, chunks_options, base_G=G)
         geometry.update({k[5:]: v for k, v in tensors.items() if k.startswith("geom_")})
-        return cls(G, image, selection, seg, options, geometry, directions=directions, info=meta.get("info"))
+        return cls(G, image, selection, seg, options, geometry, directions=directions, info=meta.get("info"),
+                   reference=tensors.get("reference"))
 
 
 def _fingerprint(G) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_generator
+from tests.conftest import make_tiny_generator
 from core.common import Cancelled, InvalidInput
 from core.edits import Direction
 from core.session import EditSession, SessionOptions, create_session
@@ -235,3 +235,27 @@ def test_align_auto_errors(G, astronaut):
         create_session(G, astronaut, sel, SessionOptions(method="w", align="auto", project_steps=2))
     with pytest.raises(InvalidInput, match="too small"):
         create_session(G, astronaut, None, SessionOptions(method="w", align="auto", project_steps=2, min_face=500))
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_hole_filling_refine(G, size, tmp_path):
+    img = layer(size, 5)
+    sel = np.zeros((size, size), np.float32)
+    sel[size // 4:size // 2, size // 4:3 * size // 4] = 1
+    corr = np.zeros((size, size), np.float32)
+    corr[size // 2 - 2:3 * size // 4, size // 3:size // 2] = 1  # continues below the selection
+    sess = create_session(G, img, sel, SessionOptions(method="chunks", **FAST))
+    d = torch.randn(32, generator=torch.Generator().manual_seed(4))
+    refined = sess.refine(corr, [(d, 2.0)], steps=4)
+    union = (sel > 0) | (corr > 0)
+    out = refined.render([], feather=0)
+    assert np.array_equal(out[~union][:, :3], img[~union][:, :3]) and np.all(out[~union][:, 3] == 0)
+    assert np.all(out[corr > 0][:, 3] > 0)  # the correction is now part of the result layer
+    # the edit is baked in: the refined session's plain render differs from the original's
+    assert np.abs(out[sel > 0][:, :3] - sess.render([], feather=0)[sel > 0][:, :3]).max() > 1e-3
+    assert np.array_equal(sess.selection, sel)  # the original session is untouched
+    with pytest.raises(InvalidInput):
+        sess.refine(np.zeros((size, size), np.float32), [(d, 1.0)], steps=1)
+    refined.save(tmp_path / "refined")
+    again = EditSession.load(tmp_path / "refined", G)
+    assert np.array_equal(again.render([(d, 0.5)]), refined.render([(d, 0.5)]))
