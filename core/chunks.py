@@ -16,7 +16,6 @@ bit-identical to the input image.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
