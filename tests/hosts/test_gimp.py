@@ -17,17 +17,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.hosts.hostlib import ROOT, face_rgba8, host_unavailable, server  # noqa: F401 (fixture)
+from plugins.common import flow
+
 
 pytestmark = pytest.mark.hosts
+
+ROOT = Path(__file__).resolve().parents[2]
 
 GIMP_ROOT = Path(os.environ.get("GIMP3_ROOT", Path.home() / ".cache" / "latent-edit" / "gimp3-root"))
 HARNESS = Path(__file__).parent / "gimp_harness" / "batch.py"
 PROFILE = "/job/gimpdir"  # inside the chroot; reused so GIMP's plug-in query cache stays warm
 
 
+def face_rgba8(size: int, seed: int) -> bytes:
+    """An opaque face of the embedded default domain, ``size``×``size`` RGBA8 (nearest-upscaled from 64 px)."""
+    from core import demo
+
+    rgb = np.asarray(demo.render(demo.sample_params(1, seed)[0]), dtype=np.uint8)
+    reps = size // rgb.shape[0]
+    rgb = rgb.repeat(reps, axis=0).repeat(reps, axis=1)
+    return np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=2).tobytes()
+
+
 @pytest.fixture(scope="module")
-def gimp_root() -> Path:
+def gimp_root(host_unavailable) -> Path:
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         host_unavailable("GIMP 3 host tests need root (chroot)")
     if shutil.which("debootstrap") is None and not (GIMP_ROOT / ".latent-edit-ready").exists():
@@ -50,18 +63,23 @@ def gimp_plugin(gimp_root: Path) -> Path:
     return plugins_dir / "latent-edit"
 
 
-def run_gimp(gimp_root: Path, server, case: dict, name: str, tmp_path: Path) -> dict:
+def run_gimp(gimp_root: Path, server, case: dict, name: str, tmp_path: Path, token: str | None = None) -> dict:
     """Write the case into the chroot, run GIMP on it, return info.json plus the dumped arrays' folder."""
     job = gimp_root / "job" / name
     if job.exists():
         shutil.rmtree(job)
     job.mkdir(parents=True)
     inner = "/job/" + name
-    shutil.copy(server.token_file, job / "token")
+    if token is None:
+        shutil.copy(server.token_file, job / "token")
+    else:
+        (job / "token").write_text(token)
     for i, spec in enumerate(case["layers"]):
         (job / f"layer{i}.rgba8").write_bytes(spec.pop("pixels"))
         spec["rgba8"] = f"{inner}/layer{i}.rgba8"
     case["out"] = f"{inner}/out"
+    names = server.directions()
+    case["args"]["edit-1"] = "smile" if "smile" in names else names[0]  # the embedded model has "smile"
     case["args"]["server-url"] = server.url
     case["args"]["token-file"] = f"{inner}/token"
     (job / "case.json").write_text(json.dumps(case))
@@ -101,7 +119,8 @@ def _check(info: dict, case: dict, dtype, edited: list[int]):
         src = case["layers"][i]["name"]
         pos = top.index(src)
         group = info["tree"][pos - 1]
-        assert group["group"] and group["name"] == "Latent Edit · smile +3", top
+        title = flow.edit_title([(case["args"]["edit-1"], case["args"]["strength-1"])])
+        assert group["group"] and group["name"].startswith(title), top  # GIMP appends " #1" to repeated names
         (child,) = group["children"]
         assert child["mask"] and child["name"].endswith(src)
         spec = case["layers"][i]
@@ -130,21 +149,29 @@ def _layer(name, seed, x=0, y=0, size=128):
     return {"name": name, "width": size, "height": size, "x": x, "y": y, "pixels": face_rgba8(size, seed)}
 
 
-def test_gimp_edit_8bit(gimp_root, gimp_plugin, server, tmp_path):
+def test_gimp_edit_8bit(gimp_root, gimp_plugin, latent_server, tmp_path):
     case = _case([_layer("photo", 1)], (24, 56, 80, 56), [0])
-    info = run_gimp(gimp_root, server, case, "u8", tmp_path)
+    info = run_gimp(gimp_root, latent_server, case, "u8", tmp_path)
     _check(info, case, np.uint8, edited=[0])
 
 
-def test_gimp_layer_with_offsets_and_batch(gimp_root, gimp_plugin, server, tmp_path):
+def test_gimp_layer_with_offsets_and_batch(gimp_root, gimp_plugin, latent_server, tmp_path):
     case = _case([_layer("left", 2, x=16, y=24), _layer("right", 3, x=176, y=8)], (0, 70, 320, 60), [0, 1],
                  batch=True, canvas=(320, 176))
-    info = run_gimp(gimp_root, server, case, "offsets", tmp_path)
+    info = run_gimp(gimp_root, latent_server, case, "offsets", tmp_path)
     _check(info, case, np.uint8, edited=[0, 1])
 
 
-def test_gimp_16bit(gimp_root, gimp_plugin, server, tmp_path):
+def test_gimp_16bit(gimp_root, gimp_plugin, latent_server, tmp_path):
     case = _case([_layer("photo16", 4)], (24, 56, 80, 56), [0], precision="U16_NON_LINEAR",
                  pixel_format="R'G'B'A u16")
-    info = run_gimp(gimp_root, server, case, "u16", tmp_path)
+    info = run_gimp(gimp_root, latent_server, case, "u16", tmp_path)
     _check(info, case, np.uint16, edited=[0])
+
+
+def test_gimp_wrong_token_is_a_clear_error_and_adds_nothing(gimp_root, gimp_plugin, latent_server, tmp_path):
+    case = _case([_layer("photo", 5)], (24, 56, 80, 56), [0])
+    info = run_gimp(gimp_root, latent_server, case, "badtoken", tmp_path, token="not-the-token")
+    assert info["status"] == "execution-error"
+    assert "token" in info["message"].lower() and "Traceback" not in info["message"]
+    assert [n["name"] for n in info["tree"]] == ["photo"]

@@ -14,19 +14,20 @@ def log(*parts):
     print("LE-HARNESS:", *parts, flush=True)
 
 
-def dump_drawable(drawable, name):
-    w, h = drawable.get_width(), drawable.get_height()
-    data = drawable.get_buffer().get(Gegl.Rectangle.new(0, 0, w, h), 1.0, PIX, Gegl.AbyssPolicy.CLAMP)
+def dump_drawable(drawable, name, rect=None):
+    """Raw pixels of ``rect`` (x, y, w, h in the drawable's coordinates; default: all of it); transparent
+    outside the drawable."""
+    x, y, w, h = rect or (0, 0, drawable.get_width(), drawable.get_height())
+    data = drawable.get_buffer().get(Gegl.Rectangle.new(x, y, w, h), 1.0, PIX, Gegl.AbyssPolicy.NONE)
     open(os.path.join(OUT, name), "wb").write(bytes(data))
 
 
 def dump_composite(image, name):
+    """The visible composite over the whole canvas (the merged layer only spans the layers' union)."""
     dup = image.duplicate()
     merged = dup.merge_visible_layers(Gimp.MergeType.CLIP_TO_IMAGE)
-    w, h = image.get_width(), image.get_height()
     _ok, ox, oy = merged.get_offsets()
-    assert (ox, oy, merged.get_width(), merged.get_height()) == (0, 0, w, h), "merged layer is not canvas-sized"
-    dump_drawable(merged, name)
+    dump_drawable(merged, name, (-ox, -oy, image.get_width(), image.get_height()))
     dup.delete()
 
 
