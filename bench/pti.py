@@ -6,7 +6,8 @@ Rows: ``method`` (W, W+, PTI, PTI+reg), ``image``, ``lpips`` (AlexNet-LPIPS; the
 a random-backbone fallback is *not* a calibrated perceptual metric), ``mse`` ([-1,1] scale), ``ms_ssim``,
 ``id`` (dlib cosine similarity, or None when dlib is not installed), ``seconds`` (wall time of the method,
 PTI rows include their W pivot projection), ``mse_vs_W`` (ratio to the W row of the same image, same run),
-``drift`` (PTI rows: mean squared change of 16 random latents' images, tuned vs base generator).
+``drift`` (PTI rows: mean squared change of 16 random latents' images, tuned vs base generator),
+``tune_steps`` (PTI rows: steps run; fewer than asked when the LPIPS early stop applied).
 ``--loss-study`` instead compares projection losses (random-backbone LPIPS vs pure L2 vs both) on known-W
 targets of random tiny generators: the measurement behind core.project.FALLBACK_L2_WEIGHT.
 """
@@ -20,7 +21,7 @@ from _util import parse_args, print_table, write_json
 
 from core.metrics import identity, lpips, lpips_backbone, ms_ssim, mse
 from core.project import ProjectOptions, effective_l2_weight, project
-from core.pti import LocalityOptions, PTIOptions, pivotal_tune
+from core.pti import LocalityOptions, PTIOptions, pivotal_tune_report
 
 
 def _extra(parser):
@@ -207,15 +208,16 @@ def main():
             if args.quick and method == "PTI+reg" and name != "generated":
                 continue
             t0 = time.perf_counter()
-            G_t = pivotal_tune(G, ws_w, target, steps=tune_steps, locality=loc, options=topts)
+            G_t, rep = pivotal_tune_report(G, ws_w, target, steps=tune_steps, locality=loc, options=topts)
             secs = time.perf_counter() - t0 + t_w
             rows.append({"method": method, "image": name, **_metrics(G_t, ws_w, target), "seconds": secs,
-                         "drift": _drift(G, G_t)})
+                         "drift": _drift(G, G_t), "tune_steps": rep.steps_run})
     base = {r["image"]: r["mse"] for r in rows if r["method"] == "W"}
     for r in rows:
         r["mse_vs_W"] = r["mse"] / max(base[r["image"]], 1e-12)
         r.setdefault("drift", None)
-    cols = ["method", "image", "lpips", "mse", "ms_ssim", "id", "seconds", "mse_vs_W", "drift"]
+        r.setdefault("tune_steps", None)
+    cols = ["method", "image", "lpips", "mse", "ms_ssim", "id", "seconds", "mse_vs_W", "drift", "tune_steps"]
     meta = {
         "model": model_note,
         "resolution": G.resolution,
