@@ -182,10 +182,10 @@ class LPIPS(nn.Module):
         if path is not None:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # corrupt / truncated download
-                raise LatentEditError(f"cannot read ImageNet backbone {path}: {exc}") from exc
-            feats = {k: v for k, v in state.items() if k.startswith("features.")}
-            self.features.load_state_dict(feats, strict=True)
+                feats = {k: v for k, v in state.items() if k.startswith("features.")}
+                self.features.load_state_dict(feats, strict=True)
+            except Exception as exc:  # corrupt / truncated download, or not the torchvision file
+                raise LatentEditError(f"cannot use ImageNet backbone {path}: {exc}") from exc
             self.pretrained = True
             self.backbone_name = f"lpips-{arch_name}-imagenet"
             self.backbone_file = str(path)

@@ -54,6 +54,17 @@ def test_imagenet_file_loads_from_explicit_dir_and_torch_home(net, tmp_path, mon
     assert find_backbone_file(net) == hub / path.name
 
 
+def test_a_broken_backbone_file_is_an_error_not_a_silent_fallback(tmp_path):
+    from core.common import LatentEditError
+
+    (tmp_path / HUB_FILES["alex"]).write_bytes(b"not a checkpoint")
+    with pytest.raises(LatentEditError, match="alexnet-owt"):
+        LPIPS("alex", weights_dir=tmp_path)
+    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / HUB_FILES["alex"])
+    with pytest.raises(LatentEditError):
+        LPIPS("alex", weights_dir=tmp_path)
+
+
 def test_fallback_is_named_deterministic_and_metric_like(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty: no ImageNet weights anywhere we look
     monkeypatch.setenv("HOME", str(tmp_path))
