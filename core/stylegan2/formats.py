@@ -25,7 +25,6 @@ import collections
 import hashlib
 import io
 import json
-import math
 import os
 import pathlib
 import pickle
@@ -111,7 +110,8 @@ def fingerprint(G: Generator) -> str:
     for name, t in sorted(_own_state(G).items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
     return h.hexdigest()
 
 
