@@ -135,7 +135,7 @@ def _randn(init: bool, *shape) -> torch.Tensor:
 
 
 class FullyConnected(nn.Module):
-    """Equalised-learning-rate linear layer ``x @ (W·lr/√in)ᵀ + b·lr`` (weights stored ÷ lr, like both references)."""
+    """Equalised-lr linear layer ``x @ (W·lr/√in)ᵀ + b·lr`` (weights stored ÷ lr, like both references)."""
 
     def __init__(self, in_features: int, out_features: int, lr_multiplier: float = 1.0, bias_init: float = 0.0,
                  init: bool = True):
