@@ -249,6 +249,25 @@ def test_float64_matches_float32(tiny_generator):
     torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_generator_runs_forward_and_backward(tiny_generator, dtype):
+    # dtype plumbing of a .half() / .bfloat16() generator (on CPU here; the GPU test below covers CUDA)
+    G = tiny_generator
+    ws = G.mapping(torch.randn(2, G.z_dim)).detach()
+    with torch.no_grad():
+        ref = G.synthesis(ws)
+    H = copy.deepcopy(G).to(dtype).requires_grad_(False)
+    tol = 0.02 if dtype == torch.float16 else 0.1
+    for n in (1, 2):  # fused and unfused paths
+        w = ws[:n].to(dtype).clone().requires_grad_(True)
+        out = H.synthesis(w)
+        assert out.dtype == dtype
+        assert (out.float() - ref[:n]).abs().max() < tol * ref.abs().max()
+        out.float().square().mean().backward()
+        assert w.grad.dtype == dtype and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+    assert H.mapping(torch.randn(2, G.z_dim, dtype=dtype), 0.7).dtype == dtype
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fp16_matches_fp32(tiny_generator):
     G = tiny_generator.cuda()
