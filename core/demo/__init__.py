@@ -1,0 +1,46 @@
+"""The embedded default domain (design.md §6): procedural faces, their scorer, a small generator and directions.
+
+``default_model_path()`` is the shipped generator (``weights/face64.pt``, loaded by ``core.load_generator``);
+its directions manifest ``weights/face64.directions.json`` sits beside it.  ``render``, ``sample_params``,
+``ATTRIBUTES`` (renderer) and ``score`` (scorer) are imported lazily.
+"""
+from __future__ import annotations
+
+import importlib
+import pathlib
+
+WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
+
+_EXPORTS = {
+    "render": "core.demo.renderer",
+    "sample_params": "core.demo.renderer",
+    "ATTRIBUTES": "core.demo.renderer",
+    "EXTRAS": "core.demo.renderer",
+    "score": "core.demo.scorer",
+    "load_scorer": "core.demo.scorer",
+}
+
+__all__ = sorted([*_EXPORTS, "default_model_path", "default_directions_path", "WEIGHTS_DIR"])
+
+
+def default_model_path() -> pathlib.Path:
+    """Path of the shipped 64 px demo generator (``core/demo/weights/face64.pt``)."""
+    return WEIGHTS_DIR / "face64.pt"
+
+
+def default_directions_path() -> pathlib.Path:
+    """Path of the shipped directions manifest, beside the generator."""
+    return WEIGHTS_DIR / "face64.directions.json"
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'core.demo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

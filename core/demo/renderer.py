@@ -279,7 +279,7 @@ def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str
 def _draw_extra(cv: _Canvas, name: str, *, cx, cy, fx, rx, ry, ey, by, my, mw, u, face_mask):
     lay, d = cv.layer()
     if name == "bindi":
-        r = 0.75 * u
+        r = 1.1 * u
         y = (by + ey) / 2 - 0.1 * ry
         d.ellipse(cv.box(fx - r, y - r, fx + r, y + r), fill=(200, 20, 40, 255))
         cv.merge(lay)

@@ -287,7 +287,7 @@ def main(argv=None) -> int:
         (out / "train_log.json").write_text(json.dumps(log))
         print(json.dumps(meta, indent=2), f"(stage took {(time.time() - t0) / 60:.1f} min)")
     if "directions" in stages:
-        from core.demo.directions import fit_directions, write_manifest
+        from core.demo.directions import edit_matrix, fit_directions, write_manifest
 
         from core.demo.scorer import load_scorer
 
@@ -295,15 +295,23 @@ def main(argv=None) -> int:
         net = load_scorer(out / "scorer.pt")
         dirs, report = fit_directions(G, net)
         write_manifest(out / "face64.directions.json", dirs, G)
+        M = edit_matrix(G, net, dirs)
+        report["edit_matrix_abs_change_-3_to_3"] = {a: {b: round(float(M[i, j]), 3) for j, b in enumerate(ATTRIBUTES)}
+                                                    for i, a in enumerate(ATTRIBUTES)}
         (out / "directions_eval.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
     if args.install:
         WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
-        names = ["face64.pt", "scorer.pt", "face64.directions.json"] + [p.name for p in out.glob("face64.*.npy")]
-        for name in names:
-            if (out / name).exists():
-                shutil.copy2(out / name, WEIGHTS_DIR / name)
-                print(f"installed {WEIGHTS_DIR / name}")
+        for name in ("face64.pt", "scorer.pt", "face64.directions.json", "face64.directions"):
+            src, dst = out / name, WEIGHTS_DIR / name
+            if src.is_dir():
+                shutil.rmtree(dst, ignore_errors=True)
+                shutil.copytree(src, dst)
+            elif src.exists():
+                shutil.copy2(src, dst)
+            else:
+                continue
+            print(f"installed {dst}")
     return 0
 
 
