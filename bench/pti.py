@@ -9,7 +9,8 @@ PTI rows include their W pivot projection), ``mse_vs_W`` (ratio to the W row of 
 ``drift`` (PTI rows: mean squared change of 16 random latents' images, tuned vs base generator),
 ``tune_steps`` (PTI rows: steps run; fewer than asked when the LPIPS early stop applied).
 ``--loss-study`` instead compares projection losses (random-backbone LPIPS vs pure L2 vs both) on known-W
-targets of random tiny generators: the measurement behind core.project.FALLBACK_L2_WEIGHT.
+targets of random tiny generators (the measurement behind core.project.FALLBACK_L2_WEIGHT), and PTI tuning
+losses on an out-of-domain target (behind keeping PTI's L2 + AlexNet-LPIPS with the fallback).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from _util import parse_args, print_table, write_json
 
 from core.metrics import identity, lpips, lpips_backbone, ms_ssim, mse
 from core.project import ProjectOptions, effective_l2_weight, project
-from core.pti import LocalityOptions, PTIOptions, pivotal_tune_report
+from core.pti import LocalityOptions, PTIOptions, pivotal_tune, pivotal_tune_report
 
 
 def _extra(parser):
@@ -170,10 +171,43 @@ def loss_study(quick: bool) -> list:
             rows.append({"method": f"W[{name}]", "image": f"g{g_seed}t{t_seed}", "mse": float(mse(img, target)),
                          "ms_ssim": float(ms_ssim(img.clamp(-1, 1), target.clamp(-1, 1))),
                          "w_err": float((ws - ws_true).norm() / G.num_ws ** 0.5), "seconds": secs})
+    rows += tuning_loss_study(quick)
     for name in losses:
         sel = [r for r in rows if r["method"] == f"W[{name}]"]
         rows.append({"method": f"W[{name}]", "image": "mean",
                      **{k: sum(r[k] for r in sel) / len(sel) for k in ("mse", "ms_ssim", "w_err", "seconds")}})
+    return rows
+
+
+TUNING_LOSSES = {"alex+l2": dict(), "l2": dict(lpips_weight=0.0), "vgg+l2": dict(lpips_net="vgg"),
+                 "alex": dict(l2_weight=0.0)}
+
+
+def tuning_loss_study(quick: bool) -> list:
+    """PTI tuning losses on the unit tests' out-of-domain target (tiny generator seed 0, painted 12 px patch)."""
+    from core.stylegan2.network import Generator, GeneratorConfig
+
+    torch.manual_seed(0)
+    G = Generator(GeneratorConfig(resolution=32, z_dim=32, w_dim=32, mapping_layers=2,
+                                  channels={4: 32, 8: 32, 16: 32, 32: 16})).eval()
+    with torch.no_grad():
+        target = G.synthesis(G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(5))))
+    yy, xx = torch.meshgrid(torch.arange(12), torch.arange(12), indexing="ij")
+    target[:, 0, 10:22, 10:22] = 1.0
+    target[:, 1, 10:22, 10:22] = ((yy // 3 + xx // 3) % 2) * 2 - 1.0
+    target[:, 2, 10:22, 10:22] = -1.0
+    pivot = project(G, target, steps=100, options=ProjectOptions(lpips_net="alex", l2_weight=1.0,
+                                                                 initial_learning_rate=0.05, w_avg_samples=200))
+    rows = []
+    for name, kw in (TUNING_LOSSES if not quick else {"alex+l2": {}, "l2": dict(lpips_weight=0.0)}).items():
+        t0 = time.perf_counter()
+        G_t = pivotal_tune(G, pivot, target, steps=40 if quick else 120, options=PTIOptions(learning_rate=3e-3, **kw))
+        secs = time.perf_counter() - t0
+        with torch.no_grad():
+            img = G_t.synthesis(pivot, noise_mode="const")
+        rows.append({"method": f"PTI[{name}]", "image": "g0t5+patch", "mse": float(mse(img, target)),
+                     "ms_ssim": float(ms_ssim(img.clamp(-1, 1), target.clamp(-1, 1))), "w_err": None,
+                     "seconds": secs})
     return rows
 
 
