@@ -299,3 +299,17 @@ def test_krita_refuses_a_cmyk_document_with_advice(krita, latent_server, tmp_pat
     assert res.result.get("model") == "CMYKA", res.describe()
     assert res.rc == 12 and res.result.get("error_type") == "UnsupportedColorModel", res.describe()
     assert "Convert Image Color Space" in res.result["error_message"]
+
+
+def test_krita_reports_no_face(krita, latent_server, tmp_path):
+    """Face alignment on ("align": "auto") over an image without a face: a clear message, nothing added."""
+    direction = latent_server.directions()[0]
+    _img, _png, _sel, sel_path = write_inputs(tmp_path)
+    flat = tmp_path / "flat.png"
+    Image.fromarray(np.full((SIZE, SIZE, 3), 128, np.uint8)).save(flat)
+    job = base_job(tmp_path, latent_server, flat, sel_path, direction)
+    job["options"]["align"] = "auto"
+    res = krita(job, tmp_path)
+    assert res.rc == 12 and res.result.get("error_type") == "JobFailed", res.describe()
+    assert res.result["error_message"].startswith("No face was found"), res.result["error_message"]
+    assert not (tmp_path / "out" / "out.kra").exists()
