@@ -140,7 +140,8 @@ class FullyConnected(nn.Module):
     def __init__(self, in_features: int, out_features: int, lr_multiplier: float = 1.0, bias_init: float = 0.0,
                  init: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(_randn(init, out_features, in_features) / lr_multiplier)
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_multiplier if init
+                                   else torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.full((out_features,), float(bias_init)))
         self.weight_gain = lr_multiplier / math.sqrt(in_features)
         self.bias_gain = lr_multiplier

@@ -435,9 +435,9 @@ def test_loading_holds_at_most_two_copies_of_the_weights(tmp_path, nvidia_writer
     assert out.returncode == 0, out.stderr
     peaks = {line.split()[0]: int(line.split()[1]) for line in out.stdout.splitlines()}
     for path, peak in peaks.items():
-        # two copies, plus a little for the allocator and Python objects
-        print(path, peak / 1e6, nbytes / 1e6)
-        assert peak <= 2 * nbytes + 6e6, (path, peak / 1e6, nbytes / 1e6)
+        # at most two copies (a memory-mapped file's pages count too), plus a little for Python objects
+        assert peak <= 2 * nbytes + 2e6, (path, peak / 1e6, nbytes / 1e6)
+    assert peaks[str(nv)] <= 1.3 * nbytes  # a snapshot's D and non-EMA G are never read
 
 
 # ------------------------------------------------------------------------------------------------ CLI
