@@ -12,8 +12,8 @@ adds a pixel term.  Measured (``python bench/pti.py --loss-study``) on 4 known-W
 generators (seeds 0,1 × targets 5,6; W, 150 steps, lr 0.1), means (image MSE / MS-SSIM / per-layer latent error):
 
     L2 only                  0.161 / 0.819 / 3.92
-    random-VGG LPIPS         0.549 / 0.854 / 3.31   exact on 2 targets (latent error 0.05, 0.09), colour drift on 1
-    random-AlexNet LPIPS     0.908 / 0.792 / 5.17
+    random-VGG LPIPS         0.538 / 0.855 / 3.31   exact on 2 targets (latent error 0.05, 0.09), colour drift on 1
+    random-AlexNet LPIPS     0.906 / 0.792 / 5.17
     random-Alex + 1.0·L2     0.154 / 0.839 / 3.94
     random-VGG + 1.0·L2      0.150 / 0.849 / 3.76
     random-VGG + 0.3·L2      0.147 / 0.883 / 3.44
