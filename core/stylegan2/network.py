@@ -5,9 +5,12 @@ mapping = PixelNorm + equalised-lr FCs (lr_mul 0.01) with lrelu·√2; synthesis
 modulated + demodulated 3×3 convs (up-convs as one stride-2 transposed conv + a 4×4 FIR [1,3,3,1]),
 const noise buffers × strength, bias + lrelu·√2, skip ToRGB (1×1, no demodulation) with an FIR-upsampled image.
 
-Speed notes (CPU, batch 1): a single sample folds its styles into the conv weight (one plain conv per layer);
-larger batches scale activations instead (one shared conv, no grouped weights). Demodulation coefficients come
-from ``styles² @ Σ_k W²`` (no modulated-weight square), the bias/noise/activation run in place where autograd allows.
+Speed notes (CPU): feature maps are channels-last (NHWC oneDNN convs). A single sample folds style and
+demodulation into the conv weight (one plain conv per layer); batches, and backward passes with frozen weights
+(inversion), scale the activations around one shared conv instead (no grouped conv, no weight-gradient conv).
+Demodulation coefficients come from ``styles² @ Σ_k W²``; the bias rides in the conv or an ``addcmul``; the lrelu
+gain √2 is carried by the next layer's styles; noise and activation run in place; ToRGB is a matmul over pixels
+with a hand-written backward. Result: the same numbers as the references to ~1e-6 (fixtures), in fewer passes.
 """
 from __future__ import annotations
 
@@ -406,7 +409,7 @@ class Generator(nn.Module):
                 y = torgb(x, ws[:, r], deltas.get(si), in_gain=SQRT2)
                 si += 1
                 img = y if img is None else upsample_fir(img, fir).add_(y)
-        return img
+        return img.contiguous()  # NCHW-contiguous for callers (a 3-channel copy)
 
     def forward(self, z: torch.Tensor, truncation_psi: float = 1.0, noise_mode: str = "const") -> torch.Tensor:
         """z (N, z_dim) → images (N,3,H,W)."""
