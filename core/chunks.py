@@ -392,7 +392,7 @@ def _image_loss(x, y, mask, lp, opts: ChunksOptions) -> torch.Tensor:
 def invert_segments(G, image: torch.Tensor, masks: torch.Tensor, steps: Optional[int] = None, space: str = "w+",
                     reg: Optional[float] = None, tune_steps: int = 0, progress: ProgressFn = None,
                     cancel: CancelLike = None, options: Optional[ChunksOptions] = None,
-                    init_ws: Optional[torch.Tensor] = None) -> SegmentSession:
+                    init_ws: Optional[torch.Tensor] = None, directions=None) -> SegmentSession:
     """Fit one latent code per segment so that the composite reproduces ``image`` inside the masks.
 
     image (1,3,H,W) in [-1,1] at the generator's resolution; masks (n,H,W) in [0,1] (a selection is one
@@ -400,6 +400,7 @@ def invert_segments(G, image: torch.Tensor, masks: torch.Tensor, steps: Optional
     empty and this is a global inversion. ``space`` "w+" (ChunkyGAN default) or "w". ``reg`` λ_reg (default
     ``options.reg``). ``tune_steps`` > 0 then tunes a copy of G on the masked loss only (segment-restricted PTI;
     ``G`` itself is never modified). ``init_ws`` (1|n,num_ws,w_dim) starts from given codes instead of w_avg.
+    ``directions`` ({name: Direction}) resolves edit names in ``render``.
     ``progress(step, total, loss, preview)`` is called after every step (``preview`` the current composite
     (1,3,H,W) every ``PREVIEW_EVERY`` steps, else None); ``cancel`` is checked before every step.
     """
@@ -488,7 +489,7 @@ def invert_segments(G, image: torch.Tensor, masks: torch.Tensor, steps: Optional
                               cancel=cancel)
         info["tune_steps"] = int(tune_steps)
         info["seconds"] = time.perf_counter() - t0
-    return SegmentSession(G_out, image, S_final, coverage, ws, opts, base_G=G, info=info)
+    return SegmentSession(G_out, image, S_final, coverage, ws, opts, base_G=G, directions=directions, info=info)
 
 
 def tune_segments(G, ws: torch.Tensor, image: torch.Tensor, masks: torch.Tensor, steps: int,

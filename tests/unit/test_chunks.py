@@ -173,9 +173,9 @@ def test_named_and_direction_edits(G, photo):
 
     region = torch.zeros(32, 32)
     region[8:24, 8:24] = 1
-    sess = invert_segments(G, photo, region, steps=3, options=FAST)
     v = torch.randn(32)
-    sess.directions = {"smile": Direction(name="smile", vector=v)}
+    sess = invert_segments(G, photo, region, steps=3, options=FAST,
+                           directions={"smile": Direction(name="smile", vector=v)})
     a = sess.render([("smile", 1.5)])
     b = sess.render([(Direction(name="x", vector=v), 1.5)])
     c = sess.render([(v, 1.5)])
