@@ -94,12 +94,17 @@ class ScorerTrainOptions:
 
 
 def train_scorer(images: np.ndarray, params: np.ndarray, options: ScorerTrainOptions | None = None,
-                 progress: Optional[Callable[[int, int, float], None]] = None) -> ScorerNet:
-    """Fit a :class:`ScorerNet` to ``images`` uint8 ``(N,64,64,3)`` and ``params`` ``(N,K)`` in [0,1] (L1 loss)."""
+                 progress: Optional[Callable[[int, int, float], None]] = None, init: ScorerNet | None = None) -> ScorerNet:
+    """Fit a :class:`ScorerNet` to ``images`` uint8 ``(N,64,64,3)`` and ``params`` ``(N,K)`` in [0,1] (L1 loss).
+
+    ``init``: continue from these weights (a copy is trained)."""
     o = options or ScorerTrainOptions()
     g = torch.Generator().manual_seed(o.seed)
     torch.manual_seed(o.seed)
     net = ScorerNet(num_outputs=params.shape[1])
+    if init is not None:
+        net.load_state_dict(init.state_dict())
+    net.train().requires_grad_(True)
     opt = torch.optim.Adam(net.parameters(), lr=o.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s, o.steps) / o.steps)))
