@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_generator
+from tests.conftest import make_tiny_generator
 from core.common import Cancelled, InvalidInput
 from core.project import ProjectOptions, project
 from core.pti import LocalityOptions, PTIOptions, pivotal_tune, pivotal_tune_report
@@ -145,7 +145,8 @@ def test_early_stop_threshold_and_its_fallback_rule(setup):
 
 
 def test_delta_round_trip_reproduces_tuned_outputs(setup, tmp_path):
-    formats = pytest.importorskip("core.stylegan2.formats")
+    from core.stylegan2 import formats
+
     G, G_tuned, pivot = setup["G"], setup["tuned"], setup["pivot"]
     path = tmp_path / "tuned.delta.pt"
     formats.save_generator(G_tuned, path, base=G)
