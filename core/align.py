@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core.common import InvalidInput
+from core.common import InvalidInput, NoFace
 from core.mtcnn import MTCNNOptions, run_mtcnn
 
 MIN_FACE_PX = 32  # ours: a face box side below this has too few pixels for a meaningful edit
@@ -139,7 +139,7 @@ def choose_face(faces, selection=None, *, min_size: float = MIN_FACE_PX) -> Face
     """
     faces = list(faces)
     if not faces:
-        raise InvalidInput("no face found in the layer")
+        raise NoFace("no face found in the layer")
     if selection is None:
         best = max(faces, key=lambda f: ((f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), f.score))
     else:
@@ -151,7 +151,7 @@ def choose_face(faces, selection=None, *, min_size: float = MIN_FACE_PX) -> Face
             x1, y1 = min(int(math.ceil(f.box[2])) + 1, W), min(int(math.ceil(f.box[3])) + 1, H)
             overlaps.append(float(sel[y0:y1, x0:x1].sum()) if x1 > x0 and y1 > y0 else 0.0)
         if max(overlaps) <= 0:
-            raise InvalidInput(
+            raise NoFace(
                 f"the selection contains no face ({len(faces)} face(s) found in the layer, none inside the selection)"
             )
         best = faces[max(range(len(faces)), key=lambda i: (overlaps[i], faces[i].score))]

@@ -20,6 +20,12 @@ class InvalidInput(LatentEditError, ValueError):
     code = "invalid_input"
 
 
+class NoFace(InvalidInput):
+    """The layer (or the selected part of it) holds no usable face."""
+
+    code = "no_face"
+
+
 class Cancelled(LatentEditError):
     """Raised between optimisation steps when the caller asked to stop."""
 
