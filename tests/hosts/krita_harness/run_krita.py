@@ -137,20 +137,27 @@ def run_job(job: dict, workdir, home_template=None, keep_home=None, timeout: flo
     job_path.write_text(json.dumps(job, indent=1))
     env["LATENT_EDIT_KRITA_JOB"] = str(job_path)
     cmd = ["timeout", "-k", "10", str(int(timeout)), "krita", "--nosplash"]
-    t0 = time.monotonic()
-    xvfb, display = start_xvfb(run_dir)
-    env["DISPLAY"] = display
-    try:
-        with open(out_dir / "krita.log", "wb") as log:
-            rc = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(run_dir))
-    finally:
-        xvfb.terminate()
+    for attempt in range(3):
+        t0 = time.monotonic()
+        xvfb, display = start_xvfb(run_dir)
+        env["DISPLAY"] = display
         try:
-            xvfb.wait(10)
-        except subprocess.TimeoutExpired:
-            xvfb.kill()
-            xvfb.wait(5)
-    seconds = time.monotonic() - t0
+            with open(out_dir / "krita.log", "wb") as log:
+                rc = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(run_dir))
+        finally:
+            xvfb.terminate()
+            try:
+                xvfb.wait(10)
+            except subprocess.TimeoutExpired:
+                xvfb.kill()
+                xvfb.wait(5)
+        seconds = time.monotonic() - t0
+        shutil.copy(run_dir / "xvfb.log", out_dir / ("xvfb%d.log" % attempt))
+        early = (out_dir / "krita.log").read_text(errors="replace")
+        # another X server on this machine can take the display between our check and Krita's connect
+        # (the abstract socket namespace is shared with chroots): start again on another display
+        if rc == 0 or "could not connect to display" not in early:
+            break
     if keep_home:
         shutil.rmtree(keep_home, ignore_errors=True)
         shutil.copytree(home, keep_home, symlinks=True)
