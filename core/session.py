@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from core.blend import color_match as _color_match
 from core.blend import feather_mask, poisson_blend
 from core.chunks import BLENDS, ChunksOptions, SegmentSession, dilate, invert_segments, normalize_masks
-from core.common import CancelLike, InvalidInput, LatentEditError, check_cancel
+from core.common import CancelLike, InvalidInput, LatentEditError, NoFace, check_cancel
 
 METHODS = ("pti", "chunks", "w", "wplus")
 ALIGNS = ("auto", "none")
@@ -526,7 +526,7 @@ def _align_geometry(layer: np.ndarray, sel: np.ndarray, res: int, min_face: int)
     sel_crop = np.clip(sel_crop, 0, 1) * inside
     region = (face_alpha(transform, feather=0.0) > 0) & (sel > 0)
     if not (sel_crop > 0).any() or not region.any():
-        raise InvalidInput("the selection does not overlap the aligned face region; select (part of) a face")
+        raise NoFace("the selection does not overlap the aligned face region; select (part of) a face")
     geometry = {"kind": "align", "transform": transform.to_json(), "box": [float(v) for v in face.box],
                 "window": list(_bbox(region))}
     target = _to_tensor(np.clip(crop, 0, 1))

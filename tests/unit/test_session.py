@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_generator
-from core.common import Cancelled, InvalidInput
+from core.common import Cancelled, InvalidInput, NoFace
 from core.edits import Direction
 from core.session import EditSession, SessionOptions, create_session
 
@@ -231,7 +231,7 @@ def test_align_auto_errors(G, astronaut):
         create_session(G, flat, None, SessionOptions(method="w", align="auto", project_steps=2))
     sel = np.zeros(astronaut.shape[:2], np.float32)
     sel[220:250, 0:30] = 1  # far from the face
-    with pytest.raises(InvalidInput, match="face"):
+    with pytest.raises(NoFace, match="face"):
         create_session(G, astronaut, sel, SessionOptions(method="w", align="auto", project_steps=2))
     with pytest.raises(InvalidInput, match="too small"):
         create_session(G, astronaut, None, SessionOptions(method="w", align="auto", project_steps=2, min_face=500))
