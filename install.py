@@ -27,6 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from plugins import install_plugins as ip  # noqa: E402  (standard library only, like this file)
+from plugins.common.flow import default_data_dir  # noqa: E402  (the server's default data folder)
+
 MIN_PYTHON, MAX_PYTHON = (3, 10), (3, 13)
 TORCH_VERSION = "2.13.0"
 STATE_FILE = "latent-edit-install.json"
@@ -53,54 +57,15 @@ class InstallError(Exception):
 # where things go
 # ----------------------------------------------------------------------------------------------
 
-def default_data_dir() -> Path:
-    """The server's per-user data folder (token, sessions); mirrors ``python -m server``'s default."""
-    system = platform.system()
-    if system == "Windows":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-    elif system == "Darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
-    return base / "latent-edit"
-
-
-def krita_locations() -> tuple[Path, Path]:
-    """(pykrita folder, kritarc file) of the current user on this OS."""
-    system = platform.system()
-    home = Path.home()
-    if system == "Windows":
-        appdata = Path(os.environ.get("APPDATA", home / "AppData" / "Roaming"))
-        local = Path(os.environ.get("LOCALAPPDATA", home / "AppData" / "Local"))
-        return appdata / "krita" / "pykrita", local / "kritarc"
-    if system == "Darwin":
-        return home / "Library" / "Application Support" / "krita" / "pykrita", home / "Library" / "Preferences" / "kritarc"
-    data = Path(os.environ.get("XDG_DATA_HOME", home / ".local" / "share"))
-    config = Path(os.environ.get("XDG_CONFIG_HOME", home / ".config"))
-    return data / "krita" / "pykrita", config / "kritarc"
-
-
-def gimp_plugins_dir() -> Path:
-    """GIMP 3's per-user plug-ins folder on this OS."""
-    system = platform.system()
-    home = Path.home()
-    if system == "Windows":
-        base = Path(os.environ.get("APPDATA", home / "AppData" / "Roaming")) / "GIMP"
-    elif system == "Darwin":
-        base = home / "Library" / "Application Support" / "GIMP"
-    else:
-        base = Path(os.environ.get("XDG_CONFIG_HOME", home / ".config")) / "GIMP"
-    return base / "3.0" / "plug-ins"
-
-
 def krita_present() -> bool:
-    pykrita, _ = krita_locations()
-    return bool(shutil.which("krita")) or pykrita.parent.exists() or Path("/Applications/krita.app").exists()
+    return (bool(shutil.which("krita")) or ip.default_pykrita_dir().parent.exists()
+            or Path("/Applications/krita.app").exists())
 
 
 def gimp_present() -> bool:
     names = ("gimp-3.0", "gimp-3", "gimp", "gimp-console-3.0")
-    return any(shutil.which(n) for n in names) or gimp_plugins_dir().parent.exists() or Path("/Applications/GIMP.app").exists()
+    return (any(shutil.which(n) for n in names) or ip.default_gimp_plugins_dir().parent.exists()
+            or Path("/Applications/GIMP.app").exists())
 
 
 def venv_python(venv: Path) -> Path:
@@ -200,21 +165,17 @@ class Installer:
         targets = []
         if not self.plugins:
             return targets
-        pykrita, kritarc = krita_locations()
         if self.krita_dir or krita_present():
-            targets.append(("krita", self.krita_dir or pykrita, self.kritarc or kritarc))
+            targets.append(("krita", self.krita_dir or ip.default_pykrita_dir(), self.kritarc or ip.default_kritarc()))
         else:
             self.notes.append("Krita not found: Krita plugin skipped (use --krita-dir to install anyway)")
         if self.gimp_dir or gimp_present():
-            targets.append(("gimp", self.gimp_dir or gimp_plugins_dir(), None))
+            targets.append(("gimp", self.gimp_dir or ip.default_gimp_plugins_dir(), None))
         else:
             self.notes.append("GIMP 3 not found: GIMP plug-in skipped (use --gimp-dir to install anyway)")
         return targets
 
     def plugins_missing(self) -> list[str]:
-        sys.path.insert(0, str(ROOT))
-        from plugins import install_plugins as ip
-
         missing = []
         for host, folder, kritarc in self.plugin_targets():
             if host == "krita":
@@ -224,9 +185,6 @@ class Installer:
         return missing
 
     def install_plugins(self) -> None:
-        sys.path.insert(0, str(ROOT))
-        from plugins import install_plugins as ip
-
         state = self.load_state()
         for host, folder, kritarc in self.plugin_targets():
             try:
@@ -329,9 +287,6 @@ class Installer:
         return 0
 
     def uninstall(self) -> int:
-        sys.path.insert(0, str(ROOT))
-        from plugins import install_plugins as ip
-
         state = self.load_state()
         for host, info in state.get("plugins", {}).items():
             folder = Path(info["folder"])

@@ -131,3 +131,59 @@ def install_gimp(plugins_dir=None) -> Path:
 
 def uninstall_gimp(plugins_dir=None) -> None:
     shutil.rmtree((Path(plugins_dir) if plugins_dir else default_gimp_plugins_dir()) / GIMP_NAME, ignore_errors=True)
+
+
+def _tree_differences(src: Path, dst: Path) -> list:
+    """Files of ``src`` (caches ignored) that are missing from ``dst`` or differ from it."""
+    out = []
+    for f in sorted(src.rglob("*")):
+        if not f.is_file() or "__pycache__" in f.parts or f.suffix in (".pyc", ".pyo"):
+            continue
+        target = dst / f.relative_to(src)
+        if not target.is_file() or target.read_bytes() != f.read_bytes():
+            out.append(target)
+    return out
+
+
+def _ini_value(path: Path, group: str, key: str):
+    """The value of ``key`` in ``[group]`` of an INI-like file, or None."""
+    if not path.exists():
+        return None
+    in_group = False
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        s = line.strip()
+        if s.startswith("[") and s.endswith("]"):
+            in_group = s == "[%s]" % group
+        elif in_group and "=" in s and s.split("=", 1)[0].strip() == key:
+            return s.split("=", 1)[1].strip()
+    return None
+
+
+def check_krita(pykrita_dir=None, kritarc_path=None) -> list:
+    """What install_krita would still change, as messages (empty: installed and current)."""
+    pykrita = Path(pykrita_dir) if pykrita_dir else default_pykrita_dir()
+    kritarc = Path(kritarc_path) if kritarc_path else default_kritarc()
+    src, pkg = HERE / "krita", pykrita / KRITA_NAME
+    stale = _tree_differences(src / KRITA_NAME, pkg) + _tree_differences(COMMON, pkg / "common")
+    desktop = pykrita / (KRITA_NAME + ".desktop")
+    if not desktop.is_file() or desktop.read_bytes() != (src / (KRITA_NAME + ".desktop")).read_bytes():
+        stale.append(desktop)
+    missing = ["Krita plugin file %s (missing or outdated)" % p for p in stale[:3]]
+    if len(stale) > 3:
+        missing.append("… and %d more Krita plugin files" % (len(stale) - 3))
+    if _ini_value(kritarc, "python", "enable_" + KRITA_NAME) != "true":
+        missing.append("Krita plugin not enabled in %s" % kritarc)
+    return missing
+
+
+def check_gimp(plugins_dir=None) -> list:
+    """What install_gimp would still change, as messages (empty: installed and current)."""
+    dst = (Path(plugins_dir) if plugins_dir else default_gimp_plugins_dir()) / GIMP_NAME
+    stale = _tree_differences(HERE / "gimp" / GIMP_NAME, dst) + _tree_differences(COMMON, dst / "common")
+    missing = ["GIMP plug-in file %s (missing or outdated)" % p for p in stale[:3]]
+    if len(stale) > 3:
+        missing.append("… and %d more GIMP plug-in files" % (len(stale) - 3))
+    entry = dst / (GIMP_NAME + ".py")
+    if entry.is_file() and not os.access(entry, os.X_OK):
+        missing.append("GIMP plug-in %s is not executable" % entry)
+    return missing
