@@ -11,7 +11,9 @@ FFHQ-aligned with core.align: skimage's astronaut and matplotlib's grace_hopper)
 * ``segments+PTI``: the same, then segment-restricted pivotal tuning.
 
 A second table splits the face into two segments and compares λ_reg = 0 with the default: the spread of the
-segment codes and the seam energy (squared jump across the segment boundary) of one edit applied to both.
+segment codes, and for one edit applied to both segments the seam energy (mean squared jump of the edit's image
+change across the segment boundary) and the seam contrast (that jump over the mean jump inside a segment: ≈ 1
+when the edit flows across the boundary, ≫ 1 when it breaks there).
 
 Metrics are measured inside the region only: ``masked_lpips`` (the LPIPS core.losses provides, its backbone is
 printed) and ``masked_mse`` (images in [-1,1]). Re-edit rows time ``SegmentSession.render`` and
@@ -150,7 +152,7 @@ def main() -> int:
               f"masked_lpips = {r['segments']['masked_lpips'] / r['global W+']['masked_lpips']:.3f}")
 
     # ---- dispersion regulariser: two segments (eyes / mouth halves of the face), λ_reg 0 vs the default ----
-    from core.chunks import code_spread, seam_energy
+    from core.chunks import code_spread, seam_contrast, seam_energy
 
     two = torch.zeros(2, res, res)
     two[0, int(0.30 * res):int(0.55 * res), int(0.22 * res):int(0.78 * res)] = 1
@@ -170,9 +172,10 @@ def main() -> int:
                 delta = s2.generated([(d_edit, 1.0)]) - s2.generated()
             reg_rows.append({"method": f"segments x2, reg={reg:g}", "image": name, "code_spread": code_spread(s2.ws),
                              "seam_energy": seam_energy(delta, s2.masks),
+                             "seam_contrast": seam_contrast(delta, s2.masks),
                              "masked_mse": float(masked_mse(s2.generated(), img, two.sum(0)[None, None])[0]),
                              "seconds": seconds})
-    print_table(reg_rows, ["method", "image", "code_spread", "seam_energy", "masked_mse", "seconds"],
+    print_table(reg_rows, ["method", "image", "code_spread", "seam_energy", "seam_contrast", "masked_mse", "seconds"],
                 title="λ_reg: code spread and seam energy of one edit applied to both segments (lower = coherent)")
 
     # ---- re-edit cost: cached session render vs one bare generator forward ----

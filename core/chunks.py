@@ -140,23 +140,37 @@ def code_spread(ws: torch.Tensor) -> float:
     return float((ws - ws.mean(0, keepdim=True)).square().mean())
 
 
+def _neighbour_jumps(delta: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared jumps of ``delta`` (1,C,H,W) between 4-neighbours inside the selection, split into pairs whose
+    segments (arg-max of ``masks`` (n,1,H,W)) differ and pairs inside one segment."""
+    labels = masks.argmax(0)[0]
+    inside = masks.sum(0)[0] > 0
+    d = delta[0]
+    across, within = [], []
+    for dy, dx in ((0, 1), (1, 0)):
+        h, w = labels.shape[0] - dy, labels.shape[1] - dx
+        both = inside[:h, :w] & inside[dy:, dx:]
+        differ = labels[:h, :w] != labels[dy:, dx:]
+        jump = (d[:, :h, :w] - d[:, dy:, dx:]).square().sum(0)
+        across.append(jump[both & differ])
+        within.append(jump[both & ~differ])
+    return torch.cat(across), torch.cat(within)
+
+
 def seam_energy(delta: torch.Tensor, masks: torch.Tensor) -> float:
     """Mean squared jump of ``delta`` (an edit's image change, (1,C,H,W)) between 4-neighbours that belong
     to different segments (arg-max of ``masks`` (n,1,H,W), inside the selection). Lower = more coherent."""
-    labels = masks.argmax(0)[0]  # (H,W)
-    inside = masks.sum(0)[0] > 0
-    d = delta[0]
-    jumps = []
-    for dy, dx in ((0, 1), (1, 0)):
-        a_l, b_l = labels[: labels.shape[0] - dy, : labels.shape[1] - dx], labels[dy:, dx:]
-        a_in, b_in = inside[: inside.shape[0] - dy, : inside.shape[1] - dx], inside[dy:, dx:]
-        pair = (a_l != b_l) & a_in & b_in
-        if bool(pair.any()):
-            diff = d[:, : d.shape[1] - dy, : d.shape[2] - dx] - d[:, dy:, dx:]
-            jumps.append(diff.square().sum(0)[pair])
-    if not jumps:
+    across, _ = _neighbour_jumps(delta, masks)
+    return float(across.mean()) if across.numel() else 0.0
+
+
+def seam_contrast(delta: torch.Tensor, masks: torch.Tensor) -> float:
+    """:func:`seam_energy` over the mean squared jump between neighbours *inside* one segment: ≈ 1 when the
+    edit flows across segment boundaries like anywhere else, ≫ 1 when it breaks at them."""
+    across, within = _neighbour_jumps(delta, masks)
+    if not across.numel() or not within.numel():
         return 0.0
-    return float(torch.cat(jumps).mean())
+    return float(across.mean() / within.mean().clamp(min=1e-20))
 
 
 def edit_inputs(G, ws: torch.Tensor, edits, registry=None) -> tuple[torch.Tensor, Optional[dict]]:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tests.conftest import make_tiny_generator
 from core.chunks import (ChunksOptions, SegmentSession, code_spread, edit_inputs, invert_segments, normalize_masks,
-                         seam_energy)
+                         seam_contrast, seam_energy)
 from core.common import Cancelled, InvalidInput
 from core.losses import masked_mse
 
@@ -127,9 +127,10 @@ def test_reg_shrinks_code_spread_and_seam_energy(G, photo, two_segments):
     for reg in (0.0, 1.0):
         s = invert_segments(G, photo, two_segments, steps=40, reg=reg, options=FAST)
         delta = s.generated([(d, 1.0)]) - s.generated()
-        results[reg] = (code_spread(s.ws), seam_energy(delta, s.masks))
+        results[reg] = (code_spread(s.ws), seam_energy(delta, s.masks), seam_contrast(delta, s.masks))
     assert results[1.0][0] < 0.5 * results[0.0][0], results
     assert results[1.0][1] < results[0.0][1], results
+    assert results[1.0][2] < results[0.0][2], results
 
 
 def test_seam_energy_measures_jumps_between_segments():
@@ -141,6 +142,9 @@ def test_seam_energy_measures_jumps_between_segments():
     step[..., 4:] = 1.0
     assert seam_energy(smooth, masks) == 0
     assert seam_energy(step, masks) == pytest.approx(3.0)  # a jump of 1 in each of 3 channels
+    ramp = (torch.arange(8.0)[:, None] + torch.arange(8.0)[None]).expand(1, 3, 8, 8).clone()  # no seam
+    assert seam_contrast(ramp, masks) == pytest.approx(1.0)
+    assert seam_contrast(step + 0.01 * ramp, masks) > 100
 
 
 def test_reedit_is_one_forward_and_plain_render_none(G, photo, two_segments):
