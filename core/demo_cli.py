@@ -96,7 +96,9 @@ def main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         session = create_session(G, layer, None, opts, progress=progress, directions=directions)
         t_invert = time.perf_counter() - t0
-        tiles = [(rgb, "input"), (_to_uint8(session.render([]), layer[..., :3]), "reconstruction")]
+        # what the generator itself reproduces (at its own resolution): the inversion's honest quality
+        rec = session.segments.generated()[0].permute(1, 2, 0).clamp(-1, 1).add(1).mul(127.5).round()
+        tiles = [(rgb, "input"), (rec.byte().numpy(), f"inversion ({G.resolution} px)")]
         t1 = time.perf_counter()
         for name in names:
             strength = args.strength if args.strength is not None else float(directions[name].default_strength or 2.0)
