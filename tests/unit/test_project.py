@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from conftest import make_tiny_generator
+from tests.conftest import make_tiny_generator
 from core.common import Cancelled, InvalidInput
 from core.losses import _cached_lpips
 from core.lpips_nets import HUB_FILES, VGG16Features
