@@ -28,6 +28,9 @@ _EXPORTS = {
     "project_w": "core.project",
     "project_wplus": "core.project",
     "pivotal_tune": "core.pti",
+    "ProjectOptions": "core.project",
+    "PTIOptions": "core.pti",
+    "LocalityOptions": "core.pti",
     "perceptual_loss": "core.losses",
     # segments (issue 4)
     "invert_segments": "core.chunks",
