@@ -13,6 +13,17 @@ adversarial training gives no handle on what W means.  Here every ``z`` has exac
 (``data.params_from_z``: second-moment-normalised z, first K coordinates through the normal CDF), so
 mapping+synthesis are trained end to end by regression (L1 on pixels + L1 on image gradients) and W
 is forced to carry the attributes; directions are then fitted InterfaceGAN-style on the trained W.
+From step ``feature_from_step`` on, an L1 loss between the scorer's feature maps of output and target is
+added (pixels alone left eyes and mouths blurred).
+
+How the shipped files were made (2 shared CPU cores; one process per core beats two threads in one):
+
+    python -m core.demo.train --out DIR --stages cache,scorer
+    OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node 2 -m core.demo.train \
+        --out DIR --stages generator --resume --max-minutes 66
+    python -m core.demo.train --out DIR --stages directions --resume --install
+
+``python -m core.demo.train --out DIR --install`` does the same in one process (slower).
 """
 from __future__ import annotations
 
