@@ -7,7 +7,7 @@ as a new layer with a layer mask, inside a layer group named after the edit, dir
 one undo group.  The source layer is never modified.
 
 Non-interactive use (scripts, batch mode) passes every option as a procedure argument; see
-``docs/plugins.md``.  Standard library + GIMP's GObject introspection only: the protocol code is the shared
+the README (GIMP section).  Standard library + GIMP's GObject introspection only: the protocol code is the shared
 ``common`` package that the installer copies next to this file.
 """
 import os
