@@ -5,7 +5,7 @@ FFHQ-aligned with core.align: skimage's astronaut and matplotlib's grace_hopper)
 (mouth and chin of the aligned crop), every method gets the same number of optimisation steps:
 
 * ``global W+``: the same optimiser and loss as the segment inversion (core.chunks), fitted to the whole image;
-* ``global W+ (projector)``: core.project's Karras/PTI projector in W+ on the whole image (reference; not in
+* ``global W+ (projector)``: core.projection's Karras/PTI projector in W+ on the whole image (reference; not in
   ``--quick``);
 * ``segments``: core.chunks.invert_segments with the region as the single segment;
 * ``segments+PTI``: the same, then segment-restricted pivotal tuning.
@@ -103,7 +103,7 @@ def main() -> int:
     tune = args.tune if args.tune is not None else (10 if args.quick else 50)
     from core.chunks import ChunksOptions, invert_segments
     from core.losses import masked_mse, perceptual_loss
-    from core.project import ProjectOptions, project
+    from core.projection import ProjectOptions, project
     from core.session import SessionOptions, create_session
 
     G, model_note = load_generator_or_random()

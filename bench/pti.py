@@ -9,7 +9,7 @@ PTI rows include their W pivot projection), ``mse_vs_W`` (ratio to the W row of 
 ``drift`` (PTI rows: mean squared change of 16 random latents' images, tuned vs base generator),
 ``tune_steps`` (PTI rows: steps run; fewer than asked when the LPIPS early stop applied).
 ``--loss-study`` instead compares projection losses (random-backbone LPIPS vs pure L2 vs both) on known-W
-targets of random tiny generators (the measurement behind core.project.FALLBACK_L2_WEIGHT), and PTI tuning
+targets of random tiny generators (the measurement behind core.projection.FALLBACK_L2_WEIGHT), and PTI tuning
 losses on an out-of-domain target (behind keeping PTI's L2 + AlexNet-LPIPS with the fallback).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from _util import parse_args, print_table, write_json
 
 from core.metrics import identity, lpips, lpips_backbone, ms_ssim, mse
-from core.project import ProjectOptions, effective_l2_weight, project
+from core.projection import ProjectOptions, effective_l2_weight, project
 from core.pti import LocalityOptions, PTIOptions, pivotal_tune, pivotal_tune_report
 
 
@@ -147,7 +147,7 @@ def loss_study(quick: bool) -> list:
     """Known-W inversion on random tiny generators (32 px, w_dim 32) with each projection loss.
 
     Rows: method ``W[loss]``, image ``g{generator seed}t{target seed}``, mse, ms_ssim, ``w_err`` (per-layer latent
-    error ‖ws − ws_true‖/√num_ws), seconds.  This is the measurement behind core.project.FALLBACK_L2_WEIGHT.
+    error ‖ws − ws_true‖/√num_ws), seconds.  This is the measurement behind core.projection.FALLBACK_L2_WEIGHT.
     """
     from core.stylegan2.network import Generator, GeneratorConfig
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from core.blend import color_match as _color_match
 from core.blend import composite, feather_mask, poisson_blend
 from core.common import CancelLike, InvalidInput, ProgressFn, check_cancel
-from core.project import learning_rate
+from core.projection import learning_rate
 
 SPACES = ("w", "w+")
 PREVIEW_EVERY = 10  # pass the current composite to ``progress`` every this many steps (and at the end)
@@ -128,8 +128,8 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ latents
 
 def w_stats(G, samples: int, seed: int = 0) -> tuple[torch.Tensor, float]:
-    """``w_avg`` (w_dim,) and the per-element variance of W around it (core.project.w_statistics)."""
-    from core.project import w_statistics
+    """``w_avg`` (w_dim,) and the per-element variance of W around it (core.projection.w_statistics)."""
+    from core.projection import w_statistics
 
     w_avg, w_std = w_statistics(G, samples, seed)
     return w_avg.reshape(-1), max(w_std * w_std / G.w_dim, 1e-8)

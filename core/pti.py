@@ -21,7 +21,7 @@ import torch
 
 from core.common import CancelLike, InvalidInput, ProgressFn, check_cancel
 from core.losses import ImageLoss, as_mask, locality_codes, locality_loss, perceptual_loss
-from core.project import check_target
+from core.projection import check_target
 
 
 @dataclass
@@ -103,7 +103,7 @@ def pivotal_tune(G, ws: torch.Tensor, target: torch.Tensor, steps: int = 350, ma
                  cancel: CancelLike = None, options: Optional[PTIOptions] = None):
     """Tune a deep copy of ``G`` so ``G_tuned.synthesis(ws) ≈ target``; returns ``G_tuned``.
 
-    ``ws`` ``(N,num_ws,w_dim)`` pivots (from :func:`core.project.project`), ``target`` ``(N,3,R,R)`` in [-1,1];
+    ``ws`` ``(N,num_ws,w_dim)`` pivots (from :func:`core.projection.project`), ``target`` ``(N,3,R,R)`` in [-1,1];
     N > 1 tunes one generator for all images (PTI's multi-ID coach, here one batched step per iteration; it stops
     early only when every image's LPIPS is under the threshold).  ``steps``: at most this many (PTI: 350).
     ``mask`` ``(N|1,1,R,R)`` / ``(R,R)`` in [0,1] restricts the reconstruction loss.  ``locality``: True for PTI's

@@ -478,7 +478,7 @@ def _invert(G, target, mask, opts: SessionOptions, p_steps: int, t_steps: int, r
         return invert_segments(G, target, mask, steps=p_steps, space=opts.space, reg=opts.reg,
                                tune_steps=t_steps, progress=prog, cancel=cancel, options=chunks_opts)
 
-    from core.project import ProjectOptions, project
+    from core.projection import ProjectOptions, project
 
     S, coverage = normalize_masks(mask[:, None] if mask.ndim == 3 else mask)
     whole = bool((mask >= 1).all())

@@ -222,7 +222,7 @@ PROJECTION_PSNR_BOUND = 24.0
 
 
 def test_wplus_projection_reconstructs_held_out_renders(G):
-    from core.project import ProjectOptions, project  # core.project is also the submodule's name once imported
+    from core.projection import ProjectOptions, project
 
     p = sample_params(4, seed=777)
     target = _to_tensor(render(p))

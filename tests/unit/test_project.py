@@ -1,4 +1,4 @@
-"""core.project: known-W inversion, W vs W+, masks, progress, cancellation, and the caller's G left untouched."""
+"""core.projection (core.project): known-W inversion, W vs W+, masks, progress, cancellation, and the caller's G left untouched."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ from tests.conftest import make_tiny_generator
 from core.common import Cancelled, InvalidInput
 from core.losses import _cached_lpips
 from core.lpips_nets import HUB_FILES, VGG16Features
-from core.project import (FALLBACK_L2_WEIGHT, ProjectOptions, effective_l2_weight, learning_rate, project, project_w,
+from core.projection import (FALLBACK_L2_WEIGHT, ProjectOptions, effective_l2_weight, learning_rate, project, project_w,
                           project_wplus, w_statistics)
 
 # the tiny random generator's W spread is ~5 (FFHQ's lr 0.01 is tuned for a trained 512-D W): a larger lr
@@ -144,3 +144,13 @@ def test_pixel_term_is_automatic_only_for_the_random_backbone_fallback(tmp_path,
     assert effective_l2_weight(ProjectOptions(lpips_weight=0.0)) == 1.0
     torch.save(VGG16Features().state_dict(), tmp_path / HUB_FILES["vgg"])  # stands in for the ImageNet file
     assert effective_l2_weight(ProjectOptions(weights_dir=str(tmp_path))) == 0.0  # Karras et al.: LPIPS only
+
+
+def test_public_project_stays_the_function_after_its_module_is_imported():
+    """``core.project`` is the function even once every engine module has been imported."""
+    import core
+    import core.chunks  # noqa: F401
+    import core.projection  # noqa: F401
+    import core.session  # noqa: F401
+
+    assert callable(core.project) and core.project.__module__ == "core.projection"

@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import make_tiny_generator
 from core.common import Cancelled, InvalidInput
-from core.project import ProjectOptions, project
+from core.projection import ProjectOptions, project
 from core.pti import LocalityOptions, PTIOptions, pivotal_tune, pivotal_tune_report
 
 PROJ = ProjectOptions(lpips_net="alex", l2_weight=1.0, initial_learning_rate=0.05, w_avg_samples=200)
