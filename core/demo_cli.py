@@ -15,7 +15,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-DEFAULT_EDITS = ("smile", "eye_openness", "hair_color", "glasses")
+DEFAULT_EDITS = ("smile", "hair_color", "hair_length", "beard", "skin_tone")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--align", default=None, choices=("auto", "none"),
                    help="default: none for the bundled portrait, auto for --photo")
     p.add_argument("--edits", default=",".join(DEFAULT_EDITS), help="comma-separated direction names")
-    p.add_argument("--strength", type=float, default=None, help="strength for every edit (default: each one's own)")
+    p.add_argument("--strength", type=float, default=3.0, help="strength for every edit (default 3: clearly visible)")
     p.add_argument("--steps", type=int, default=None, help="projection steps (default: the method's)")
     p.add_argument("--tune-steps", type=int, default=None, help="PTI tuning steps (default: the method's)")
     p.add_argument("--seed", type=int, default=7, help="which bundled portrait (renderer seed)")
