@@ -39,7 +39,22 @@ FALLBACK_SEED = 0
 MIN_SIZE = 32  # AlexNet's stride-4 stem + 3 max-pools need at least ~31 px; smaller inputs are upsampled
 
 
-class VGG16Features(nn.Module):
+class _TappedFeatures(nn.Module):
+    """A torchvision-layout ``features`` stack whose forward returns the activations at ``taps``."""
+
+    taps: tuple = ()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out, start = [], 0
+        for end in self.taps:
+            for i in range(start, end):
+                x = self.features[i](x)
+            out.append(x)
+            start = end
+        return out
+
+
+class VGG16Features(_TappedFeatures):
     """``torchvision.models.vgg16().features`` layout; taps after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3."""
 
     channels = (64, 128, 256, 512, 512)
@@ -59,17 +74,8 @@ class VGG16Features(nn.Module):
         layers.append(nn.MaxPool2d(2, 2))
         self.features = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out, start = [], 0
-        for end in self.taps:
-            for i in range(start, end):
-                x = self.features[i](x)
-            out.append(x)
-            start = end
-        return out
 
-
-class AlexNetFeatures(nn.Module):
+class AlexNetFeatures(_TappedFeatures):
     """``torchvision.models.alexnet().features`` layout; taps after relu1..relu5."""
 
     channels = (64, 192, 384, 256, 256)
@@ -88,15 +94,6 @@ class AlexNetFeatures(nn.Module):
             nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(3, 2),
         )
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out, start = [], 0
-        for end in self.taps:
-            for i in range(start, end):
-                x = self.features[i](x)
-            out.append(x)
-            start = end
-        return out
 
 
 _ARCH = {"vgg": VGG16Features, "alex": AlexNetFeatures}
