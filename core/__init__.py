@@ -41,6 +41,10 @@ _EXPORTS = {
     "apply_edits": "core.edits",
     "sefa": "core.edits",
     "ganspace": "core.edits",
+    "fit_interfacegan": "core.edits",
+    "fit_attribute_directions": "core.edits",
+    "save_manifest": "core.edits",
+    "style_deltas_for": "core.edits",
     # real photos (issue 6)
     "Face": "core.align",
     "detect_faces": "core.align",
