@@ -16,12 +16,10 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -30,8 +28,9 @@ import numpy as np
 
 from _util import ROOT, parse_args, print_table, write_json
 
+from server.launch import port_of, wait_for_ready
+
 MSGPACK = "application/msgpack"
-READY = re.compile(r"ready at http://127\.0\.0\.1:(\d+)/")
 TERMINAL = {"done", "failed", "cancelled", "interrupted"}
 
 
@@ -76,22 +75,11 @@ def start_server(data_dir: Path, fake: bool, models_dir: Path | None, live_sessi
         cmd += ["--models-dir", str(models_dir)]
     log = open(data_dir.parent / "server.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    found = {}
-
-    def read():
-        for line in proc.stdout:
-            m = READY.search(line)
-            if m:
-                found["port"] = int(m.group(1))
-                return
-
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
-    t.join(180)
-    if "port" not in found:
+    url = wait_for_ready(proc, 180)
+    if url is None:
         proc.kill()
         raise SystemExit("server did not start; see " + log.name)
-    return proc, found["port"], (data_dir / "token").read_text().strip()
+    return proc, port_of(url), (data_dir / "token").read_text().strip()
 
 
 def wire(arr: np.ndarray, fmt: str) -> dict:

@@ -20,8 +20,9 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from server.launch import ready_line
+
 DEFAULT_PORT = 8765
-READY_PREFIX = "latent-edit server ready at "
 
 
 def default_data_dir() -> Path:
@@ -163,7 +164,7 @@ async def serve(args: argparse.Namespace) -> None:
     if not app[ENGINE].model_names():
         log.warning("no generator available: the embedded default model is missing and %s holds no checkpoint; "
                     "session requests will answer 422 no_models", models_dir)
-    print(f"{READY_PREFIX}http://{url_host}:{port}/", flush=True)
+    print(ready_line(f"http://{url_host}:{port}/"), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -10,14 +10,14 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from server.launch import wait_for_ready
+
 ROOT = Path(__file__).resolve().parents[2]
-READY_PREFIX = "latent-edit server ready at "
 SERVER_START_TIMEOUT_S = 180.0  # the first start may build caches and load the model on a busy 2-core machine
 
 
@@ -86,18 +86,8 @@ def start_server(data_dir: Path, host: str = "127.0.0.1", extra_args=()) -> Runn
     cmd = [sys.executable, "-m", "server", "--host", host, "--port", "0", "--data-dir", str(data_dir),
            "--models-dir", str(models_dir), "--device", "cpu", *extra_args]
     proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=open(log_path, "wb"), text=True)
-    found = {}
-
-    def read_stdout():
-        for line in proc.stdout:
-            if line.startswith(READY_PREFIX) and "url" not in found:
-                found["url"] = line[len(READY_PREFIX):].strip().rstrip("/")
-                ready.set()
-        ready.set()  # stdout closed: the server exited
-
-    ready = threading.Event()
-    threading.Thread(target=read_stdout, daemon=True).start()
-    if not ready.wait(SERVER_START_TIMEOUT_S) or "url" not in found:
+    url = wait_for_ready(proc, SERVER_START_TIMEOUT_S)
+    if url is None:
         proc.kill()
         proc.wait(10)
         raise RuntimeError("the server did not become ready (rc=%s); log:\n%s"
@@ -105,12 +95,12 @@ def start_server(data_dir: Path, host: str = "127.0.0.1", extra_args=()) -> Runn
     sys.path.insert(0, str(ROOT))
     from plugins.common.client import Client
 
-    client = Client(found["url"], token_file=str(data_dir / "token"), timeout=30)
+    client = Client(url, token_file=str(data_dir / "token"), timeout=30)
     health = client.health()
     models = client.models()
     name = health.get("default_model") or (models[0]["name"] if models else None)
     info = next((m for m in models if m.get("name") == name), {})
-    return RunningServer(found["url"], data_dir / "token", data_dir, name, info, log_path, proc)
+    return RunningServer(url, data_dir / "token", data_dir, name, info, log_path, proc)
 
 
 def stop_server(server: RunningServer) -> None:

@@ -9,7 +9,6 @@ import asyncio
 import http.client
 import json
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from aiohttp import ClientSession, WSMsgType, web
 
 from fake_engine import StepLog, make_engine
 from server.app import ServerConfig, create_app
+from server.launch import port_of, wait_for_ready
 
 MSGPACK = "application/msgpack"
 _DEFAULT = object()
@@ -182,7 +182,6 @@ def wait_running(server, job_id: str, timeout: float = 30) -> None:
 
 
 ROOT = Path(__file__).resolve().parents[2]
-READY = re.compile(r"latent-edit server ready at http://127\.0\.0\.1:(\d+)/")
 
 
 class ServerProcess:
@@ -196,20 +195,9 @@ class ServerProcess:
         full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "server")]),
                         OMP_NUM_THREADS="1", **(env or {}))
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True, env=full_env)
-        found = {}
-
-        def read():
-            for line in self.proc.stdout:
-                m = READY.search(line)
-                if m:
-                    found["port"] = int(m.group(1))
-                    return
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        t.join(timeout)
-        assert "port" in found, f"no ready line; log:\n{Path(self.log.name).read_text()[-3000:]}"
-        self.port = found["port"]
+        url = wait_for_ready(self.proc, timeout)
+        assert url, f"no ready line; log:\n{Path(self.log.name).read_text()[-3000:]}"
+        self.port = port_of(url)
         token_file = Path(extra[extra.index("--token-file") + 1]) if "--token-file" in extra else data_dir / "token"
         self.token = token_file.read_text().strip()
 
