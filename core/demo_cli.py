@@ -25,11 +25,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="pti", choices=("pti", "chunks", "w", "wplus"))
     p.add_argument("--align", default=None, choices=("auto", "none"),
                    help="default: none for the bundled portrait, auto for --photo")
-    p.add_argument("--edits", default=",".join(DEFAULT_EDITS), help="comma-separated direction names")
+    p.add_argument("--edits", default=default_edits(), help="comma-separated direction names "
+                   "(default: a few of the embedded model's; for other models their first four)")
     p.add_argument("--strength", type=float, default=3.0, help="strength for every edit (default 3: clearly visible)")
     p.add_argument("--steps", type=int, default=None, help="projection steps (default: the method's)")
     p.add_argument("--tune-steps", type=int, default=None, help="PTI tuning steps (default: the method's)")
     p.add_argument("--seed", type=int, default=7, help="which bundled portrait (renderer seed)")
+
+
+def default_edits() -> str:
+    return ",".join(DEFAULT_EDITS)
 
 
 def bundled_portrait(seed: int, size: int = 256) -> np.ndarray:
@@ -71,14 +76,21 @@ def main(args: argparse.Namespace) -> int:
     try:
         model_path = args.model or core.default_model_path()
         G = core.load_generator(model_path)
-        directions = core.load_directions(model_path, G) if args.model is None else {}
+        directions = core.load_directions(model_path, G)  # the manifest beside the checkpoint, if any
+        if not directions:  # a checkpoint without direction files: SeFa directions from its own weights
+            directions = core.sefa(G)
         if args.photo:
-            rgb = np.asarray(Image.open(args.photo).convert("RGB"), dtype=np.uint8)
+            try:
+                rgb = np.asarray(Image.open(args.photo).convert("RGB"), dtype=np.uint8)
+            except (OSError, ValueError) as exc:  # missing, unreadable or not an image
+                raise LatentEditError(f"cannot read the photo {args.photo}: {exc}") from None
             align = args.align or "auto"
         else:
             rgb = bundled_portrait(args.seed)
             align = args.align or "none"
         names = [n.strip() for n in args.edits.split(",") if n.strip()]
+        if args.edits == default_edits() and not set(names) <= set(directions):
+            names = list(directions)[:4]  # another model: its first directions
         unknown = [n for n in names if n not in directions]
         if unknown:
             raise LatentEditError(f"unknown edit(s) {unknown}; this model has: {', '.join(sorted(directions))}")

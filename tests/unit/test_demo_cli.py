@@ -1,0 +1,32 @@
+"""``python -m core demo``: writes the before/after sheet, and bad input is a clear message, not a traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_demo(*args):
+    return subprocess.run([sys.executable, "-m", "core", "demo", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_demo_writes_a_sheet_with_input_inversion_and_each_edit(tmp_path):
+    proc = run_demo("--out", str(tmp_path), "--steps", "5", "--tune-steps", "2", "--edits", "hair_color,beard")
+    assert proc.returncode == 0, proc.stderr
+    sheet = Path(proc.stdout.strip().splitlines()[-1])
+    assert sheet == (tmp_path / "before_after.png").resolve()
+    w, h = Image.open(sheet).size
+    assert h == 256 + 22 and w == 4 * (256 + 6) - 6  # input, inversion, two edits
+    assert Image.open(tmp_path / "input.png").size == (256, 256)
+
+
+def test_demo_bad_input_is_one_clear_line(tmp_path):
+    missing = run_demo("--photo", str(tmp_path / "nope.png"), "--out", str(tmp_path))
+    assert missing.returncode == 1 and "cannot read the photo" in missing.stderr and "Traceback" not in missing.stderr
+    unknown = run_demo("--edits", "nosuch", "--out", str(tmp_path))
+    assert unknown.returncode == 1 and "unknown edit(s) ['nosuch']" in unknown.stderr and "smile" in unknown.stderr
