@@ -12,7 +12,6 @@ import importlib
 import ipaddress
 import logging
 import os
-import platform
 import signal
 import sys
 from pathlib import Path
@@ -20,22 +19,10 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from plugins.common.flow import default_data_dir  # one definition, shared with the plugins and install.py
 from server.launch import ready_line
 
 DEFAULT_PORT = 8765
-
-
-def default_data_dir() -> Path:
-    """Per-user data folder: ~/.local/share/latent-edit (XDG_DATA_HOME), %LOCALAPPDATA%\\latent-edit,
-    ~/Library/Application Support/latent-edit."""
-    system = platform.system()
-    if system == "Windows":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-    elif system == "Darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
-    return base / "latent-edit"
 
 
 def port_number(text: str) -> int:
