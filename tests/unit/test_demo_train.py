@@ -1,0 +1,95 @@
+"""The training code behind the embedded default (core.demo.train), on a generator small enough for seconds.
+
+The shipped weights are tested in test_demo.py; here: the losses, and that both training phases run,
+checkpoint, resume, and start phase 2 from phase 1's weights.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from core.demo import train
+from core.demo.data import params_from_z
+from core.demo.renderer import render
+from core.demo.scorer import WEIGHTS as SCORER_WEIGHTS
+
+
+def _faces(n: int, seed: int = 0) -> dict:
+    z = np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)
+    params = params_from_z(z)
+    return {"z": z, "params": params, "images": render(params)}
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def test_detail_map_is_large_on_features_and_small_on_flat_areas():
+    target = _to_tensor(_faces(4)["images"])
+    m = train.detail_map(target)
+    assert m.shape == (4, 1, 64, 64)
+    np.testing.assert_allclose(m.mean((1, 2, 3)).numpy(), 1.0, rtol=1e-5)
+    face_core = m[:, :, 24:44, 20:44].mean()       # eyes, nose and mouth of a centred face
+    corner = m[:, :, :6, :6].mean()                # flat background
+    assert face_core > 2.0 and corner < 0.2, (float(face_core), float(corner))
+
+
+def test_distill_loss_is_zero_on_target_and_detail_weight_moves_it_to_detail():
+    target = _to_tensor(_faces(2)["images"])
+    assert float(train.distill_loss(target, target, 1.0, 2.0)) == 0.0
+    flat = target.clone()
+    flat[:, :, :8, :8] += 0.5                      # an error on flat background
+    feat = target.clone()
+    feat[:, :, 28:36, 24:32] += 0.5                # the same error over an eye
+    for g in (0.0, 1.0):
+        plain = (float(train.distill_loss(flat, target, g)), float(train.distill_loss(feat, target, g)))
+        weighted = (float(train.distill_loss(flat, target, g, 2.0)), float(train.distill_loss(feat, target, g, 2.0)))
+        if g == 0.0:                               # (with g > 0 the block's edges count: 2 at the corner, 4 inside)
+            assert plain[0] == pytest.approx(plain[1], rel=1e-6)
+        assert weighted[1] / weighted[0] > 1.5 * plain[1] / plain[0]
+
+
+def _tiny(**kw) -> train.GeneratorTrainOptions:
+    base = dict(z_dim=16, w_dim=32, mapping_layers=2, channels={4: 32, 8: 32, 16: 16, 32: 8, 64: 8}, batch=4,
+                warmup=2, checkpoint_minutes=1e9, feature_from_step=10 ** 9)
+    base.update(kw)
+    return train.GeneratorTrainOptions(**base)
+
+
+def test_phases_train_checkpoint_resume_and_hand_over(tmp_path):
+    torch.manual_seed(0)
+    data = _faces(8)
+    shutil.copy(SCORER_WEIGHTS, tmp_path / "scorer.pt")
+    target = _to_tensor(data["images"])
+
+    G0 = train.build_generator(_tiny())
+    with torch.no_grad():
+        before = float(train.distill_loss(train.generate(G0, torch.from_numpy(data["z"])), target, 1.0))
+
+    G1, log1 = train.train_generator(tmp_path, data, _tiny(steps=50, lr=1e-2))
+    ck = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ck["step"] == 50 and log1[-1]["step"] == 50
+    with torch.no_grad():
+        after = float(train.distill_loss(train.generate(G1, torch.from_numpy(data["z"])), target, 1.0))
+    assert after < 0.8 * before, (before, after)
+
+    # resume: the same checkpoint continues to a higher step count instead of starting over
+    _, log1b = train.train_generator(tmp_path, data, _tiny(steps=75, lr=1e-2))
+    assert [e["step"] for e in log1b] == [25, 50, 75]
+    assert torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)["step"] == 75
+
+    # phase 2 starts from phase 1's EMA weights, with the scorer and detail losses on, in its own checkpoint
+    ft = _tiny(steps=3, lr=1e-9, warmup=1, feature_from_step=0, attribute_weight=1.0, detail_weight=2.0)
+    G2, log2 = train.train_generator(tmp_path, data, ft, ckpt_name="ckpt_finetune.pt", init_from=tmp_path / "ckpt.pt")
+    phase1 = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)["G_ema"]
+    for k, v in G2.named_parameters():                                   # (buffers: w_avg is re-estimated)
+        torch.testing.assert_close(v, phase1[k], atol=1e-5, rtol=1e-4)   # lr ~0: still phase 1's weights
+    assert torch.load(tmp_path / "ckpt_finetune.pt", map_location="cpu", weights_only=True)["step"] == 3
+    ev = train.evaluate_generator(G2, data, tmp_path / "scorer.pt", n=8)
+    assert set(ev) == {"test_psnr_db", "test_detail_psnr_db", "test_attribute_mae"}
+    assert ev["test_detail_psnr_db"] < ev["test_psnr_db"]                 # detail is where a small model errs most
+    json.dumps(ev)
