@@ -437,17 +437,20 @@ def main(argv=None) -> int:
         (out / f"train_log_{stage}.json").write_text(json.dumps(log))
         print(json.dumps(meta, indent=2), f"(stage took {(time.time() - t0) / 60:.1f} min)")
     if "directions" in stages:
-        from core.demo.directions import edit_matrix, fit_directions, write_manifest
-
+        from core.demo.directions import edit_matrix, fit_directions, refine_directions, write_manifest
         from core.demo.scorer import load_scorer
 
         G = load_trained_generator(out / "face64.pt")
         net = load_scorer(out / "scorer.pt")
-        dirs, report = fit_directions(G, net)
+        fitted, report = fit_directions(G, net)
+        bar = Bar(len(ATTRIBUTES), "refine directions", every=1)
+        dirs = refine_directions(G, net, fitted, progress=lambda name, step, loss: step == 1 and bar.update(
+            ATTRIBUTES.index(name) + 1, attribute=name))
         write_manifest(out / "face64.directions.json", dirs, G)
-        M = edit_matrix(G, net, dirs)
-        report["edit_matrix_abs_change_-3_to_3"] = {a: {b: round(float(M[i, j]), 3) for j, b in enumerate(ATTRIBUTES)}
-                                                    for i, a in enumerate(ATTRIBUTES)}
+        for key, d in (("edit_matrix_fitted", fitted), ("edit_matrix_abs_change_-3_to_3", dirs)):
+            M = edit_matrix(G, net, d)
+            report[key] = {a: {b: round(float(M[i, j]), 3) for j, b in enumerate(ATTRIBUTES)}
+                           for i, a in enumerate(ATTRIBUTES)}
         (out / "directions_eval.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
     if args.install:
