@@ -455,8 +455,16 @@ def main(argv=None) -> int:
         print(json.dumps(report, indent=2))
     if args.install:
         WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
-        for name in ("face64.pt", "scorer.pt", "face64.directions.json", "face64.directions"):
-            src, dst = out / name, WEIGHTS_DIR / name
+        logs = {st: json.loads((out / f"train_log_{st}.json").read_text()) for st in ("generator", "finetune")
+                if (out / f"train_log_{st}.json").exists()}
+        if logs:
+            (out / "train_log.json").write_text(json.dumps(logs))
+        shipped = {"face64.pt": "face64.pt", "scorer.pt": "scorer.pt", "face64.directions.json": "face64.directions.json",
+                   "face64.directions": "face64.directions", "generator_eval.json": "face64.eval.json",
+                   "directions_eval.json": "face64.directions_eval.json", "scorer_eval.json": "scorer.eval.json",
+                   "train_log.json": "face64.train_log.json"}
+        for name, target in shipped.items():
+            src, dst = out / name, WEIGHTS_DIR / target
             if src.is_dir():
                 shutil.rmtree(dst, ignore_errors=True)
                 shutil.copytree(src, dst)
