@@ -5,6 +5,9 @@ python bench/demo.py [--quick] [--json PATH]
 Rows (``table`` column says which):
 * ``directions``: per attribute direction, the mean |change| of its own attribute across strengths −3..3, the largest
   change of any other attribute, and the own-attribute change of a random W direction with the same scale (baseline).
+* ``samples``: per attribute, the 5th and 95th percentile of the scorer's readings on generated samples and their
+  mean error against the parameters the z asks for (``data.params_from_z``), beside the same numbers on the
+  renderer's own images of those parameters (baseline: what a perfect generator would score).
 * ``scorer``: held-out MAE per attribute on fresh renders.
 * ``speed``: 64 px generator forward vs one renderer call (baseline), batch 1.
 """
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 
 import core
+from core.demo.data import params_from_z
 from core.demo.directions import edit_matrix
 from core.demo.renderer import ATTRIBUTES, render, sample_params
 from core.demo.scorer import load_scorer, score
@@ -48,6 +52,17 @@ def main() -> None:
                      "random_dir_own_change": float(R[i, i]),
                      "own_vs_random": float(M[i, i] / max(R[i, i], 1e-9))})
 
+    z = torch.randn(128 if args.quick else 256, G.z_dim, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        fake = torch.cat([G.synthesis(G.mapping(z[i:i + 64])).clamp(-1, 1) for i in range(0, len(z), 64)])
+    want = params_from_z(z.numpy())
+    got, ref = score(fake), score(render(want))
+    for k, name in enumerate(ATTRIBUTES):
+        rows.append({"table": "samples", "name": name, "p5": float(np.percentile(got[name], 5)),
+                     "p95": float(np.percentile(got[name], 95)), "z_mae": float(np.abs(got[name] - want[:, k]).mean()),
+                     "renderer_p5": float(np.percentile(ref[name], 5)), "renderer_p95": float(np.percentile(ref[name], 95)),
+                     "renderer_z_mae": float(np.abs(ref[name] - want[:, k]).mean())})
+
     p = sample_params(100 if args.quick else 500, seed=31337)
     pred = score(render(p))
     for k, name in enumerate(ATTRIBUTES):
@@ -63,7 +78,7 @@ def main() -> None:
     rows.append({"table": "speed", "name": "generator_forward_64px_ms", "value": t_g * 1e3,
                  "baseline_render_ms": t_r * 1e3, "ratio": t_g / t_r, "load_s": t_load})
 
-    for table in ("directions", "scorer", "speed"):
+    for table in ("directions", "samples", "scorer", "speed"):
         sub = [r for r in rows if r["table"] == table]
         print_table(sub, [c for c in sub[0] if c != "table"], title=f"\n{table}")
     write_json(args.json, rows)

@@ -78,6 +78,8 @@ class DirectionRefineOptions:
     max_strength: float = 3.0  # the edit range the directions ship with (and the acceptance test uses)
     keep_weight: float = 1.0  # ours: weight of "other attributes stay" against "own attribute moves by UNIT"
     seed: int = 321           # ours: a seed of its own, so edit_matrix's held-out seed stays unseen
+    validate_n: int = 128     # ours: W samples on which the refined vector must beat the fitted one, or is dropped
+    validate_seed: int = 99   # ours: neither the refinement's seed nor edit_matrix's default (7)
 
 
 def refine_directions(G, scorer, directions: dict, options: DirectionRefineOptions | None = None,
@@ -89,7 +91,9 @@ def refine_directions(G, scorer, directions: dict, options: DirectionRefineOptio
     W samples and strengths ``±a``, ``a ~ U(1, max_strength)``: ``|s_k(w + a·d) − clamp(s_k(w) + a·UNIT, 0, 1)|
     + keep_weight × mean_j≠k |s_j(w + a·d) − s_j(w)|`` over the offset per unit ``d`` (started at the fit's).
     Returns new directions with ``vector = d/‖d‖`` and ``scale = ‖d‖``; ``names`` limits the work to those
-    attributes (the others are returned as given).
+    attributes (the others are returned as given).  A refined vector is kept only where it leaks less
+    (largest other change ÷ own change, :func:`edit_matrix`) than the given one on ``validate_n`` fresh
+    samples: the objective averages the other attributes, the acceptance measure takes the worst.
     """
     from core.edits import Direction
 
@@ -125,10 +129,16 @@ def refine_directions(G, scorer, directions: dict, options: DirectionRefineOptio
             if progress is not None:
                 progress(name, step + 1, float(loss))
         d = (length * u).detach()
-        out[name] = Direction(name, (d / d.norm()).float(), layers=d0.layers, default_strength=d0.default_strength,
-                              range=d0.range, scale=float(d.norm()), description=d0.description,
-                              source="core.demo.directions (conditioned linear regression in W, refined through "
-                                     "the generator and scorer)")
+        refined = Direction(name, (d / d.norm()).float(), layers=d0.layers, default_strength=d0.default_strength,
+                            range=d0.range, scale=float(d.norm()), description=d0.description,
+                            source="core.demo.directions (conditioned linear regression in W, refined through "
+                                   "the generator and scorer)")
+        leak = []
+        for cand in (d0, refined):
+            row = edit_matrix(G, scorer, {name: cand}, n=o.validate_n, seed=o.validate_seed, names=[name])[k]
+            leak.append(float(np.delete(row, k).max() / max(row[k], 1e-9)))
+        if leak[1] < leak[0]:
+            out[name] = refined
     return out
 
 
