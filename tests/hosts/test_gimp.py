@@ -132,9 +132,14 @@ def _check(info: dict, case: dict, dtype, edited: list[int]):
     outside = sel == 0
     assert np.array_equal(before[outside], after[outside]), "pixels outside the selection changed"
     inside = sel == 255
-    diff = np.abs(after[inside][:, :3] - before[inside][:, :3]).mean()
     scale = 65535 if dtype == np.uint16 else 255
-    assert diff / scale > 0.01, f"the edit changed the selection by only {diff / scale:.4f} on average"
+    visibly = np.abs(after[..., :3] - before[..., :3]).max(-1) > 8 / 255 * scale
+    for i in edited:  # every edited layer changed visibly somewhere in its selected part (a smile is local)
+        spec = case["layers"][i]
+        region = np.zeros_like(inside)
+        region[spec["y"]:spec["y"] + spec["height"], spec["x"]:spec["x"] + spec["width"]] = True
+        frac = visibly[region & inside].mean()
+        assert frac > 0.02, f"the edit visibly changed only {frac:.1%} of layer {spec['name']}'s selected pixels"
 
 
 def _case(layers, selection, targets, precision="U8_NON_LINEAR", pixel_format="R'G'B'A u8", batch=False,
