@@ -367,7 +367,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=pathlib.Path, required=True, help="work folder (caches, checkpoints, outputs)")
     ap.add_argument("--steps", type=int, default=GeneratorTrainOptions.steps, help="generator steps")
     ap.add_argument("--max-minutes", type=float, default=0.0, help="also stop generator training after this wall time")
-    ap.add_argument("--finetune-minutes", type=float, default=60.0, help="wall time of the finetune phase")
+    ap.add_argument("--finetune-minutes", type=float, default=80.0, help="wall time of the finetune phase (the shipped run: 80)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt and keep finished stages")
     ap.add_argument("--stages", default="cache,scorer,generator,finetune,directions",
                     help="comma list of: cache, scorer, generator, finetune, directions")
