@@ -25,6 +25,7 @@ from core.demo.data import params_from_z
 from core.demo.directions import edit_matrix
 from core.demo.renderer import ATTRIBUTES, render, sample_params
 from core.demo.scorer import load_scorer, score
+from core.demo.train import generate
 from core.edits import Direction
 
 
@@ -53,8 +54,7 @@ def main() -> None:
                      "own_vs_random": float(M[i, i] / max(R[i, i], 1e-9))})
 
     z = torch.randn(128 if args.quick else 256, G.z_dim, generator=torch.Generator().manual_seed(11))
-    with torch.no_grad():
-        fake = torch.cat([G.synthesis(G.mapping(z[i:i + 64])).clamp(-1, 1) for i in range(0, len(z), 64)])
+    fake = generate(G, z)
     want = params_from_z(z.numpy())
     got, ref = score(fake), score(render(want))
     for k, name in enumerate(ATTRIBUTES):

@@ -93,21 +93,12 @@ def bench_config(resolution: int, repeats: int) -> dict:
     row = {
         "config": f"{resolution}px",
         "params_M": round(sum(p.numel() for p in G.parameters()) / 1e6, 2),
-        "fwd_s": fwd_s,
-        "fwd_cpu_s": fwd_cpu,
-        "ref_ros_fwd_s": ref["rosinality"][0],
-        "ref_nv_fwd_s": ref["nvidia"][0],
-        "fwd_vs_ros": fwd_s / ref["rosinality"][0],
-        "fwd_vs_nv": fwd_s / ref["nvidia"][0],
-        "fb_s": fb_s,
-        "fb_cpu_s": fb_cpu,
-        "ref_ros_fb_s": ref["rosinality"][1],
-        "ref_nv_fb_s": ref["nvidia"][1],
-        "fb_vs_ros": fb_s / ref["rosinality"][1],
-        "fb_vs_nv": fb_s / ref["nvidia"][1],
-        "peak_rss_fwd_GB": round(rss_fwd, 2),
-        "peak_rss_fb_GB": round(rss_fb, 2),
     }
+    for i, (kind, wall, cpu) in enumerate((("fwd", fwd_s, fwd_cpu), ("fb", fb_s, fb_cpu))):  # i: REFERENCE column
+        row.update({f"{kind}_s": wall, f"{kind}_cpu_s": cpu,
+                    f"ref_ros_{kind}_s": ref["rosinality"][i], f"ref_nv_{kind}_s": ref["nvidia"][i],
+                    f"{kind}_vs_ros": wall / ref["rosinality"][i], f"{kind}_vs_nv": wall / ref["nvidia"][i]})
+    row.update({"peak_rss_fwd_GB": round(rss_fwd, 2), "peak_rss_fb_GB": round(rss_fb, 2)})
     del G
     gc.collect()
     return row

@@ -11,7 +11,7 @@ only loaded when one of its names is first used.  Conventions used everywhere in
 """
 from __future__ import annotations
 
-import importlib
+from core.common import lazy_exports
 
 _EXPORTS = {
     # common
@@ -64,14 +64,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'core' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), __all__)

@@ -1,6 +1,7 @@
 """Small shared pieces: the error hierarchy, cooperative cancellation and progress reporting."""
 from __future__ import annotations
 
+import importlib
 import threading
 from typing import Callable, Optional, Union
 
@@ -45,3 +46,22 @@ def check_cancel(cancel: CancelLike) -> None:
     """Raise :class:`Cancelled` when ``cancel`` asks to stop."""
     if is_cancelled(cancel):
         raise Cancelled("cancelled by the user")
+
+
+def lazy_exports(package: str, exports: dict, namespace: dict, names: list):
+    """``(__getattr__, __dir__)`` for a package that imports ``exports`` (``{name: module}``) on first use.
+
+    ``namespace`` is the package's ``globals()`` (a loaded name is cached there); ``names`` is its ``__all__``."""
+
+    def __getattr__(name: str):
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        namespace[name] = value
+        return value
+
+    def __dir__():
+        return names
+
+    return __getattr__, __dir__

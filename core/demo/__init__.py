@@ -6,7 +6,7 @@ its directions manifest ``weights/face64.directions.json`` sits beside it.  ``re
 """
 from __future__ import annotations
 
-import importlib
+from core.common import lazy_exports
 import pathlib
 
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
@@ -33,14 +33,4 @@ def default_directions_path() -> pathlib.Path:
     return WEIGHTS_DIR / "face64.directions.json"
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'core.demo' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), __all__)

@@ -272,7 +272,7 @@ def train_generator(out: pathlib.Path, data: dict, o: GeneratorTrainOptions, res
             if feat_net is None:
                 from core.demo.scorer import load_scorer
 
-                feat_net = load_scorer(out / "scorer.pt").requires_grad_(False)
+                feat_net = load_scorer(out / "scorer.pt")  # frozen
             fo = scorer_features(feat_net, img)
             if use_feat:
                 with torch.no_grad():
@@ -362,6 +362,12 @@ def load_trained_generator(path: pathlib.Path):
 # ----------------------------------------------------------------------------------------------- main
 
 
+def _phase_logs(out: pathlib.Path) -> dict:
+    """``{stage: log}`` of the generator phases that have written ``train_log_<stage>.json`` in ``out``."""
+    return {st: json.loads((out / f"train_log_{st}.json").read_text()) for st in ("generator", "finetune")
+            if (out / f"train_log_{st}.json").exists()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=pathlib.Path, required=True, help="work folder (caches, checkpoints, outputs)")
@@ -423,18 +429,17 @@ def main(argv=None) -> int:
         G, log = train_generator(out, data, po, resume=args.resume, ckpt_name=ckpt_name, init_from=init)
         if _dist()[0] != 0:
             return 0
+        (out / f"train_log_{stage}.json").write_text(json.dumps(log))
+        logs = _phase_logs(out)
         ev = evaluate_generator(G, test, out / "scorer.pt")
-        done = [json.loads(torch.load(out / c, map_location="cpu", weights_only=True)["log"]) for _, c, _, _ in phases
-                if (out / c).exists()]
         meta = {"domain": "latent-edit demo faces (core.demo.renderer)", "attributes": list(ATTRIBUTES),
                 "z_to_params": "core.demo.data.params_from_z",
-                "train_steps": sum(lg[-1]["step"] for lg in done if lg),
-                "train_minutes": round(sum(lg[-1]["minutes"] for lg in done if lg), 2),
-                "phases": [c for _, c, _, _ in phases if (out / c).exists()],
+                "train_steps": sum(lg[-1]["step"] for lg in logs.values() if lg),
+                "train_minutes": round(sum(lg[-1]["minutes"] for lg in logs.values() if lg), 2),
+                "phases": [c for st, c, _, _ in phases if st in logs],
                 "final_loss": log[-1]["loss"] if log else None, **ev}
         save_shipped_generator(G, out / "face64.pt", meta)
         (out / "generator_eval.json").write_text(json.dumps(meta, indent=2))
-        (out / f"train_log_{stage}.json").write_text(json.dumps(log))
         print(json.dumps(meta, indent=2), f"(stage took {(time.time() - t0) / 60:.1f} min)")
     if "directions" in stages:
         from core.demo.directions import edit_matrix, fit_directions, refine_directions, write_manifest
@@ -455,8 +460,7 @@ def main(argv=None) -> int:
         print(json.dumps(report, indent=2))
     if args.install:
         WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
-        logs = {st: json.loads((out / f"train_log_{st}.json").read_text()) for st in ("generator", "finetune")
-                if (out / f"train_log_{st}.json").exists()}
+        logs = _phase_logs(out)
         if logs:
             (out / "train_log.json").write_text(json.dumps(logs))
         shipped = {"face64.pt": "face64.pt", "scorer.pt": "scorer.pt", "face64.directions.json": "face64.directions.json",
