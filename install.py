@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import platform
-import secrets
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from plugins import install_plugins as ip  # noqa: E402  (standard library only, like this file)
-from plugins.common.flow import default_data_dir  # noqa: E402  (the server's default data folder)
+from core.paths import default_data_dir  # noqa: E402  (the server's default data folder; standard library only)
+from server.auth import ensure_token  # noqa: E402  (the one token writer, standard library only)
 
 MIN_PYTHON, MAX_PYTHON = (3, 10), (3, 13)
 TORCH_VERSION = "2.13.0"
@@ -208,11 +208,7 @@ class Installer:
         return [] if self.token_path.is_file() and self.token_path.read_text().strip() else [f"auth token {self.token_path}"]
 
     def write_token(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-        os.chmod(self.token_path, 0o600)
+        ensure_token(self.token_path)  # the server's own writer: mode 0600, the data folder 0700 when made here
         print(f"wrote the server's auth token to {self.token_path} (readable by you only)")
 
     # --- weights -----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from plugins.common.flow import default_data_dir  # one definition, shared with the plugins and install.py
+from core.paths import default_data_dir  # one definition, shared with the plugins and install.py
 from server.launch import ready_line
 
 DEFAULT_PORT = 8765

@@ -1,4 +1,7 @@
-"""Bearer-token authentication: the token file (created once, user-only readable) and the checks."""
+"""Bearer-token authentication: the token file (created once, user-only readable) and the checks.
+
+Standard library only: ``install.py`` runs :func:`ensure_token` with the system Python before the venv exists.
+"""
 from __future__ import annotations
 
 import hmac
@@ -15,23 +18,42 @@ MIN_TOKEN_CHARS = 16
 COOKIE = "latent_edit_token"
 
 
-def load_or_create_token(path: Path) -> str:
-    """Read the token at ``path``; create it (mode 0600, 32 random bytes, url-safe) when missing."""
-    path = Path(path)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process created it in between: use theirs
-            pass
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32) + "\n")
-            log.info("created a new auth token in %s (mode 0600)", path)
-    token = path.read_text(encoding="utf-8").strip()
+def _check_token(path: Path, token: str) -> str:
     if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
         raise SystemExit(f"error: the token in {path} must be one line of at least {MIN_TOKEN_CHARS} "
                          "non-space characters; delete the file to have a new one generated")
+    return token
+
+
+def ensure_token(path: Path) -> tuple[str, bool]:
+    """The one token writer (the server and install.py both call it): read the token at ``path`` or, when the
+    file is missing or empty, write a new one (32 random bytes, url-safe, mode 0600; its folder made 0700 when
+    created here).  A token readable by others is tightened to 0600.  Returns ``(token, created)``."""
+    path = Path(path)
+    created = False
+    if not path.exists() or not path.read_text(encoding="utf-8").strip():
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True, mode=0o700)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        try:  # atomic: a concurrent writer's token wins whole, never half of each
+            os.link(tmp, path)
+            created = True
+        except FileExistsError:
+            if not path.read_text(encoding="utf-8").strip():
+                os.replace(tmp, path)
+                created = True
+        except OSError:  # no hard links on this file system
+            os.replace(tmp, path)
+            created = True
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        if created:
+            log.info("created a new auth token in %s (mode 0600)", path)
+    token = _check_token(path, path.read_text(encoding="utf-8").strip())
     if os.name == "posix":
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
@@ -40,7 +62,12 @@ def load_or_create_token(path: Path) -> str:
                 os.chmod(path, 0o600)
             except OSError as exc:
                 log.warning("could not chmod %s: %s", path, exc)
-    return token
+    return token, created
+
+
+def load_or_create_token(path: Path) -> str:
+    """The server's start-up: :func:`ensure_token` without the flag."""
+    return ensure_token(path)[0]
 
 
 def token_matches(presented: Optional[str], expected: str) -> bool:
