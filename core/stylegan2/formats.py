@@ -168,6 +168,9 @@ def _from_torch_object(obj, path, base, notes):
         return "rosinality", _from_rosinality(obj["g_ema"], latent_avg, path, notes)
     if isinstance(obj, dict) and "style.1.weight" in obj:
         return "rosinality", _from_rosinality(obj, None, path, notes)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and \
+            any(str(k).startswith("decoder.") for k in obj["state_dict"]):
+        return "e4e/psp", _from_encoder_file(obj, path, notes)
     keys = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
     raise CheckpointError(f"unknown checkpoint content in {path}: not a StyleGAN2 generator (found {keys})")
 
@@ -299,6 +302,45 @@ def _from_rosinality(sd: dict, latent_avg, path, notes) -> Generator:
     else:
         out["w_avg"] = _own(latent_avg.reshape(-1))
     return _build(cfg, out, path, w_avg_missing=latent_avg is None)
+
+
+# ================================================================================================= e4e / pSp files
+
+
+def _from_encoder_file(obj: dict, path, notes) -> Generator:
+    """The ``decoder.*`` of an e4e/pSp checkpoint (its vendored rosinality generator) with the prefix stripped.
+
+    ``latent_avg`` becomes ``w_avg`` when it is one W (a vector, or a W+ code with equal rows); otherwise ``w_avg``
+    is estimated from samples.  Files without the decoder's ``noises.*`` buffers get zero noise maps (noted).
+    """
+    sd = {str(k)[len("decoder."):]: v for k, v in obj["state_dict"].items() if str(k).startswith("decoder.")}
+    opts = obj.get("opts")
+    kind = (vars(opts) if isinstance(opts, argparse.Namespace) else opts or {}).get("encoder_type", "encoder")
+    notes.append(f"e4e/pSp checkpoint ({kind}): using its decoder")
+    latent = obj.get("latent_avg")
+    if torch.is_tensor(latent) and latent.is_floating_point():
+        rows = latent.detach().float().reshape(-1, latent.shape[-1])
+        latent = rows[0] if bool((rows == rows[0]).all()) else None
+        if latent is None:
+            notes.append("latent_avg has unequal rows (not one W)")
+    else:
+        latent = None
+    missing_noise = [k for k in _noise_names(sd) if k not in sd]
+    if missing_noise:
+        cfg = rosinality_config(sd, path)
+        for idx, name in enumerate(_noise_names(sd)):
+            if name not in sd:
+                res = 2 ** ((idx + 5) // 2)
+                sd[name] = torch.zeros(1, 1, res, res)
+        notes.append(f"no stored noise maps ({len(missing_noise)} missing): zero noise at {cfg.resolution} px")
+    return _from_rosinality(sd, latent, path, notes)
+
+
+def _noise_names(sd: dict) -> list:
+    n_conv = 1
+    while f"convs.{n_conv - 1}.conv.weight" in sd:
+        n_conv += 1
+    return [f"noises.noise_{i}" for i in range(n_conv)]
 
 
 # ================================================================================================= our format
