@@ -37,6 +37,7 @@ _EXPORTS = {
     "SegmentSession": "core.chunks",
     # edits (issue 5)
     "Direction": "core.edits",
+    "edit_inputs": "core.edits",
     "load_directions": "core.edits",
     "apply_edits": "core.edits",
     "sefa": "core.edits",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from core.blend import color_match as _color_match
 from core.blend import composite, feather_mask, poisson_blend
 from core.common import CancelLike, InvalidInput, ProgressFn, check_cancel
+from core.edits.directions import edit_inputs
 from core.projection import learning_rate
 
 SPACES = ("w", "w+")
@@ -173,25 +174,6 @@ def seam_contrast(delta: torch.Tensor, masks: torch.Tensor) -> float:
     return float(across.mean() / within.mean().clamp(min=1e-20))
 
 
-def edit_inputs(G, ws: torch.Tensor, edits, registry=None) -> tuple[torch.Tensor, Optional[dict]]:
-    """``(edited ws, style_deltas or None)`` for ``edits`` [(direction, strength[, layers]), ...] where a
-    direction is a ``core.edits.Direction``, a name in ``registry`` or a raw W tensor (w_dim,)/(num_ws,w_dim)."""
-    from core.edits import Direction, apply_edits, style_deltas_for
-
-    items, stylespace = [], False
-    for item in edits:
-        if isinstance(item, (tuple, list)) and item and torch.is_tensor(item[0]):
-            item = (Direction(name="tensor", vector=item[0]), *item[1:])
-        ref = item.get("direction") if isinstance(item, Mapping) else (item[0] if isinstance(item, (tuple, list))
-                                                                          and item else None)
-        d = ref if isinstance(ref, Direction) else (registry or {}).get(ref) if isinstance(ref, str) else None
-        stylespace = stylespace or (d is not None and d.space == "s")
-        items.append(item)
-    ws_e = apply_edits(ws, items, registry)  # validates every item (unknown names, bad strengths)
-    deltas = style_deltas_for(items, G, registry) if stylespace else None
-    return ws_e, (deltas or None)
-
-
 # -------------------------------------------------------------------------------------------------- session
 
 class SegmentSession:
@@ -244,7 +226,7 @@ class SegmentSession:
         if not edits or not idx:
             return self.ws
         ws = self.ws.clone()
-        ws[idx], deltas = edit_inputs(self.G, self.ws[idx], edits, self.directions)
+        ws[idx], deltas = edit_inputs(self.ws[idx], edits, self.G, self.directions)
         if deltas:
             raise InvalidInput("StyleSpace (S) edits cannot be baked into latent codes; use W-space edits here")
         return ws
@@ -270,7 +252,7 @@ class SegmentSession:
                 self._rec_mixed = torch.where(self.support, (rec * self.masks).sum(0, keepdim=True), self.image)
             return self._rec_mixed
         outs = rec.clone()
-        ws_e, deltas = edit_inputs(self.G, self.ws[idx], edits, self.directions)
+        ws_e, deltas = edit_inputs(self.ws[idx], edits, self.G, self.directions)
         outs[idx] = self.synthesize(ws_e, deltas)
         return torch.where(self.support, (outs * self.masks).sum(0, keepdim=True), self.image)
 

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import make_tiny_generator
-from core.chunks import (ChunksOptions, SegmentSession, code_spread, edit_inputs, invert_segments, normalize_masks,
+from core.chunks import (ChunksOptions, SegmentSession, code_spread, invert_segments, normalize_masks,
                          seam_contrast, seam_energy)
 from core.common import Cancelled, InvalidInput
+from core.edits import edit_inputs
 from core.losses import masked_mse
 
 FAST = ChunksOptions(lpips_weight=0.0, w_avg_samples=200)  # L2 only: seconds on 2 cores
@@ -186,12 +187,12 @@ def test_named_and_direction_edits(G, photo):
     assert torch.equal(a, b) and torch.equal(a, c)
     with pytest.raises(InvalidInput):
         sess.render([("frown", 1.0)])
-    ws, deltas = edit_inputs(G, sess.ws, [(v, 1.0)])
+    ws, deltas = edit_inputs(sess.ws, [(v, 1.0)], G)
     assert deltas is None and torch.allclose(ws - sess.ws, v.expand_as(ws))
     # StyleSpace edits become synthesis inputs (by name or object), not code changes
     s_dir = Direction(name="chan", space="s", s_edits=[(2, 3, 4.0)])
     sess.directions["chan"] = s_dir
-    ws, deltas = edit_inputs(G, sess.ws, [("chan", 1.0)], sess.directions)
+    ws, deltas = edit_inputs(sess.ws, [("chan", 1.0)], G, sess.directions)
     assert torch.equal(ws, sess.ws) and set(deltas) == {2} and deltas[2][3] == 4.0
     out = sess.render([("chan", 1.0)])
     outside = (region == 0).expand(1, 3, 32, 32)

@@ -308,7 +308,7 @@ def test_ganspace_orthonormal_top_moves_more_and_cache(G, G_ws, tmp_path, monkey
     w = G.mapping(torch.randn(4000, G.z_dim, generator=torch.Generator().manual_seed(99)))[:, 0].detach()
     assert float((w @ vals[0].vector).std()) == pytest.approx(stds[0], rel=0.1)
 
-    import core.edits as edits_mod
+    import core.edits.fitting as edits_mod
 
     def no_sampling(*a, **k):
         raise AssertionError("the cache should have been used")
