@@ -87,6 +87,16 @@ class SessionOptions:
                 raise InvalidInput(f"{name} must be an integer >= 0 or None; got {v!r}")
         if self.resolved_steps()[0] < 1:
             raise InvalidInput("project_steps must be at least 1")
+        from core.chunks import SPACES  # server protocol checks: validity lives here, once
+
+        if self.space not in SPACES:
+            raise InvalidInput(f"space must be one of {SPACES}; got {self.space!r}")
+        if not (isinstance(self.reg, (int, float)) and math.isfinite(self.reg) and self.reg >= 0):
+            raise InvalidInput(f"reg must be a finite weight >= 0; got {self.reg!r}")
+        for name, lo, hi in (("min_face", 1, None), ("seed", 0, 2**32 - 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+                raise InvalidInput(f"{name} must be an integer in [{lo}, {hi if hi is not None else 'inf'}]; got {v!r}")
         return self
 
 
