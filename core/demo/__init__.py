@@ -1,8 +1,9 @@
 """The embedded default domain (design.md §6): procedural faces, their scorer, a small generator and directions.
 
 ``default_model_path()`` is the shipped generator (``weights/face64.pt``, loaded by ``core.load_generator``);
-its directions manifest ``weights/face64.directions.json`` sits beside it.  ``render``, ``sample_params``,
-``ATTRIBUTES`` (renderer) and ``score`` (scorer) are imported lazily.
+its directions manifest ``weights/face64.directions.json`` sits beside it.  ``render``, ``render_parts``,
+``sample_params``, ``ATTRIBUTES``, ``PARTS``, ``ATTRIBUTE_PARTS`` (renderer) and ``score`` (scorer) are imported
+lazily.
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
 
 _EXPORTS = {
     "render": "core.demo.renderer",
+    "render_parts": "core.demo.renderer",
+    "PARTS": "core.demo.renderer",
+    "ATTRIBUTE_PARTS": "core.demo.renderer",
     "sample_params": "core.demo.renderer",
     "ATTRIBUTES": "core.demo.renderer",
     "EXTRAS": "core.demo.renderer",

@@ -6,6 +6,9 @@ times the output size and box-filtered down, so every edge is anti-aliased.  Eve
 the image monotonically over its whole range, so a scorer can recover it and an edit can measure it.
 
 ``extras`` draws things the training set never contains (``EXTRAS``), for out-of-domain tests.
+
+:func:`render_parts` labels every output pixel with the index in ``PARTS`` of the shape group drawn on top
+there (the nose counts as skin, ears and neck too); ``ATTRIBUTE_PARTS`` says which parts each attribute draws.
 """
 from __future__ import annotations
 
@@ -53,6 +56,22 @@ DESCRIPTIONS: dict[str, str] = {
 
 EXTRAS: tuple[str, ...] = ("bindi", "mask", "face_paint", "sticker")
 
+# Part labels of render_parts (uint8 index into PARTS); the same names as core.demo.renderer_v2.
+PARTS: tuple[str, ...] = ("background", "skin", "hair", "eyes", "brows", "mouth", "glasses", "beard", "shirt",
+                          "extra")
+_PART = {name: i for i, name in enumerate(PARTS)}
+
+# The parts whose pixels each attribute changes (its region in a part map); the one home of this mapping
+# (bench/editability.py uses it).  Brows and beard are drawn in shades of the hair colour, and the skin shows
+# through a partial beard; the glasses' lens tint (at most 1/6 opacity) is not part of any region.
+# head_x and face_scale move everything.
+ATTRIBUTE_PARTS: dict[str, tuple[str, ...]] = {
+    "smile": ("mouth",), "mouth_open": ("mouth",), "eye_openness": ("eyes",), "gaze": ("eyes",),
+    "eyebrow_height": ("brows",), "hair_color": ("hair", "brows", "beard"), "hair_length": ("hair",),
+    "glasses": ("glasses",), "beard": ("beard",), "skin_tone": ("skin", "beard"), "background_hue": ("background",),
+    "head_x": PARTS, "face_scale": PARTS,
+}
+
 # Palettes (RGB) interpolated piecewise-linearly; each is monotone in lightness or hue.
 _SKIN = np.array([[250, 222, 200], [226, 180, 145], [180, 125, 90], [120, 78, 52], [78, 50, 36]], np.float64)
 _HAIR = np.array([[24, 20, 20], [70, 45, 28], [125, 70, 35], [175, 115, 55], [232, 200, 120]], np.float64)
@@ -90,11 +109,15 @@ def params_from_dict(values: dict[str, float], base: np.ndarray | None = None) -
 
 
 class _Canvas:
-    """An RGBA Pillow canvas addressed in output-pixel units (floats), drawn at ``scale``×."""
+    """An RGBA Pillow canvas addressed in output-pixel units (floats), drawn at ``scale``×.
 
-    def __init__(self, size: int, scale: int, background: Image.Image):
+    With ``parts``, ``labels`` ``(size·scale,)²`` uint8 holds per drawing pixel the ``PARTS`` index of the last
+    layer that covered it (see :meth:`merge`)."""
+
+    def __init__(self, size: int, scale: int, background: Image.Image, parts: bool = False):
         self.size, self.scale = size, scale
         self.img = background
+        self.labels = np.zeros(background.size[::-1], np.uint8) if parts else None
 
     def P(self, pts: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
         s = self.scale
@@ -108,12 +131,25 @@ class _Canvas:
         lay = Image.new("RGBA", self.img.size, (0, 0, 0, 0))
         return lay, ImageDraw.Draw(lay)
 
-    def merge(self, lay: Image.Image, mask: Image.Image | None = None):
+    def merge(self, lay: Image.Image, mask: Image.Image | None = None, *, part: str, full: int = 255):
+        """Composite ``lay`` (clipped to ``mask``) over the image.  With labels, the drawing pixels where the
+        layer's alpha reaches half of ``full`` (the layer's nominal opacity: a faint beard or frame still counts
+        by its geometry, a lens tint of 1/6 of it does not) become ``part``."""
         if mask is not None:
             a = lay.getchannel("A")
             a = Image.fromarray((np.asarray(a, np.uint16) * np.asarray(mask, np.uint16) // 255).astype(np.uint8))
             lay.putalpha(a)
+        if self.labels is not None:
+            self.labels[2 * np.asarray(lay.getchannel("A"), np.uint16) >= max(int(full), 1)] = _PART[part]
         self.img = Image.alpha_composite(self.img, lay)
+
+    def part_map(self) -> np.ndarray:
+        """``(size,size)`` uint8: per output pixel the label covering most of its ``scale``² drawing pixels
+        (ties go to the earlier name in ``PARTS``)."""
+        n, s = self.size, self.scale
+        blocks = self.labels.reshape(n, s, n, s)
+        counts = np.stack([(blocks == i).sum(axis=(1, 3)) for i in range(len(PARTS))])
+        return counts.argmax(0).astype(np.uint8)
 
 
 def _ellipse_pts(cx, cy, rx, ry, t0, t1, n=48):
@@ -132,10 +168,11 @@ def _background(size: int, scale: int, hue01: float) -> Image.Image:
     return Image.fromarray(np.round(rgba).astype(np.uint8), "RGBA")
 
 
-def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str]) -> np.ndarray:
+def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str], parts: bool = False):
+    """``uint8 (size,size,3)`` image, or with ``parts`` the ``uint8 (size,size)`` part map of the same drawing."""
     a = {k: float(np.clip(v, 0.0, 1.0)) for k, v in zip(ATTRIBUTES, p)}
     u = size / 64.0  # layout is designed in 64-px units
-    cv = _Canvas(size, supersample, _background(size, supersample, a["background_hue"]))
+    cv = _Canvas(size, supersample, _background(size, supersample, a["background_hue"]), parts)
 
     skin = _lerp_palette(_SKIN, a["skin_tone"])
     hair = _lerp_palette(_HAIR, a["hair_color"])
@@ -150,7 +187,7 @@ def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str
     lay, d = cv.layer()
     sh_y = cy + ry * 0.95
     d.ellipse(cv.box(cx - 2.3 * rx, sh_y, cx + 2.3 * rx, sh_y + 2.2 * ry), fill=_SHIRT + (255,))
-    cv.merge(lay)
+    cv.merge(lay, part="shirt")
 
     # hair behind the head (its length)
     lay, d = cv.layer()
@@ -160,7 +197,7 @@ def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str
     back = [(cx - hw, hb - 0.2 * rx)] + back + [(cx + hw, hb - 0.2 * rx)]
     back += _ellipse_pts(cx, hb - 0.2 * rx, hw, 0.25 * rx, 0, math.pi, 16)
     d.polygon(cv.P(back), fill=hair + (255,))
-    cv.merge(lay)
+    cv.merge(lay, part="hair")
 
     # neck, ears, face
     lay, d = cv.layer()
@@ -171,7 +208,7 @@ def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str
         ex = cx + side * rx * 0.97 - turn * 0.15 * rx
         d.ellipse(cv.box(ex - 0.17 * rx, ear_y - 0.2 * ry, ex + 0.17 * rx, ear_y + 0.14 * ry), fill=_shade(skin, 0.93) + (255,))
     d.ellipse(cv.box(cx - rx, cy - ry, cx + rx, cy + ry), fill=skin + (255,))
-    cv.merge(lay)
+    cv.merge(lay, part="skin")
     face_mask = Image.new("L", cv.img.size, 0)
     ImageDraw.Draw(face_mask).ellipse(cv.box(cx - rx, cy - ry, cx + rx, cy + ry), fill=255)
 
@@ -182,7 +219,7 @@ def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str
         jaw = _ellipse_pts(cx, cy, rx * 1.02, ry * 1.02, math.radians(-10), math.radians(190))
         top = [(x, max(y, cy + 0.42 * ry - 0.22 * ry * ((x - fx) / rx) ** 2)) for x, y in jaw]
         d.polygon(cv.P(top), fill=bc)
-        cv.merge(lay, face_mask)
+        cv.merge(lay, face_mask, part="beard", full=bc[3])
 
     # hair cap with a hairline over the forehead
     lay, d = cv.layer()
@@ -192,7 +229,7 @@ def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str
         q = (x - cx - 0.25 * turn * rx) / rx
         line.append((x, cy - 0.5 * ry + 0.32 * ry * q * q))
     d.polygon(cv.P(cap + line), fill=hair + (255,))
-    cv.merge(lay)
+    cv.merge(lay, part="hair")
 
     # eyes: white, iris + pupil following the gaze, clipped to the lids
     ew = 0.22 * rx
@@ -210,11 +247,11 @@ def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str
         d.ellipse(cv.box(ix - pr, ey - pr, ix + pr, ey + pr), fill=(15, 12, 12, 255))
         mask = Image.new("L", cv.img.size, 0)
         ImageDraw.Draw(mask).ellipse(cv.box(ex - ew, ey - eh, ex + ew, ey + eh), fill=255)
-        cv.merge(lay, mask)
+        cv.merge(lay, mask, part="eyes")
         lay, d = cv.layer()
         lid = _ellipse_pts(ex, ey, ew, eh, math.pi, 2 * math.pi, 24)
         d.line(cv.P(lid), fill=(40, 28, 24, 255), width=max(1, int(round(0.55 * u * supersample))), joint="curve")
-        cv.merge(lay)
+        cv.merge(lay, part="eyes")
 
     # eyebrows
     lay, d = cv.layer()
@@ -223,7 +260,7 @@ def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str
     for side, ex in zip((-1, 1), eyes):
         pts = [(ex - 1.1 * ew, by + 0.35 * ew), (ex - 0.2 * side * ew, by - 0.15 * ew), (ex + 1.1 * ew, by + 0.35 * ew)]
         d.line(cv.P(pts), fill=brow_c, width=max(1, int(round(1.2 * u * supersample))), joint="curve")
-    cv.merge(lay)
+    cv.merge(lay, part="brows")
 
     # nose
     lay, d = cv.layer()
@@ -232,7 +269,7 @@ def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str
     nx = fx + 0.1 * turn * rx
     d.line(cv.P([(nx - 0.02 * rx, cy + 0.0 * ry), (nx - 0.08 * rx, ny), (nx + 0.1 * rx, ny)]), fill=nc,
            width=max(1, int(round(0.6 * u * supersample))), joint="curve")
-    cv.merge(lay)
+    cv.merge(lay, part="skin")
 
     # mouth: corners rise with the smile, opening shows a dark interior and teeth
     mw = 0.36 * rx * (0.9 + 0.25 * a["smile"])
@@ -251,7 +288,7 @@ def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str
         d.polygon(cv.P(upper + teeth), fill=(245, 245, 240, 255))
         d.line(cv.P(lower), fill=_LIP + (255,), width=lw, joint="curve")
     d.line(cv.P(upper), fill=_shade(_LIP, 0.8) + (255,), width=lw, joint="curve")
-    cv.merge(lay)
+    cv.merge(lay, part="mouth")
 
     # glasses (frame opacity)
     if a["glasses"] > 0:
@@ -267,11 +304,13 @@ def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str
         for side, ex in zip((-1, 1), eyes):
             d.line(cv.P([(ex + side * gr, ey - 0.2 * gr), (cx + side * rx * 0.98, ey - 0.3 * gr)]), fill=fr,
                    width=max(1, int(round(0.7 * u * supersample))))
-        cv.merge(lay)
+        cv.merge(lay, part="glasses", full=alpha)
 
     for name in extras:
         _draw_extra(cv, name, cx=cx, cy=cy, fx=fx, rx=rx, ry=ry, ey=ey, by=by, my=my, mw=mw, u=u, face_mask=face_mask)
 
+    if parts:
+        return cv.part_map()
     out = cv.img.convert("RGB").resize((size, size), Image.BOX)
     return np.asarray(out, np.uint8)
 
@@ -282,7 +321,7 @@ def _draw_extra(cv: _Canvas, name: str, *, cx, cy, fx, rx, ry, ey, by, my, mw, u
         r = 1.1 * u
         y = (by + ey) / 2 - 0.1 * ry
         d.ellipse(cv.box(fx - r, y - r, fx + r, y + r), fill=(200, 20, 40, 255))
-        cv.merge(lay)
+        cv.merge(lay, part="extra")
     elif name == "mask":
         top = cy + 0.12 * ry
         pts = [(cx - 0.98 * rx, top + 0.05 * ry), (cx + 0.98 * rx, top + 0.05 * ry)]
@@ -294,7 +333,7 @@ def _draw_extra(cv: _Canvas, name: str, *, cx, cy, fx, rx, ry, ey, by, my, mw, u
         for side in (-1, 1):
             d.line(cv.P([(cx + side * 0.98 * rx, top + 0.1 * ry), (cx + side * 1.05 * rx, cy - 0.05 * ry)]),
                    fill=(235, 235, 240, 255), width=max(1, int(3 * u)))
-        cv.merge(lay)
+        cv.merge(lay, part="extra")
     elif name == "face_paint":
         for side in (-1, 1):
             x0 = fx + side * 0.55 * rx
@@ -302,7 +341,7 @@ def _draw_extra(cv: _Canvas, name: str, *, cx, cy, fx, rx, ry, ey, by, my, mw, u
                 y = cy + (0.12 + 0.11 * i) * ry
                 d.line(cv.P([(x0 - 0.25 * rx, y - 0.06 * ry), (x0 + 0.25 * rx, y + 0.06 * ry)]), fill=col,
                        width=max(1, int(round(1.6 * u * cv.scale))))
-        cv.merge(lay, face_mask)
+        cv.merge(lay, face_mask, part="extra", full=220)
     elif name == "sticker":
         sx, sy, R = fx + 0.5 * rx, cy - 0.6 * ry, 0.3 * rx
         star = []
@@ -311,7 +350,7 @@ def _draw_extra(cv: _Canvas, name: str, *, cx, cy, fx, rx, ry, ey, by, my, mw, u
             t = -math.pi / 2 + i * math.pi / 5
             star.append((sx + rr * math.cos(t), sy + rr * math.sin(t)))
         d.polygon(cv.P(star), fill=(255, 215, 0, 255), outline=(120, 80, 0, 255), width=max(1, int(round(0.5 * u * cv.scale))))
-        cv.merge(lay)
+        cv.merge(lay, part="extra")
     else:
         raise InvalidInput(f"unknown extra {name!r}; known: {', '.join(EXTRAS)}")
 
@@ -323,22 +362,38 @@ def render(params, extras: Sequence[str] | None = None, size: int = 64, supersam
     Returns ``uint8 (size,size,3)`` or ``(N,size,size,3)``; drawn at ``supersample``× and box-filtered.
     ``extras``: names from ``EXTRAS`` drawn on top (never in the training distribution).
     """
+    return _run(params, extras, size, supersample, parts=False)
+
+
+def render_parts(params, extras: Sequence[str] | None = None, size: int = 64, supersample: int = 4) -> np.ndarray:
+    """Part maps aligned with :func:`render` of the same arguments: ``uint8 (size,size)`` or ``(N,size,size)``.
+
+    Each pixel holds the index in ``PARTS`` of the shape group drawn last among those covering most of its
+    ``supersample``² drawing pixels (the same geometry and draw order as ``render``; a layer covers a drawing
+    pixel where its alpha reaches half its nominal opacity, so faint beards and frames are labelled by their
+    shape and the glasses' lens tint is not).  Extras are labelled ``"extra"``.
+    """
+    return _run(params, extras, size, supersample, parts=True)
+
+
+def _run(params, extras, size: int, supersample: int, parts: bool) -> np.ndarray:
+    name = "render_parts" if parts else "render"
     p = np.asarray(params, dtype=np.float64)
     if p.ndim not in (1, 2) or p.shape[-1] != NUM_ATTRIBUTES:
-        raise InvalidInput(f"render: params must be ({NUM_ATTRIBUTES},) or (N,{NUM_ATTRIBUTES}), got {p.shape}")
+        raise InvalidInput(f"{name}: params must be ({NUM_ATTRIBUTES},) or (N,{NUM_ATTRIBUTES}), got {p.shape}")
     if not np.all(np.isfinite(p)):
-        raise InvalidInput("render: params contain NaN or infinity")
+        raise InvalidInput(f"{name}: params contain NaN or infinity")
     if size < 16 or supersample < 1:
-        raise InvalidInput(f"render: size must be >= 16 and supersample >= 1, got {size}, {supersample}")
+        raise InvalidInput(f"{name}: size must be >= 16 and supersample >= 1, got {size}, {supersample}")
     extras = tuple(extras or ())
     for e in extras:
         if e not in EXTRAS:
             raise InvalidInput(f"unknown extra {e!r}; known: {', '.join(EXTRAS)}")
     if p.ndim == 1:
-        return _render_one(p, size, supersample, extras)
-    out = np.empty((len(p), size, size, 3), np.uint8)
+        return _render_one(p, size, supersample, extras, parts)
+    out = np.empty((len(p), size, size) + (() if parts else (3,)), np.uint8)
     for i, row in enumerate(p):
-        out[i] = _render_one(row, size, supersample, extras)
+        out[i] = _render_one(row, size, supersample, extras, parts)
     return out
 
 

@@ -105,6 +105,97 @@ def test_lazy_package_exports():
     assert core.default_model_path().name == "face64.pt" and core.default_model_path().is_file()
 
 
+# ----------------------------------------------------------------------------------------------- part maps
+
+
+def _fine_region(p, parts, size=64, extras=None):
+    """Output pixels any drawing pixel of ``parts`` touches (the 4x drawing without filtering, block-pooled)."""
+    ids = [renderer.PARTS.index(x) for x in parts]
+    fine = renderer.render_parts(p, extras=extras, size=4 * size, supersample=1)
+    return np.isin(fine, ids).reshape(size, 4, size, 4).any(axis=(1, 3))
+
+
+def test_part_maps_shape_names_and_determinism():
+    from core.demo import PARTS, render_parts
+
+    assert {"background", "skin", "hair", "eyes", "brows", "mouth", "glasses", "beard", "shirt", "extra"} <= set(PARTS)
+    p = sample_params(3, seed=8)
+    m = render_parts(p)
+    assert m.shape == (3, 64, 64) and m.dtype == np.uint8 and int(m.max()) < len(PARTS)
+    assert np.array_equal(m, render_parts(p)) and np.array_equal(m[1], render_parts(p[1]))
+    assert render_parts(p[0], size=128).shape == (128, 128)
+    full = renderer.params_from_dict({"glasses": 1.0, "beard": 1.0, "mouth_open": 0.8, "hair_length": 0.2})
+    assert {PARTS[i] for i in np.unique(render_parts(full, extras=["sticker"]))} == set(PARTS)
+    assert "extra" not in {PARTS[i] for i in np.unique(render_parts(sample_params(8, seed=1)))}
+    with pytest.raises(InvalidInput):
+        render_parts(p[0], extras=["moustache_wax"])
+    assert set(renderer.ATTRIBUTE_PARTS) == set(ATTRIBUTES)
+    assert all(set(v) <= set(PARTS) for v in renderer.ATTRIBUTE_PARTS.values())
+
+
+def test_part_maps_leave_render_unchanged():
+    p = sample_params(2, seed=21)
+    before = render(p, extras=["mask"])
+    renderer.render_parts(p, extras=["mask"])
+    assert np.array_equal(before, render(p, extras=["mask"]))
+
+
+def test_each_part_has_its_own_colours_in_the_unfiltered_render():
+    from core.demo.renderer import _HAIR, _IRIS, _LIP, _SHIRT, _SKIN, _lerp_palette, _shade
+
+    p = renderer.params_from_dict({"glasses": 0.0, "beard": 0.0, "mouth_open": 0.8, "hair_color": 0.3,
+                                   "skin_tone": 0.2, "hair_length": 0.5})
+    img = render(p, supersample=1)                                       # no filtering: every pixel is one shape's
+    parts = renderer.render_parts(p, supersample=1)
+    with_glasses = renderer.params_from_dict({"glasses": 1.0}, base=p)   # solid frames over a tinted lens
+    glasses = renderer.render_parts(with_glasses, supersample=1) == renderer.PARTS.index("glasses")
+    frames = render(with_glasses, supersample=1)[glasses]
+    assert len(frames) >= 20 and np.all(frames == (25, 25, 30))
+    hair, skin = _lerp_palette(_HAIR, 0.3), _lerp_palette(_SKIN, 0.2)
+    expect = {"shirt": {_SHIRT}, "hair": {hair}, "brows": {_shade(hair, 0.75)},
+              "skin": {skin, _shade(skin, 0.88), _shade(skin, 0.93), _shade(skin, 0.72)},
+              "eyes": {(250, 250, 250), _IRIS, (15, 12, 12), (40, 28, 24)},
+              "mouth": {(70, 16, 24), (245, 245, 240), _LIP, _shade(_LIP, 0.8)}}
+    for name, colours in expect.items():
+        got = {tuple(int(v) for v in c) for c in img[parts == renderer.PARTS.index(name)]}
+        assert got and got <= colours, (name, got - colours)
+    bg = img[parts == 0]
+    assert np.all(bg[:, 2] > 100) and len(bg) > 1000                     # the hue-0.5 backdrop, never a face colour
+
+
+def test_part_map_is_the_dominant_label_of_the_fine_drawing():
+    for p in sample_params(3, seed=3):
+        fine = renderer.render_parts(p, size=256, supersample=1).reshape(64, 4, 64, 4)
+        counts = np.stack([(fine == i).sum(axis=(1, 3)) for i in range(len(renderer.PARTS))])
+        assert np.array_equal(counts.argmax(0), renderer.render_parts(p))
+
+
+@pytest.mark.parametrize("name", [a for a in ATTRIBUTES if a not in ("head_x", "face_scale")])
+def test_an_attribute_changes_the_render_only_inside_its_parts(name):
+    k = ATTRIBUTES.index(name)
+    for p in sample_params(2, seed=12):
+        p[ATTRIBUTES.index("glasses")] = 0.0                             # no translucent frames over other parts
+        a, b = p.copy(), p.copy()
+        a[k], b[k] = (0.3, 1.0) if name == "glasses" else (0.1, 0.9)
+        diff = np.abs(render(a).astype(int) - render(b).astype(int)).max(axis=2)
+        region = _fine_region(a, renderer.ATTRIBUTE_PARTS[name]) | _fine_region(b, renderer.ATTRIBUTE_PARTS[name])
+        # the lens tint (at most 1/6 opacity) lies outside the glasses' region and changes by less than 255/6
+        tolerance = 255 // 6 if name == "glasses" else 0
+        assert diff[~region].max() <= tolerance, name
+        assert (diff[region] > 20).sum() >= 5, name
+
+
+@pytest.mark.parametrize("extra", EXTRAS)
+def test_extras_are_labelled_extra_where_they_are_drawn(extra):
+    p = sample_params(1, seed=6)[0]
+    plain = renderer.render_parts(p, size=256, supersample=1)
+    with_extra = renderer.render_parts(p, extras=[extra], size=256, supersample=1)
+    changed = (render(p, extras=[extra], size=256, supersample=1) != render(p, size=256, supersample=1)).any(axis=2)
+    labelled = with_extra == renderer.PARTS.index("extra")
+    assert labelled.sum() >= 16 and np.array_equal(labelled, changed)
+    assert np.array_equal(with_extra[~labelled], plain[~labelled])
+
+
 # ----------------------------------------------------------------------------------------------- scorer
 
 # Held-out mean absolute error bounds (0..1 scale; predicting 0.5 always gives 0.25). Measured on these 200 renders:
