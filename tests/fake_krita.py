@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import uuid
 
-IS_FAKE = True
 BYTES = {"U8": 1, "U16": 2, "F16": 2, "F32": 4}
 
 
@@ -39,6 +38,7 @@ class _Store:
         self.children = []  # bottom to top
         self.parent = None
         self.visible = True
+        self.locked = False
         self.data = bytearray(doc.w * doc.h * bpp)
         self.bounds = None  # None: computed from non-zero pixels / canvas
         self.writes = 0
@@ -68,6 +68,20 @@ class Node:
 
     def visible(self):
         return self._s.visible
+
+    def locked(self):
+        return self._s.locked
+
+    def setLocked(self, on):
+        self._s.locked = bool(on)
+
+    def remove(self):
+        """Krita's Node.remove(): detach from the parent."""
+        if self._s.parent is None:
+            return False
+        self._s.parent.children.remove(self._s)
+        self._s.parent = None
+        return True
 
     def colorModel(self):
         return self._s.doc.model

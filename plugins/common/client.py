@@ -1,7 +1,7 @@
 """HTTP client for the Latent Edit server (protocol v1, docs/protocol.md), standard library only.
 
 Bodies are msgpack (plugins/common/msgpack_codec.py); every request but ``GET /v1/health`` carries
-``Authorization: Bearer <token>``, the token being re-read from the token file on each request so a
+the bearer token, re-read from the token file on each request so a
 regenerated token is picked up. Proxies are bypassed: the server lives on loopback.
 
 Errors a user can act on are :class:`ClientError` subclasses whose ``str()`` is the message to show.
@@ -61,18 +61,18 @@ class JobCancelled(ClientError):
 def read_token(token_file) -> str:
     """The token stored in ``token_file`` (surrounding whitespace stripped)."""
     if not token_file:
-        raise Unauthorized("no token file is configured; set it in the Latent Edit settings")
+        raise Unauthorized("No token file is set. Enter the server's token file in the Latent Edit dialog.")
     path = os.path.expanduser(str(token_file))
     try:
         with open(path, "r", encoding="utf-8") as f:
             token = f.read().strip()
     except FileNotFoundError:
-        raise Unauthorized("token file %s does not exist; start the server once so it writes it, "
-                           "or correct the path in the settings" % path) from None
+        raise Unauthorized("The token file %s does not exist. Start the server once (it writes the file), "
+                           "or correct the token file path." % path) from None
     except OSError as e:
-        raise Unauthorized("cannot read token file %s: %s" % (path, e.strerror or e)) from None
+        raise Unauthorized("Cannot read the token file %s: %s." % (path, e.strerror or e)) from None
     if not token:
-        raise Unauthorized("token file %s is empty" % path)
+        raise Unauthorized("The token file %s is empty." % path)
     return token
 
 
@@ -119,8 +119,8 @@ class Client:
             reason = e.reason
             if isinstance(reason, socket.timeout):
                 raise ServerTimeout("the server at %s did not answer within %g s" % (self.url, timeout or self.timeout)) from None
-            raise ServerNotRunning("the Latent Edit server is not running at %s (%s); start it with "
-                                   "`python -m server` or check the URL in the settings"
+            raise ServerNotRunning("The Latent Edit server is not running at %s (%s). Start it with the "
+                                   "latent-edit-server command that install.py printed, or check the server URL."
                                    % (self.url, getattr(reason, "strerror", None) or reason)) from None
         except (socket.timeout, TimeoutError):
             raise ServerTimeout("the server at %s did not answer within %g s" % (self.url, timeout or self.timeout)) from None
@@ -161,6 +161,22 @@ class Client:
     def job(self, job_id: str) -> dict:
         """``GET /v1/jobs/{id}`` -> ``{state, progress, stage, message, ...}``."""
         return self.request("GET", "/v1/jobs/" + urllib.parse.quote(str(job_id), safe=""))
+
+    def job_preview(self, job_id: str):
+        """``GET /v1/jobs/{id}/preview``: the latest inversion preview as PNG bytes, or None (404: none yet)."""
+        headers = {"Accept": "image/png", "Authorization": "Bearer " + self._token()}
+        req = urllib.request.Request(self.url + "/v1/jobs/%s/preview" % urllib.parse.quote(str(job_id), safe=""),
+                                     method="GET", headers=headers)
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return None
+            raw = e.read() if e.fp is not None else b""
+            raise _http_error(e.code, raw, e.headers.get("Content-Type") if e.headers else None) from None
+        except (urllib.error.URLError, OSError):
+            return None  # a preview is optional: the job's own polling reports a lost server
 
     def cancel(self, job_id: str) -> dict:
         """``DELETE /v1/jobs/{id}``: ask the server to stop the job (idempotent)."""
@@ -213,7 +229,7 @@ def check_job(job: dict) -> None:
     if state in CANCELLED_STATES:
         raise JobCancelled("cancelled")
     if state == "interrupted" and not job.get("error"):
-        raise JobFailed(0, "interrupted", "the server stopped while this job ran; apply again", None)
+        raise JobFailed(0, "interrupted", "The server stopped while this job ran. Apply again.", None)
     if state in FAILED_STATES:
         err = job.get("error")
         if isinstance(err, dict):
@@ -236,13 +252,13 @@ def result_layers(body: dict) -> list:
     raise ServerError(0, "bad_response", "the server's render answer holds no layer (keys: %s)" % ", ".join(body))
 
 
-_NO_FACE = ("No face was found in the layer. Select a region with a clearly visible face, or turn off "
-            "\"Detect and align the face\" for images already cropped to the model's framing.")
+_NO_FACE = ("No face was found in the layer. Select a region with a clearly visible face, or switch face "
+            "alignment off for a layer already cropped to the model's framing.")
 _FRIENDLY = {
     "no_face": _NO_FACE,
-    "unauthorized": "The server rejected the token. Check the token file in the Latent Edit settings.",
-    "missing_weights": "The server has no face-detector weights. Turn off \"Detect and align the face\" or "
-                       "install them with install.py.",
+    "unauthorized": "The server rejected the token. Check the token file path.",
+    "missing_weights": "The server has no face-detector weights. Switch face alignment off, or install the "
+                       "weights with install.py.",
 }
 
 
@@ -282,5 +298,5 @@ def _http_error(status: int, raw: bytes, content_type) -> ClientError:
     code = str(body.get("error") or body.get("code") or "http_%d" % status)
     message = str(body.get("message") or "HTTP %d" % status)
     if status in (401, 403):
-        return Unauthorized("the server rejected the token (%s); check the token file in the settings" % message)
+        return Unauthorized("The server rejected the token (%s). Check the token file path." % message)
     return ServerError(status, code, friendly_message(code, message), body.get("field"))

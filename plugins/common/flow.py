@@ -1,24 +1,41 @@
-"""The host-agnostic edit flow both plugins share: names for results, edit strings, the default token
-location, and "send a layer, wait for the inversion, render the edits" over :mod:`client`.
+"""The one edit flow both host plugins use: result naming, the method list and defaults the server
+serves, edit-name checks, the session cache, and "create/batch -> wait -> render" over :mod:`client`.
 
-Standard library only. Hosts supply pixels (already packed with :mod:`pixels`) and a progress callback;
-they never talk HTTP themselves.
+Standard library only. Hosts read and write pixels (packed with :mod:`pixels`) and show progress; they
+never talk HTTP or decide when to invert themselves.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import platform
 import re
-from dataclasses import dataclass
-from pathlib import Path
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from . import client as cl
 
 GROUP_PREFIX = "Latent Edit"
 SEP = " · "
+PREVIEW_NAME = GROUP_PREFIX + SEP + "preview"
+
+# Used only when the server's GET /v1/models predates the "methods"/"defaults" fields (protocol v1 servers
+# before this change); a current server's list always wins.
+_FALLBACK_METHODS = (
+    {"name": "pti", "label": "PTI (best fidelity, slow)"},
+    {"name": "chunks", "label": "Segments (ChunkyGAN, selection only)"},
+    {"name": "w", "label": "W (fast)"},
+    {"name": "wplus", "label": "W+ (fast, more detail)"},
+)
+_FALLBACK_FEATHER = 8.0  # core.session.SessionOptions.feather (layer pixels)
 
 
 class FlowError(Exception):
     """A choice the user must correct (message shown as is)."""
 
+
+# --- naming ------------------------------------------------------------------------------------------
 
 def format_strength(strength: float) -> str:
     """1.5 -> "+1.5", -2 -> "-2", 0.125 -> "+0.13" (two decimals at most, no trailing zeros)."""
@@ -34,8 +51,31 @@ def edit_label(edits) -> str:
 
 
 def edit_title(edits) -> str:
-    """The result group's name: "Latent Edit · smile +1.5"."""
+    """The result group's name in both hosts: "Latent Edit · smile +1.5"."""
     return GROUP_PREFIX + SEP + edit_label(edits)
+
+
+def result_layer_name(source_name: str, edits) -> str:
+    """The result layer's name in both hosts: "face (smile +1.5)"."""
+    return "%s (%s)" % (source_name, edit_label(edits))
+
+
+def is_result_group_name(name: str) -> bool:
+    return str(name).startswith(GROUP_PREFIX + SEP) and name != PREVIEW_NAME
+
+
+def stack_top(kinds_above) -> int:
+    """How many of the siblings directly above a source belong to its result stack.
+
+    ``kinds_above``: for each sibling above the source, nearest first, True when it is a result group (or
+    the preview layer). The new result goes above the last of them, so every new edit is on top and visible.
+    """
+    n = 0
+    for is_result in kinds_above:
+        if not is_result:
+            break
+        n += 1
+    return n
 
 
 _EDIT = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*[=:]?\s*([+-]?\d+(?:\.\d*)?|[+-]?\.\d+)\s*$")
@@ -49,48 +89,342 @@ def parse_edits(text: str):
             continue
         m = _EDIT.match(part)
         if not m:
-            raise FlowError("cannot read the edit %r; write it as name=strength, e.g. smile=1.5" % part.strip())
+            raise FlowError("Cannot read the edit \"%s\". Write it as name=strength, for example smile=1.5."
+                            % part.strip())
         edits.append((m.group(1), float(m.group(2))))
     return edits
 
 
-def default_data_dir() -> Path:
-    """The server's default data folder on this OS (where it writes ``token``)."""
-    system = platform.system()
-    if system == "Windows":
-        base = Path(os.environ.get("LOCALAPPDATA", str(Path.home() / "AppData" / "Local")))
-    elif system == "Darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME", str(Path.home() / ".local" / "share")))
-    return base / "latent-edit"
+# --- what the server offers ---------------------------------------------------------------------------
 
-
-def default_token_file() -> str:
-    return str(default_data_dir() / "token")
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    project_steps: Optional[int] = None  # the method's default (None: not reported)
+    tune_steps: Optional[int] = None
 
 
 @dataclass
-class EditResult:
-    session_id: str
-    job_id: str
-    layer: dict  # the protocol's layer map (RGBA at the input's size, alpha = composite mask)
+class Catalog:
+    """``GET /v1/models`` read once: models, the default model, methods and defaults."""
+
+    models: list
+    default_model: Optional[str]
+    feather: float
+    methods: dict  # model name -> [Method]
+
+    def model(self, name=None) -> dict:
+        """The model dict for ``name`` (None: the server's default); FlowError naming the known ones."""
+        want = name or self.default_model or (self.models[0]["name"] if self.models else None)
+        for m in self.models:
+            if m.get("name") == want:
+                return m
+        raise FlowError("The server has no model \"%s\". It offers: %s." % (want, ", ".join(
+            str(m.get("name")) for m in self.models) or "none"))
+
+    def methods_for(self, name=None) -> list:
+        model = self.model(name)["name"] if self.models else None
+        return self.methods.get(model) or [Method(**m) for m in _FALLBACK_METHODS]
 
 
-def edit_layer(client, layer: dict, selection, edits, model=None, method="pti", align="auto", options=None,
-               on_progress=None, should_cancel=None, session_id=None) -> EditResult:
-    """Invert ``layer`` (unless ``session_id`` names a finished session to re-use) and render ``edits``.
+def _method(entry) -> Method:
+    if isinstance(entry, str):
+        return Method(entry, entry)
+    steps = entry.get("default_steps") if isinstance(entry.get("default_steps"), dict) else entry
+    as_int = lambda v: int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None  # noqa: E731
+    return Method(str(entry["name"]), str(entry.get("label") or entry["name"]),
+                  as_int(steps.get("project_steps")), as_int(steps.get("tune_steps")))
 
-    ``on_progress(job_dict)`` is called after each poll; ``should_cancel()`` stops the job on the server.
-    Raises client errors (JobFailed, JobCancelled, ServerNotRunning, ...) with user-facing messages.
-    """
-    job_id = ""
-    if session_id is None:
-        created = client.create_session(layer, selection=selection, model=model, method=method, align=align,
-                                        options=options)
-        session_id, job_id = created["session_id"], created["job_id"]
-        client.wait_job(job_id, on_progress=on_progress, should_cancel=should_cancel)
-    rendered = client.render(session_id, edits, feather=(options or {}).get("feather"))
-    from .client import result_layers
 
-    return EditResult(session_id, job_id, result_layers(rendered)[0])
+def read_catalog(body) -> Catalog:
+    """Build a Catalog from the ``GET /v1/models`` answer (a map, or a bare list from old servers)."""
+    body = body if isinstance(body, dict) else {"models": list(body or [])}
+    models = [m for m in body.get("models") or [] if isinstance(m, dict) and m.get("name")]
+    top = [_method(e) for e in body.get("methods") or []]
+    methods = {m["name"]: ([_method(e) for e in m.get("methods") or []] or top) for m in models}
+    defaults = body.get("defaults") if isinstance(body.get("defaults"), dict) else {}
+    feather = defaults.get("feather")
+    return Catalog(models, body.get("default_model"), float(feather) if feather is not None else _FALLBACK_FEATHER,
+                   methods)
+
+
+def fetch_catalog(client) -> Catalog:
+    return read_catalog(client.request("GET", "/v1/models"))
+
+
+def direction_specs(model_info: dict) -> list:
+    """[(name, default_strength, lo, hi, description)] from a model entry (names or dicts)."""
+    out = []
+    for d in model_info.get("directions") or []:
+        if isinstance(d, str):
+            out.append((d, 1.0, -3.0, 3.0, ""))
+            continue
+        lo, hi = (d.get("range") or [-3.0, 3.0])[:2]
+        out.append((str(d["name"]), float(d.get("default_strength", 1.0)), float(lo), float(hi),
+                    str(d.get("description") or "")))
+    return out
+
+
+def check_request(catalog: Catalog, options: "EditOptions") -> dict:
+    """Refuse unknown models, methods and edit names before any upload; returns the model dict."""
+    model = catalog.model(options.model)
+    names = [m.name for m in catalog.methods_for(model["name"])]
+    if options.method not in names:
+        raise FlowError("Unknown method \"%s\". Choose one of: %s." % (options.method, ", ".join(names)))
+    known = [s[0] for s in direction_specs(model)]
+    unknown = [n for n, _s in options.edits if n not in known]
+    if unknown:
+        raise FlowError("Model \"%s\" has no edit named %s. Its edits are: %s." % (
+            model["name"], ", ".join('"%s"' % n for n in unknown), ", ".join(known) or "none"))
+    return model
+
+
+# --- one request --------------------------------------------------------------------------------------
+
+@dataclass
+class EditOptions:
+    """What one Apply asks for. ``None`` lets the server pick the method's default."""
+
+    edits: list = field(default_factory=list)  # [(direction, strength)]
+    model: Optional[str] = None  # None: the server's default model
+    method: str = "pti"  # the highest-fidelity method (design.md §2)
+    align: str = "auto"
+    feather: Optional[float] = None  # None: the server's default (Catalog.feather)
+    project_steps: Optional[int] = None
+    tune_steps: Optional[int] = None
+    seed: Optional[int] = None
+    use_selection: bool = True
+
+    def session_options(self) -> dict:
+        out = {}
+        for key in ("project_steps", "tune_steps", "seed"):
+            v = getattr(self, key)
+            if v is not None:
+                out[key] = int(v)
+        return out
+
+    def inversion_key(self) -> tuple:
+        """Everything that changes the inversion (not the edits or the feather)."""
+        return (self.model, self.method, self.align, self.project_steps, self.tune_steps, self.seed)
+
+
+@dataclass
+class Item:
+    """One layer to edit: protocol maps (``pixels.pack_layer`` / ``pack_selection``)."""
+
+    layer: dict
+    selection: Optional[dict] = None
+
+
+def item_key(server_url: str, item: Item, options: EditOptions) -> str:
+    """Identity of an inversion: same pixels, selection, placement and inversion options -> same session."""
+    h = hashlib.sha1()
+    lay = item.layer
+    h.update(repr((server_url, lay.get("x", 0), lay.get("y", 0), lay["width"], lay["height"], lay["format"],
+                   options.inversion_key())).encode())
+    h.update(bytes(lay["data"]))
+    h.update(bytes(item.selection["data"]) if item.selection else b"-")
+    return h.hexdigest()
+
+
+class SessionCache:
+    """item_key -> server session id, most recent last, bounded; kept in ``path`` (JSON) when given,
+    so a host that starts a new process per call (GIMP) still re-renders instead of inverting again."""
+
+    def __init__(self, max_items: int = 32, path=None):
+        self.max_items, self.path, self._d = max_items, path, {}
+        self._lock = threading.Lock()
+        if path:
+            try:
+                with open(path, "r", encoding="utf-8") as f:
+                    loaded = json.load(f)
+                self._d = {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                self._d = {}
+
+    def get(self, key: str) -> Optional[str]:
+        with self._lock:
+            return self._d.get(key)
+
+    def put(self, key: str, session_id: str) -> None:
+        with self._lock:
+            self._d.pop(key, None)
+            self._d[key] = session_id
+            while len(self._d) > self.max_items:
+                self._d.pop(next(iter(self._d)))
+            self._save()
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._d.pop(key, None)
+            self._save()
+
+    def _save(self) -> None:
+        if not self.path:
+            return
+        tmp = "%s.%d.tmp" % (self.path, os.getpid())
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self._d, f)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only profile only costs the re-use, never the edit
+
+
+@dataclass
+class Progress:
+    """What a host shows: ``fraction`` 0..1 over the whole Apply and one line of user wording."""
+
+    fraction: float
+    message: str
+    job_id: str = ""
+    preview_seq: int = 0  # grows when the server has a new inversion preview (GET /v1/jobs/{id}/preview)
+
+
+_STAGE_WORDS = {"queued": "Waiting for the server", "align": "Finding the face", "project": "Projecting",
+                "tune": "Tuning the generator", "render": "Rendering", "upload": "Sending the layer"}
+
+
+def progress_text(job: dict) -> str:
+    """The job's message (the engine words it: "Projecting 44/300"), else its stage in user words."""
+    msg = str(job.get("message") or "").strip()
+    if msg:
+        return msg
+    stage = str(job.get("stage") or job.get("state") or "").strip()
+    return _STAGE_WORDS.get(stage, stage.capitalize())
+
+
+def job_fraction(job: dict) -> float:
+    v = job.get("fraction", job.get("progress"))
+    try:
+        return min(max(float(v or 0.0), 0.0), 1.0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+@dataclass
+class Outcome:
+    layers: list  # result layer maps, one per item, in order (empty when render=False)
+    session_ids: list
+    reused: int  # items that skipped the inversion thanks to the cache
+
+
+INVERT_SHARE = 0.9  # share of the progress bar the inversion takes when one runs
+
+
+def run_edit(client, items, options: EditOptions, cache: SessionCache,
+             on_progress: Optional[Callable[[Progress], None]] = None,
+             should_cancel: Optional[Callable[[], bool]] = None, render: bool = True) -> Outcome:
+    """Invert the items the cache does not know (one job: a session, or a batch for several), then render
+    ``options.edits`` for every item. A session the server forgot (restart, eviction) is inverted again once.
+    Raises client errors (JobFailed, JobCancelled, ServerNotRunning...) whose ``str()`` is for the user."""
+    items = list(items)
+    report = on_progress or (lambda p: None)
+    keys = [item_key(client.url, it, options) for it in items]
+    for attempt in (0, 1):
+        sessions = [cache.get(k) for k in keys]
+        reused = sum(s is not None for s in sessions)
+        _invert_missing(client, items, options, keys, sessions, cache, report, should_cancel)
+        try:
+            layers = _render(client, items, sessions, options, report, should_cancel, reused) if render else []
+        except cl.ServerError as e:
+            if attempt or not reused or e.status not in (404, 409, 410):
+                raise
+            for k in keys:
+                cache.drop(k)
+            continue
+        report(Progress(1.0, "Done"))
+        return Outcome(layers, sessions, reused)
+    raise AssertionError("unreachable")
+
+
+def _invert_missing(client, items, options, keys, sessions, cache, report, should_cancel) -> None:
+    todo = [i for i, s in enumerate(sessions) if s is None]
+    if not todo:
+        return
+    report(Progress(0.0, "Sending %s" % ("the layer" if len(todo) == 1 else "%d layers" % len(todo))))
+    if len(todo) == 1:
+        it = items[todo[0]]
+        out = client.create_session(it.layer, it.selection, model=options.model, method=options.method,
+                                    align=options.align, options=options.session_options())
+        new_ids = [out["session_id"]]
+    else:
+        wire = [dict({"layer": items[i].layer}, **({"selection": items[i].selection} if items[i].selection else {}))
+                for i in todo]
+        out = client.batch(wire, model=options.model, method=options.method, align=options.align,
+                           options=options.session_options())
+        new_ids = list(out.get("session_ids") or [])
+        if len(new_ids) != len(todo):
+            raise cl.ServerError(0, "bad_response", "the server answered a batch of %d layers with %d sessions"
+                                 % (len(todo), len(new_ids)))
+    job_id = out["job_id"]
+    report(Progress(0.0, "Waiting for the server", job_id))
+
+    def on_job(job):
+        report(Progress(INVERT_SHARE * job_fraction(job), progress_text(job), job_id, int(job.get("preview_seq") or 0)))
+
+    client.wait_job(job_id, on_progress=on_job, should_cancel=should_cancel)
+    for i, sid in zip(todo, new_ids):
+        sessions[i] = sid
+        cache.put(keys[i], sid)
+
+
+def _render(client, items, sessions, options, report, should_cancel, reused) -> list:
+    start = INVERT_SHARE if reused < len(items) else 0.0
+    out = []
+    for i, (item, sid) in enumerate(zip(items, sessions)):
+        if should_cancel is not None and should_cancel():
+            raise cl.JobCancelled("Cancelled")
+        report(Progress(start + (1 - start) * i / len(items), "Rendering the edit"))
+        body = client.render(sid, options.edits, feather=options.feather, format=item.layer["format"])
+        out.append(cl.result_layers(body)[0])
+    return out
+
+
+# --- live preview: one render in flight, the latest request wins --------------------------------------
+
+class LatestOnly:
+    """Run ``fn(request)`` on one background thread, never two at once; a request submitted while one runs
+    waits, and a newer one replaces it (slider drags coalesce to the last position). Poll ``take()`` from
+    the UI thread for the newest finished ``(request, value, error)``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._lock = threading.Lock()
+        self._pending = None
+        self._done = None
+        self._running = False
+
+    def submit(self, request) -> None:
+        with self._lock:
+            self._pending = (request,)
+            if self._running:
+                return
+            self._running = True
+        threading.Thread(target=self._loop, name="latent-edit-preview", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._pending is None:
+                    self._running = False
+                    return
+                (request,), self._pending = self._pending, None
+            try:
+                value, error = self.fn(request), None
+            except Exception as e:  # noqa: BLE001 - handed to the UI thread, never lost
+                value, error = None, e
+            with self._lock:
+                self._done = (request, value, error)
+
+    def take(self):
+        """The newest finished ``(request, value, error)`` not taken yet, or None."""
+        with self._lock:
+            done, self._done = self._done, None
+            return done
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return self._running

@@ -179,22 +179,3 @@ def unpack_layer(layer: dict):
     else:
         data = data[:row * height]
     return data, width, height, fmt, int(layer.get("x", 0)), int(layer.get("y", 0))
-
-
-def selection_bbox(gray8, width: int, height: int, threshold: int = 0):
-    """Bounding box ``(x0, y0, x1, y1)`` (exclusive end) of bytes > threshold, or None when nothing is selected."""
-    gray8 = bytes(gray8)
-    x0, y0, x1, y1 = width, height, -1, -1
-    if threshold:
-        gray8 = gray8.translate(bytes(0 if v <= threshold else 1 for v in range(256)))
-    for r in range(height):
-        row = gray8[r * width:(r + 1) * width]
-        if row.count(0) == width:
-            continue
-        first = next(i for i, v in enumerate(row) if v)
-        last = width - 1 - next(i for i, v in enumerate(reversed(row)) if v)
-        y0, y1 = min(y0, r), r
-        x0, x1 = min(x0, first), max(x1, last)
-    if y1 < 0:
-        return None
-    return x0, y0, x1 + 1, y1 + 1

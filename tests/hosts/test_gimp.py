@@ -122,13 +122,14 @@ def _check(info: dict, case: dict, dtype, edited: list[int]):
         title = flow.edit_title([(case["args"]["edit-1"], case["args"]["strength-1"])])
         assert group["group"] and group["name"].startswith(title), top  # GIMP appends " #1" to repeated names
         (child,) = group["children"]
-        assert child["mask"] and child["name"].endswith(src)
+        edits = [(case["args"]["edit-1"], case["args"]["strength-1"])]
+        assert child["mask"] and child["name"] == flow.result_layer_name(src, edits)  # the same names as in Krita
         spec = case["layers"][i]
         assert (child["x"], child["y"], child["width"], child["height"]) == (spec["x"], spec["y"], spec["width"], spec["height"])
     # composite: identical outside the selection, changed inside
     sel = np.frombuffer((out / "selection.y8").read_bytes(), np.uint8).reshape(ch, cw)
     before = _read(out / "composite_before.raw", cw, ch, dtype).astype(np.int64)
-    after = _read(out / "composite_after.raw", cw, ch, dtype).astype(np.int64)
+    after = _read(out / "composite_after_0.raw", cw, ch, dtype).astype(np.int64)
     outside = sel == 0
     assert np.array_equal(before[outside], after[outside]), "pixels outside the selection changed"
     inside = sel == 255
@@ -180,3 +181,41 @@ def test_gimp_wrong_token_is_a_clear_error_and_adds_nothing(gimp_root, gimp_plug
     assert info["status"] == "execution-error"
     assert "token" in info["message"].lower() and "Traceback" not in info["message"]
     assert [n["name"] for n in info["tree"]] == ["photo"]
+
+
+def _jobs(server) -> list:
+    from plugins.common.client import Client
+
+    return Client(server.url, token_file=str(server.token_file)).request("GET", "/v1/jobs?limit=100")["jobs"]
+
+
+def test_gimp_second_call_on_a_layer_rerenders_stacks_on_top_and_a_typo_costs_no_inversion(
+        gimp_root, gimp_plugin, latent_server, tmp_path):
+    case = _case([_layer("photo", 6)], (24, 56, 80, 56), [0])
+    case["more_calls"] = [{"strength-1": -3.0}, {"edit-1": "smlie"}]
+    jobs_before = len(_jobs(latent_server))
+    info = run_gimp(gimp_root, latent_server, case, "twice", tmp_path)
+    _check(info, case, np.uint8, edited=[0])
+    first, second, typo = info["calls"]
+    assert (first["status"], second["status"]) == ("success", "success"), (first["message"], second["message"])
+    assert json.loads(first["message"])["reused"] == 0
+    assert json.loads(second["message"])["reused"] == 1  # the same layer again: a re-render, no inversion
+    # one inversion job in all: the second call re-rendered, the typo was refused before any upload
+    assert len(_jobs(latent_server)) - jobs_before == 1
+    assert typo["status"] == "execution-error" and 'no edit named "smlie"' in typo["message"]
+    assert "Traceback" not in typo["message"]
+    # the second result sits above the first, both directly above the source
+    top = [n["name"] for n in second["tree"]]
+    edit = case["args"]["edit-1"]
+    assert top[0].startswith(flow.edit_title([(edit, -3.0)])) and top[1].startswith(flow.edit_title([(edit, 3.0)]))
+    assert top[2] == "photo"
+    assert [n["name"] for n in typo["tree"]] == top  # the refused call added nothing
+    # ... and it is visible: the composite after the second call differs from the first call's inside the selection
+    cw, ch = case["canvas"]
+    out = info["dir"]
+    sel = np.frombuffer((out / "selection.y8").read_bytes(), np.uint8).reshape(ch, cw)
+    c0 = _read(out / "composite_after_0.raw", cw, ch, np.uint8).astype(int)
+    c1 = _read(out / "composite_after_1.raw", cw, ch, np.uint8).astype(int)
+    visibly = np.abs(c1[..., :3] - c0[..., :3]).max(-1) > 8
+    assert visibly[sel == 255].mean() > 0.02, visibly[sel == 255].mean()
+    assert np.array_equal(c0[sel == 0], c1[sel == 0])

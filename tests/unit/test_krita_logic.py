@@ -14,6 +14,7 @@ import fake_krita as fk  # noqa: E402
 
 from plugins import install_plugins  # noqa: E402
 from plugins.common import client as cl  # noqa: E402
+from plugins.common import flow  # noqa: E402
 from plugins.common import pixels as px  # noqa: E402
 from plugins.krita.latent_edit import document, layers, model, settings  # noqa: E402
 
@@ -159,7 +160,7 @@ def test_non_paint_layers_tiny_layers_and_no_layer_are_refused():
 
 @pytest.mark.parametrize("s,text", [(1.5, "+1.5"), (-2, "-2"), (0.126, "+0.13"), (0, "+0"), (-0.001, "+0"), (3.10, "+3.1")])
 def test_format_strength(s, text):
-    assert layers.format_strength(s) == text
+    assert flow.format_strength(s) == text
 
 
 def test_group_and_layer_names():
@@ -304,7 +305,7 @@ def test_apply_single_then_reedit_only_renders():
     assert group.name() == "Latent Edit · smile +1.5"
     assert [c[0] for c in server.calls] == ["create", "render"]
     assert server.calls[0][1:] == ("w", "none", {"project_steps": 10})
-    assert server.calls[1][2:] == ((("smile", 1.5),), 8.0, "rgba8")
+    assert server.calls[1][2:] == ((("smile", 1.5),), None, "rgba8")  # None: the server's feather default
     res = np.frombuffer(layer.pixelData(0, 0, W, H), np.uint8).reshape(H, W, 4)
     src = np.frombuffer(before, np.uint8).reshape(H, W, 4)
     inside = ellipse() > 0
@@ -370,7 +371,7 @@ def test_server_not_running_surfaces_from_the_worker():
 
 def test_no_nodes_is_an_error():
     doc, app, *_ = setup_doc_with_selection()
-    with pytest.raises(document.DocumentError, match="No layer selected"):
+    with pytest.raises(document.DocumentError, match="No layer is selected"):
         run_steps(model.apply_steps(app, fk, doc, [], model.EditOptions(), FakeServer(), model.SessionCache()))
 
 
@@ -395,7 +396,12 @@ def test_settings_round_trip_through_krita_settings(tmp_path):
     again = settings.load(app)
     assert (again.server_url, again.token_file, again.feather, again.project_steps) == ("http://127.0.0.1:9999", str(tmp_path / "t"), 3.5, 40)
     app.settings[("latent_edit", "feather")] = "garbage"
-    assert settings.load(app).feather == 8.0
+    assert settings.load(app).feather < 0  # a corrupt entry falls back to "the server's default"
+    s.align, s.live_preview = False, False  # "Detect and align" is remembered like the steps
+    settings.save(app, s)
+    assert (settings.load(app).align, settings.load(app).live_preview) == (False, False)
+    app.settings[("latent_edit", "align")] = "maybe"
+    assert settings.load(app).align is True
     assert again.client().token_file == str(tmp_path / "t")
 
 
@@ -468,3 +474,53 @@ def test_krita_52_transparency_mask_api_is_used_when_present():
     assert app.triggered == [] and doc.selection() is sel
     assert [c.name() for c in layer.childNodes()] == ["Selection"]
     assert mask.pixelData(0, 0, W, H) == ellipse().tobytes()
+
+
+# --- Apply -> Apply, result stacking, live preview layer ---
+
+def test_apply_then_apply_keeps_the_source_active_and_finds_it_from_a_result():
+    doc, app, bottom, source, top, sel = setup_doc_with_selection()
+    server, cache = FakeServer(), model.SessionCache()
+    doc.setActiveNode(source)
+    opts = model.EditOptions(edits=[("smile", 1.5)], method="w")
+    (group, layer, mask), = run_steps(model.apply_steps(app, fk, doc, [doc.activeNode()], opts, server, cache))
+    assert doc.activeNode() == source  # the mask the 5.1 action made active is not what the next Apply reads
+    opts2 = model.EditOptions(edits=[("smile", -1)], method="w")
+    run_steps(model.apply_steps(app, fk, doc, [doc.activeNode()], opts2, server, cache))
+    assert [c[0] for c in server.calls] == ["create", "render", "render"]  # the second Apply re-rendered
+    # a user who clicked a result (its group, its layer, its mask) still edits the source
+    for node in (group, layer, mask):
+        assert model.resolve_sources(doc, [node]) == [source]
+    assert layers.source_of(source) is None and layers.source_of(top) is None
+
+
+def test_new_results_stack_above_the_preview_and_earlier_results():
+    assert flow.stack_top([True, True, False, True]) == 2 and flow.stack_top([]) == 0
+    doc, app, bottom, source, top, sel = setup_doc_with_selection()
+    rect = document.Rect(0, 0, W, H)
+    preview = layers.Preview(source, "d")
+    preview.show(doc, rect, bytes(W * H * 4), [("smile", 1)], 2.0)
+    assert preview.node.locked() and preview.node.name() == flow.PREVIEW_NAME
+    run_steps(layers.insert_result(app, fk, doc, source, rect, bytes(W * H * 4), None, [("age", 1)]))
+    assert [n.name() for n in doc.topLevelNodes()] == ["bottom", "face", flow.PREVIEW_NAME, "Latent Edit · age +1", "top"]
+    assert layers.source_of(preview.node) == source
+    run_steps(preview.remove(doc))
+    assert [n.name() for n in doc.topLevelNodes()] == ["bottom", "face", "Latent Edit · age +1", "top"]
+
+
+def test_apply_turns_a_matching_preview_into_the_result_without_a_render():
+    doc, app, bottom, source, top, sel = setup_doc_with_selection()
+    server, cache = FakeServer(), model.SessionCache()
+    opts = model.EditOptions(edits=[("smile", 1.5)], method="w", feather=4.0)
+    item = document.read_layer(doc, source, convert=False)
+    preview = layers.Preview(source, layers.content_digest(item))
+    pixels = bytes([7]) * (W * H * 4)
+    preview.show(doc, item.rect, pixels, opts.edits, opts.feather)
+    (group, layer, _m), = run_steps(model.apply_steps(app, fk, doc, [source], opts, server, cache, preview=preview))
+    assert server.calls == [] and layer.pixelData(0, 0, W, H) == pixels
+    assert flow.PREVIEW_NAME not in [n.name() for n in doc.topLevelNodes()]
+    # a preview of other edits is not taken: the Apply renders (and still removes the preview)
+    preview.show(doc, item.rect, pixels, [("smile", 0.5)], 4.0)
+    run_steps(model.apply_steps(app, fk, doc, [source], opts, server, cache, preview=preview))
+    assert [c[0] for c in server.calls] == ["create", "render"]
+    assert flow.PREVIEW_NAME not in [n.name() for n in doc.topLevelNodes()]

@@ -256,10 +256,6 @@ def test_pack_and_unpack_layer_with_stride():
 def test_selection_helpers():
     m = np.zeros((6, 9), np.uint8)
     m[2:4, 3:7] = 200
-    m[5, 8] = 10
-    assert P.selection_bbox(m.tobytes(), 9, 6) == (3, 2, 9, 6)
-    assert P.selection_bbox(m.tobytes(), 9, 6, threshold=127) == (3, 2, 7, 4)
-    assert P.selection_bbox(bytes(54), 9, 6) is None
     assert P.pack_selection(m.tobytes(), 9, 6, 1, 2)["stride"] == 9
     with pytest.raises(P.PixelError):
         P.pack_selection(b"\x00", 9, 6)
@@ -359,3 +355,112 @@ def test_contract_batch_and_cancel(real_server):
         c.wait_job(long["job_id"], on_progress=seen.append, should_cancel=lambda: any(j["progress"] > 0 for j in seen),
                    poll_interval=0.05)
     assert c.job(long["job_id"])["state"] == "cancelled"
+
+
+# --- the shared host flow (plugins/common/flow.py) ---
+
+from plugins.common import flow as F  # noqa: E402
+
+
+def test_catalog_takes_methods_and_defaults_from_the_server_and_falls_back_only_without_them():
+    body = {"models": [{"name": "m", "directions": [{"name": "smile", "default_strength": 1.5, "range": [-3, 3]}],
+                        "methods": [{"name": "w", "label": "W (fast)", "project_steps": 300}]}],
+            "default_model": "m", "defaults": {"feather": 5.0}}
+    cat = F.read_catalog(body)
+    assert [(m.name, m.label, m.project_steps) for m in cat.methods_for()] == [("w", "W (fast)", 300)]
+    assert cat.feather == 5.0 and cat.model()["name"] == "m"
+    old = F.read_catalog({"models": [{"name": "m", "directions": ["smile"]}]})  # a server without the fields
+    assert [m.name for m in old.methods_for("m")] == ["pti", "chunks", "w", "wplus"] and old.feather == 8.0
+    with pytest.raises(F.FlowError, match="no model \"x\". It offers: m"):
+        cat.model("x")
+
+
+def test_check_request_refuses_a_mistyped_edit_or_method_before_any_work():
+    cat = F.read_catalog({"models": [{"name": "m", "directions": ["smile", "age"]}], "default_model": "m"})
+    assert F.check_request(cat, F.EditOptions(edits=[("smile", 1)], method="w"))["name"] == "m"
+    with pytest.raises(F.FlowError, match='no edit named "smlie". Its edits are: smile, age'):
+        F.check_request(cat, F.EditOptions(edits=[("smlie", 1)], method="w"))
+    with pytest.raises(F.FlowError, match="Unknown method"):
+        F.check_request(cat, F.EditOptions(edits=[("smile", 1)], method="fast"))
+
+
+def test_progress_text_never_doubles_the_stage():
+    assert F.progress_text({"stage": "project", "message": "Projecting 44/300"}) == "Projecting 44/300"
+    assert F.progress_text({"stage": "tune", "message": ""}) == "Tuning the generator"
+    assert F.job_fraction({"fraction": 0.5, "progress": 0.1}) == 0.5 and F.job_fraction({"progress": 2}) == 1.0
+
+
+class FlowServer:
+    """In-process double of the protocol for run_edit: counts inversions and renders; can forget sessions."""
+
+    url = "http://flow"
+
+    def __init__(self):
+        self.calls, self.known = [], set()
+
+    def create_session(self, layer, selection=None, model=None, method="pti", align="auto", options=None):
+        sid = "s%d" % len(self.calls)
+        self.calls.append("create")
+        self.known.add(sid)
+        return {"session_id": sid, "job_id": "j" + sid}
+
+    def wait_job(self, job_id, on_progress=None, should_cancel=None):
+        on_progress({"state": "running", "fraction": 0.5, "stage": "project", "message": "Projecting 1/2"})
+        return {"state": "done"}
+
+    def render(self, sid, edits, feather=None, format=None):
+        self.calls.append("render")
+        if sid not in self.known:
+            raise C.ServerError(410, "session_evicted", "evicted")
+        return {"layer": {"width": 8, "height": 8, "format": format, "data": b"r"}}
+
+
+def _item(value=1):
+    return F.Item(P.pack_layer(bytes([value]) * 256, 8, 8, "rgba8"))
+
+
+def test_run_edit_reuses_a_cached_session_and_inverts_again_when_the_server_forgot_it(tmp_path):
+    server, path = FlowServer(), str(tmp_path / "sessions.json")
+    opts = F.EditOptions(edits=[("smile", 1)], method="w")
+    seen = []
+    out = F.run_edit(server, [_item()], opts, F.SessionCache(path=path), on_progress=seen.append)
+    assert out.reused == 0 and server.calls == ["create", "render"] and seen[-1].fraction == 1.0
+    assert any(p.message == "Projecting 1/2" for p in seen)
+    # a new process (GIMP runs one per call) reads the cache file: same layer -> a re-render only
+    out = F.run_edit(server, [_item()], opts, F.SessionCache(path=path))
+    assert out.reused == 1 and server.calls == ["create", "render", "render"]
+    # other pixels or other inversion options: a new inversion
+    F.run_edit(server, [_item(2)], opts, F.SessionCache(path=path))
+    F.run_edit(server, [_item()], F.EditOptions(edits=[("smile", 1)], method="pti"), F.SessionCache(path=path))
+    assert server.calls.count("create") == 3
+    server.known.clear()  # the server restarted with an empty cache: one failed render, then invert again
+    out = F.run_edit(server, [_item()], opts, F.SessionCache(path=path))
+    assert out.reused == 0 and server.calls[-3:] == ["render", "create", "render"]
+
+
+def test_latest_only_runs_one_at_a_time_and_the_last_request_wins():
+    gate, started = threading.Event(), threading.Event()
+    ran = []
+
+    def work(req):
+        ran.append(req)
+        if req == 1:
+            started.set()
+            gate.wait(5)
+        return req * 10
+
+    lo = F.LatestOnly(work)
+    lo.submit(1)
+    assert started.wait(5)
+    for req in (2, 3, 4):  # while 1 is in flight: only the newest waits
+        lo.submit(req)
+    gate.set()
+    got = []
+    for _ in range(500):
+        done = lo.take()
+        if done:
+            got.append(done)
+        if not lo.busy and got and got[-1][0] == 4:
+            break
+        threading.Event().wait(0.01)
+    assert ran == [1, 4] and got[-1] == (4, 40, None)

@@ -67,7 +67,7 @@ def read_layer(image, layer) -> LayerPixels:
     """The layer's pixels and the part of the selection that covers it (image coords → layer coords)."""
     check_image(image)
     if layer.is_group() if hasattr(layer, "is_group") else isinstance(layer, Gimp.GroupLayer):
-        raise DocumentError(f"'{layer.get_name()}' is a layer group; choose a paint layer")
+        raise DocumentError(f"'{layer.get_name()}' is a layer group. Select a normal layer in the Layers dialog.")
     w, h = layer.get_width(), layer.get_height()
     _ok, ox, oy = layer.get_offsets()
     fmt = wire_format_for(image)
@@ -79,25 +79,37 @@ def read_layer(image, layer) -> LayerPixels:
         sbuf = image.get_selection().get_buffer()
         sel = bytes(sbuf.get(Gegl.Rectangle.new(ox, oy, w, h), 1.0, "Y u8", Gegl.AbyssPolicy.NONE))
         if not any(sel):
-            raise DocumentError(f"the selection does not touch the layer '{layer.get_name()}'; "
-                                "select part of it or select none to edit the whole layer")
+            raise DocumentError(f"The selection does not touch the layer '{layer.get_name()}'. Select part of "
+                                "it, or use Select ▸ None to edit the whole layer.")
         selection = sel
     return LayerPixels(layer.get_name(), w, h, ox, oy, fmt, data, selection)
 
 
-def insert_result(image, source, title: str, results: list[tuple[str, bytes]], fmt: str, has_selection: bool):
+def result_position(image, source, is_result_group_name, stack_top) -> int:
+    """Where a new result group goes in the source's parent: above the source's topmost result group
+    (GIMP positions count from the top, 0 = topmost), so every new edit is on top and visible."""
+    parent = source.get_parent()
+    siblings = parent.get_children() if parent is not None else image.get_layers()  # top to bottom
+    pos = image.get_item_position(source)
+    above = [item.is_group() and is_result_group_name(item.get_name()) for item in reversed(siblings[:pos])]
+    return pos - stack_top(above)
+
+
+def insert_result(image, source, title: str, results: list[tuple[str, bytes]], fmt: str, has_selection: bool,
+                  position: int):
     """Insert ``results`` [(layer name, RGBA bytes at the source's size)] into a new group named ``title``
-    directly above ``source``, each with a layer mask (from the selection, else white). Returns the group.
-    The caller wraps this in an undo group; ``source`` is never modified."""
+    at ``position`` in the source's parent (see :func:`result_position`), each with a layer mask (from the
+    selection, else white). Returns the group. The caller wraps this in an undo group; ``source`` is never
+    modified."""
     w, h = source.get_width(), source.get_height()
     _ok, ox, oy = source.get_offsets()
     babl = WIRE_FORMATS[fmt][0]
     group = Gimp.GroupLayer.new(image, title)
-    image.insert_layer(group, source.get_parent(), image.get_item_position(source))
+    image.insert_layer(group, source.get_parent(), position)
     for name, data in results:
         expected = w * h * WIRE_FORMATS[fmt][1]
         if len(data) != expected:
-            raise DocumentError(f"the server sent {len(data)} bytes for '{name}', expected {expected}")
+            raise DocumentError(f"The server sent {len(data)} bytes for '{name}'; expected {expected}.")
         layer = Gimp.Layer.new(image, name, w, h, Gimp.ImageType.RGBA_IMAGE, 100.0, Gimp.LayerMode.NORMAL)
         image.insert_layer(layer, group, 0)
         layer.set_offsets(ox, oy)

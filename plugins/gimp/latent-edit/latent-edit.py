@@ -3,8 +3,10 @@
 
 Sends the active layer (or every selected layer, with "batch") and the selection to the local Latent Edit
 server, follows the inversion job with GIMP's progress bar, renders the chosen edits and inserts each result
-as a new layer with a layer mask, inside a layer group named after the edit, directly above its source, all in
-one undo group.  The source layer is never modified.
+as a new layer with a layer mask, inside a layer group named after the edit, above the source's earlier
+results, all in one undo group.  The source layer is never modified.  The shared flow (``common/flow.py``)
+checks the edit names before any upload and remembers each layer's server session in GIMP's profile
+folder, so editing the same layer again only re-renders.
 
 Non-interactive use (scripts, batch mode) passes every option as a procedure argument; see
 the README (GIMP section).  Standard library + GIMP's GObject introspection only: the protocol code is the shared
@@ -23,14 +25,17 @@ from gi.repository import GLib, GObject, Gimp  # noqa: E402
 
 import gimp_document as doc  # noqa: E402
 from common import client as le_client  # noqa: E402
-from common import pixels as le_pixels  # noqa: E402
 from common import flow as le_flow  # noqa: E402
+from common import paths as le_paths  # noqa: E402
+from common import pixels as le_pixels  # noqa: E402
 
 PROC = "python-fu-latent-edit"
-METHODS = [("pti", "PTI (best fidelity)"), ("chunks", "Segments (selection only)"), ("w", "W (fast)"),
-           ("wplus", "W+ (fast, more detail)")]
+# GIMP registers a procedure's arguments before any server is reachable, so the choice lists its method
+# names from the flow's catalog of an offline server; the server's own list is checked before any work.
+METHODS = [(m.name, m.label) for m in le_flow.read_catalog({}).methods_for()]
 ALIGN = [("auto", "Find and align the face"), ("none", "Layer is already an aligned crop")]
 EDIT_SLOTS = 3
+SESSIONS_FILE = "latent-edit-sessions.json"  # in GIMP's profile folder: layer content -> server session
 
 
 def _choice(items):
@@ -66,11 +71,9 @@ class _Progress:
     def _on_signal(self, *_):
         self.stop = True
 
-    def __call__(self, job):
-        fraction = float(job.get("progress") or 0.0)
-        stage = job.get("stage") or job.get("state") or ""
-        Gimp.progress_set_text("Latent Edit: %s %d%%" % (stage, round(fraction * 100)))
-        Gimp.progress_update(min(max(fraction, 0.0), 1.0))
+    def __call__(self, progress):
+        Gimp.progress_set_text("Latent Edit: %s" % progress.message)
+        Gimp.progress_update(min(max(progress.fraction, 0.0), 1.0))
 
 
 def run(procedure, run_mode, image, drawables, config, data):
@@ -97,58 +100,53 @@ def _run(procedure, run_mode, image, drawables, config):
 
     layers = list(drawables or [])
     if not layers:
-        raise doc.DocumentError("no layer is active; click the layer to edit")
+        raise doc.DocumentError("No layer is active. Click the layer to edit in the Layers dialog.")
     if not config.get_property("batch"):
         layers = layers[:1]
     edits = _edits_from_config(config)
     if not edits:
-        raise le_flow.FlowError("choose at least one edit with a non-zero strength (e.g. smile +1.5)")
+        raise le_flow.FlowError("Choose at least one edit with a non-zero strength (for example smile, 1.5).")
 
     client = le_client.Client(config.get_property("server-url") or le_client.DEFAULT_URL,
-                              token_file=config.get_property("token-file") or le_flow.default_token_file())
+                              token_file=config.get_property("token-file") or le_paths.default_token_file())
     client.health()  # a clear "server not running" before any upload
-    options = {}
-    for key, prop in (("project_steps", "steps"), ("tune_steps", "tune-steps")):
-        if config.get_property(prop) > 0:
-            options[key] = int(config.get_property(prop))
-    options["feather"] = float(config.get_property("feather"))
+    options = le_flow.EditOptions(
+        edits=edits, model=config.get_property("model") or None, method=config.get_property("method"),
+        align=config.get_property("align"), feather=float(config.get_property("feather")),
+        project_steps=config.get_property("steps") or None, tune_steps=config.get_property("tune-steps") or None)
+    le_flow.check_request(le_flow.fetch_catalog(client), options)  # a mistyped edit costs no inversion
 
     progress = _Progress()
     Gimp.progress_init("Latent Edit")
     inputs = [doc.read_layer(image, layer) for layer in layers]
+    items = [le_flow.Item(le_pixels.pack_layer(px.data, px.width, px.height, px.format, px.offset_x, px.offset_y, px.name),
+                          le_pixels.pack_selection(px.selection, px.width, px.height, px.offset_x, px.offset_y)
+                          if px.selection is not None else None) for px in inputs]
+    cache = le_flow.SessionCache(path=os.path.join(Gimp.directory(), SESSIONS_FILE))
+    try:
+        out = le_flow.run_edit(client, items, options, cache, on_progress=progress, should_cancel=lambda: progress.stop)
+    finally:
+        Gimp.progress_end()
     created = []
+    title = le_flow.edit_title(edits)
     image.undo_group_start()
     try:
-        for layer, px in zip(layers, inputs):
-            result = le_flow.edit_layer(
-                client,
-                layer=le_pixels.pack_layer(px.data, px.width, px.height, px.format, px.offset_x, px.offset_y, px.name),
-                selection=(le_pixels.pack_selection(px.selection, px.width, px.height, px.offset_x, px.offset_y)
-                           if px.selection is not None else None),
-                edits=edits,
-                model=config.get_property("model") or None,
-                method=config.get_property("method"),
-                align=config.get_property("align"),
-                options=options,
-                on_progress=progress,
-                should_cancel=lambda: progress.stop,
-            )
-            data, _w, _h, fmt, _x, _y = le_pixels.unpack_layer(result.layer)
+        for layer, px, result, sid in zip(layers, inputs, out.layers, out.session_ids):
+            data, _w, _h, fmt, _x, _y = le_pixels.unpack_layer(result)
             if fmt != px.format:
                 data = le_pixels.convert_samples(data, fmt, px.format)
-            title = le_flow.edit_title(edits)
-            group = doc.insert_result(image, layer, title, [(title + " · " + px.name, data)], px.format,
-                                      px.selection is not None)
-            created.append({"group": group.get_name(), "session_id": result.session_id})
+            position = doc.result_position(image, layer, le_flow.is_result_group_name, le_flow.stack_top)
+            group = doc.insert_result(image, layer, title, [(le_flow.result_layer_name(px.name, edits), data)],
+                                      px.format, px.selection is not None, position)
+            created.append({"group": group.get_name(), "session_id": sid})
     finally:
         image.undo_group_end()
-        Gimp.progress_end()
     Gimp.displays_flush()
     import json
 
     return Gimp.ValueArray.new_from_values([
         GObject.Value(Gimp.PDBStatusType, Gimp.PDBStatusType.SUCCESS),
-        GObject.Value(GObject.TYPE_STRING, json.dumps({"created": created})),
+        GObject.Value(GObject.TYPE_STRING, json.dumps({"created": created, "reused": out.reused})),
     ])
 
 
@@ -180,13 +178,14 @@ class LatentEdit(Gimp.PlugIn):
             p.add_double_argument("strength-%d" % i, "Strength %d" % i, "Edit strength", -10.0, 10.0,
                                   1.5 if i == 1 else 0.0, rw)
         p.add_string_argument("edits", "More edits", "Extra edits as 'name=strength; name=strength'", "", rw)
-        p.add_double_argument("feather", "_Feather", "Feather radius in pixels", 0.0, 200.0, 8.0, rw)
+        p.add_double_argument("feather", "_Feather", "Feather radius in pixels", 0.0, 200.0,
+                              le_flow.read_catalog({}).feather, rw)
         p.add_int_argument("steps", "Inversion steps", "0 = the method's default", 0, 5000, 0, rw)
         p.add_int_argument("tune-steps", "Tuning steps", "PTI tuning steps (0 = default)", 0, 5000, 0, rw)
         p.add_boolean_argument("batch", "_Batch over selected layers", "Edit every selected layer", False, rw)
         p.add_string_argument("server-url", "Server URL", None, le_client.DEFAULT_URL, rw)
         p.add_string_argument("token-file", "Token file", "Empty: the server's default token file", "", rw)
-        p.add_string_return_value("result", "Result", "JSON: created groups and sessions", "", rw)
+        p.add_string_return_value("result", "Result", "JSON: created groups, sessions, re-used inversions", "", rw)
         return p
 
 

@@ -1,16 +1,17 @@
 """Latent Edit for Krita: Filter ▸ Latent Edit… edits a face through the local Latent Edit server and adds
 the result as a new group with a masked paint layer above the source (which is never modified).
 
-Modules: document (layer/selection access), layers (result insertion), model (options, worker thread,
-session cache, the Apply flow), settings (kritarc), extension (action + driver), ui (dialog),
-automation (non-interactive entry for tests). The shared stdlib client is ``common/`` (copied in at install).
+Modules: document (layer/selection access), layers (result insertion, live preview layer), model (worker
+thread and the Apply steps over the shared ``common/flow.py``), settings (kritarc), qt (bindings and event
+loop helpers), extension (the action), ui (the dialog). ``common/`` is ``plugins/common``, copied in at install.
 """
 try:
-    from krita import Krita
-except ImportError:  # imported outside Krita (unit tests import the submodules directly)
-    Krita = None
+    import krita
+except ImportError:  # imported outside Krita: unit tests import the submodules directly
+    krita = None
 
-if Krita is not None and hasattr(Krita, "instance") and not getattr(Krita, "IS_FAKE", False):
+if krita is not None:
     from .extension import LatentEditExtension
 
-    Krita.instance().addExtension(LatentEditExtension(Krita.instance()))
+    EXTENSION = LatentEditExtension(krita.Krita.instance())  # the one instance (scripts reach it here)
+    krita.Krita.instance().addExtension(EXTENSION)

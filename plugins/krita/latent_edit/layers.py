@@ -7,17 +7,13 @@ drives it with QTimer.singleShot (see ``extension.drive``); tests iterate it dir
 """
 from __future__ import annotations
 
+import hashlib
+
 from ._common import flow
 
-GROUP_PREFIX, SEP = flow.GROUP_PREFIX, flow.SEP  # result naming is shared with the GIMP plug-in
 SETTLE_MS = 250  # event-loop time Krita 5.1.5 needs after adding nodes (krita-headless.md)
-format_strength = flow.format_strength  # 1.5 -> "+1.5"
-edit_label = flow.edit_label  # [("smile", 1.5)] -> "smile +1.5"
-group_name = flow.edit_title  # -> "Latent Edit · smile +1.5"
-
-
-def result_layer_name(source_name: str, edits) -> str:
-    return "%s (%s)" % (source_name, edit_label(edits))
+group_name = flow.edit_title  # -> "Latent Edit · smile +1.5" (the same names as in GIMP)
+result_layer_name = flow.result_layer_name  # -> "face (smile +1.5)"
 
 
 def unique_name(parent, name: str) -> str:
@@ -32,24 +28,95 @@ def unique_name(parent, name: str) -> str:
 
 
 def is_result_group(node) -> bool:
-    return node.type() == "grouplayer" and node.name().startswith(GROUP_PREFIX + SEP)
+    return node.type() == "grouplayer" and flow.is_result_group_name(node.name())
+
+
+def is_preview(node) -> bool:
+    return node.type() == "paintlayer" and node.name() == flow.PREVIEW_NAME
+
+
+def _in_stack(node) -> bool:
+    return is_result_group(node) or is_preview(node)
 
 
 def insertion_anchor(parent, source):
     """The node to insert a new result group above: the source, or the topmost of the result groups
-    stacked directly on it (so the newest edit is on top and visible, and earlier ones stay below)."""
+    (and the live preview) stacked directly on it, so the newest edit is on top and visible."""
     siblings = parent.childNodes()  # bottom to top
     ids = [str(n.uniqueId()) for n in siblings]
     try:
         i = ids.index(str(source.uniqueId()))
     except ValueError:
         return source
-    anchor = source
-    for node in siblings[i + 1:]:
-        if not is_result_group(node):
-            break
-        anchor = node
-    return anchor
+    n = flow.stack_top(_in_stack(node) for node in siblings[i + 1:])
+    return siblings[i + n]
+
+
+def source_of(node):
+    """The source layer a result group / result layer / its mask / the preview was made from, or None
+    when ``node`` is not a Latent Edit result (then it is its own source)."""
+    if node.type() == "transparencymask" and node.parentNode() is not None:
+        node = node.parentNode()
+    parent = node.parentNode()
+    if node.type() == "paintlayer" and parent is not None and is_result_group(parent):
+        node = parent
+    if not _in_stack(node):
+        return None
+    parent = node.parentNode()
+    if parent is None:
+        return None
+    siblings = parent.childNodes()
+    ids = [str(n.uniqueId()) for n in siblings]
+    i = ids.index(str(node.uniqueId()))
+    while i > 0 and _in_stack(siblings[i - 1]):
+        i -= 1
+    return siblings[i - 1] if i > 0 else None
+
+
+def content_digest(item) -> str:
+    """Identity of what a layer read gave (Krita bytes + selection + placement), cheap enough for the UI thread."""
+    h = hashlib.sha1(repr((item.node.uniqueId(), item.rect)).encode())
+    h.update(item.raw if item.raw is not None else item.layer["data"])
+    h.update(item.selection_bytes or b"-")
+    return h.hexdigest()
+
+
+class Preview:
+    """The live preview: one locked paint layer "Latent Edit · preview" above the source's result stack.
+
+    ``show`` writes rendered pixels into it (creating it on first use); ``matches`` tells Apply that the
+    preview is exactly what it would render, so its pixels become the result without another render.
+    """
+
+    def __init__(self, source, digest: str):
+        self.source, self.digest = source, digest
+        self.node = None
+        self.pixels = None
+        self.edits, self.feather = None, None
+
+    def show(self, doc, rect, pixels: bytes, edits, feather) -> None:
+        if self.node is None or self.node.parentNode() is None:
+            parent = self.source.parentNode() or doc.rootNode()
+            self.node = doc.createNode(flow.PREVIEW_NAME, "paintlayer")
+            parent.addChildNode(self.node, insertion_anchor(parent, self.source))
+        self.node.setLocked(False)
+        self.node.setPixelData(pixels, rect.x, rect.y, rect.width, rect.height)
+        self.node.setLocked(True)  # painting on a preview would be lost at the next slider move
+        self.pixels, self.edits, self.feather = pixels, list(edits), feather
+        doc.refreshProjection()
+
+    def matches(self, item, options) -> bool:
+        return (self.node is not None and self.pixels is not None and list(options.edits) == self.edits
+                and options.feather == self.feather and content_digest(item) == self.digest)
+
+    def remove(self, doc):
+        """Generator: delete the preview layer (if any); yields ms to wait."""
+        if self.node is not None and self.node.parentNode() is not None:
+            self.node.setLocked(False)
+            self.node.remove()
+            doc.waitForDone()
+            yield SETTLE_MS
+        self.node = None
 
 
 def make_selection(krita_module, gray8: bytes, rect):

@@ -5,14 +5,14 @@ import os
 from dataclasses import dataclass, fields
 
 from ._common import client as cl
-from ._common import flow
+from ._common import paths
 
 GROUP = "latent_edit"
 
 
 def default_token_file() -> str:
-    """DATA_DIR/token of the server's default data folder (``python -m server`` without --data-dir)."""
-    return flow.default_token_file()
+    """DATA_DIR/token of the server's default data folder (the server started without --data-dir)."""
+    return paths.default_token_file()
 
 
 @dataclass
@@ -21,9 +21,11 @@ class Settings:
     token_file: str = ""  # empty: default_token_file()
     model: str = ""  # empty: the server's default model
     method: str = "pti"
-    feather: float = 8.0  # core.session.SessionOptions default
+    align: bool = True  # "Detect and align the face"
+    feather: float = -1.0  # < 0: the server's default (GET /v1/models "defaults")
     project_steps: int = 0  # 0: the method's default
-    tune_steps: int = 0
+    use_selection: bool = True
+    live_preview: bool = True
 
     def resolved_token_file(self) -> str:
         return os.path.expanduser(self.token_file) if self.token_file else default_token_file()
@@ -50,6 +52,10 @@ def save(app, s: Settings) -> None:
 
 
 def _cast(kind, raw):
+    if kind is bool:
+        if str(raw) not in ("True", "False"):
+            raise ValueError(raw)
+        return str(raw) == "True"
     if kind is float:
         return float(raw)
     if kind is int:

@@ -1,31 +1,24 @@
-"""The Latent Edit dialog (non-modal): server status, model, method, edit sliders with the model's default
-strengths, feather, Apply / Cancel, and "Batch over selected layers". All server calls run off the UI thread."""
+"""The Latent Edit dialog (non-modal, resizable, placed beside the canvas): server, model, method, one
+slider per edit (filterable, scrolling), live preview, Invert / Apply / Cancel job / Close. All server
+calls run off the UI thread; Krita's API is used on the UI thread only."""
 from __future__ import annotations
+
+import time
 
 from krita import Krita
 
-from . import model, settings
+from . import document, layers, model, settings
 from ._common import client as cl
-from .qt import Qt, QtWidgets
+from ._common import flow
+from .qt import QtGui, Qt, QTimer, QtWidgets, drive, in_background
 
 SLIDER_SCALE = 100  # slider ticks per strength unit
-
-
-def direction_specs(model_info: dict) -> list:
-    """[(name, default_strength, lo, hi, description)] from a /v1/models entry (names or dicts)."""
-    out = []
-    for d in model_info.get("directions") or []:
-        if isinstance(d, str):
-            out.append((d, 1.0, -3.0, 3.0, ""))
-            continue
-        lo, hi = (d.get("range") or [-3.0, 3.0])[:2]
-        out.append((str(d["name"]), float(d.get("default_strength", 1.0)), float(lo), float(hi),
-                    str(d.get("description") or "")))
-    return out
+PREVIEW_POLL_MS = 15  # how often the UI thread looks for a finished preview render
+ROW_HEIGHT = 28  # px per edit row, for the default size that shows every row
 
 
 class EditRow:
-    def __init__(self, grid: QtWidgets.QGridLayout, row: int, name, default, lo, hi, description):
+    def __init__(self, grid: QtWidgets.QGridLayout, row: int, name, default, lo, hi, description, on_change):
         self.name, self.default = name, default
         self.check = QtWidgets.QCheckBox(name)
         self.check.setToolTip(description)
@@ -39,15 +32,21 @@ class EditRow:
         self.slider.setValue(int(round(default * SLIDER_SCALE)))
         self.slider.valueChanged.connect(lambda v: self.spin.setValue(v / SLIDER_SCALE))
         self.spin.valueChanged.connect(lambda v: self.slider.setValue(int(round(v * SLIDER_SCALE))))
+        self.spin.valueChanged.connect(lambda _v: on_change())
         self.check.toggled.connect(self._enable)
+        self.check.toggled.connect(lambda _on: on_change())
         self._enable(False)
-        grid.addWidget(self.check, row, 0)
-        grid.addWidget(self.slider, row, 1)
-        grid.addWidget(self.spin, row, 2)
+        self.widgets = (self.check, self.slider, self.spin)
+        for col, w in enumerate(self.widgets):
+            grid.addWidget(w, row, col)
 
     def _enable(self, on):
         self.slider.setEnabled(on)
         self.spin.setEnabled(on)
+
+    def set_visible(self, on: bool) -> None:
+        for w in self.widgets:
+            w.setVisible(on)
 
     def edit(self):
         return (self.name, round(self.spin.value(), 3)) if self.check.isChecked() else None
@@ -58,9 +57,19 @@ class LatentEditDialog(QtWidgets.QDialog):
         super().__init__(Krita.instance().activeWindow().qwindow())
         self.ext = ext
         self.setWindowTitle("Latent Edit")
-        self.models = []
+        self.setSizeGripEnabled(True)
+        self.catalog = None
         self.rows = []
         self.conf = settings.load(Krita.instance())
+        self.preview = None  # layers.Preview of the layer the last inversion was for
+        self.preview_target = None  # (session_id, LayerPixels) that slider moves re-render
+        self.preview_latency_ms = []  # change -> preview layer written, per shown preview
+        self._changed_at = None
+        self._shown_job_preview = 0
+        self.renderer = flow.LatestOnly(self._render_preview)
+        self.timer = QTimer(self)
+        self.timer.timeout.connect(self._poll_preview)
+        self.timer.start(PREVIEW_POLL_MS)
         lay = QtWidgets.QVBoxLayout(self)
 
         server = QtWidgets.QGroupBox("Server")
@@ -73,7 +82,7 @@ class LatentEditDialog(QtWidgets.QDialog):
         tok = QtWidgets.QHBoxLayout()
         tok.addWidget(self.token)
         tok.addWidget(browse)
-        self.server_status = QtWidgets.QLabel("not checked")
+        self.server_status = QtWidgets.QLabel("Not connected yet.")
         self.server_status.setWordWrap(True)
         check = QtWidgets.QPushButton("Connect")
         check.clicked.connect(self.refresh)
@@ -87,11 +96,8 @@ class LatentEditDialog(QtWidgets.QDialog):
         self.model_box = QtWidgets.QComboBox()
         self.model_box.currentIndexChanged.connect(self._model_changed)
         self.method_box = QtWidgets.QComboBox()
-        for m in model.METHODS:
-            self.method_box.addItem(model.METHOD_LABELS[m], m)
-        self.method_box.setCurrentIndex(max(0, model.METHODS.index(self.conf.method) if self.conf.method in model.METHODS else 0))
         self.align = QtWidgets.QCheckBox("Detect and align the face")
-        self.align.setChecked(True)
+        self.align.setChecked(self.conf.align)
         self.steps = QtWidgets.QSpinBox()
         self.steps.setRange(0, 5000)
         self.steps.setSpecialValueText("method default")
@@ -99,7 +105,9 @@ class LatentEditDialog(QtWidgets.QDialog):
         self.feather = QtWidgets.QDoubleSpinBox()
         self.feather.setRange(0.0, 256.0)
         self.feather.setSuffix(" px")
-        self.feather.setValue(self.conf.feather)
+        if self.conf.feather >= 0:
+            self.feather.setValue(self.conf.feather)
+        self.feather.valueChanged.connect(lambda _v: self._edits_changed())
         form.addRow("Model", self.model_box)
         form.addRow("Method", self.method_box)
         form.addRow("", self.align)
@@ -109,39 +117,88 @@ class LatentEditDialog(QtWidgets.QDialog):
 
         edits = QtWidgets.QGroupBox("Edits")
         v = QtWidgets.QVBoxLayout(edits)
-        scroll = QtWidgets.QScrollArea()
-        scroll.setWidgetResizable(True)
+        self.filter = QtWidgets.QLineEdit()
+        self.filter.setPlaceholderText("Filter edits…")
+        self.filter.setClearButtonEnabled(True)
+        self.filter.textChanged.connect(self._filter)
+        v.addWidget(self.filter)
+        self.scroll = QtWidgets.QScrollArea()
+        self.scroll.setWidgetResizable(True)
         inner = QtWidgets.QWidget()
         self.grid = QtWidgets.QGridLayout(inner)
-        scroll.setWidget(inner)
-        v.addWidget(scroll)
-        lay.addWidget(edits)
+        self.grid.setColumnStretch(1, 1)
+        self.grid.setAlignment(Qt.AlignmentFlag.AlignTop)
+        self.scroll.setWidget(inner)
+        v.addWidget(self.scroll, 1)
+        lay.addWidget(edits, 1)
 
-        self.batch = QtWidgets.QCheckBox("Batch over selected layers")
         self.use_selection = QtWidgets.QCheckBox("Only inside the selection (whole layer when nothing is selected)")
-        self.use_selection.setChecked(True)
-        lay.addWidget(self.use_selection)
-        lay.addWidget(self.batch)
+        self.use_selection.setChecked(self.conf.use_selection)
+        self.batch = QtWidgets.QCheckBox("Batch over selected layers")
+        self.live = QtWidgets.QCheckBox("Live preview (after the layer is inverted)")
+        self.live.setChecked(self.conf.live_preview)
+        self.live.toggled.connect(lambda _on: self._edits_changed())
+        for w in (self.use_selection, self.batch, self.live):
+            lay.addWidget(w)
+        status = QtWidgets.QHBoxLayout()
+        self.job_preview = QtWidgets.QLabel()
+        self.job_preview.setFixedSize(64, 64)
+        self.job_preview.setVisible(False)
+        col = QtWidgets.QVBoxLayout()
         self.progress = QtWidgets.QProgressBar()
         self.progress.setRange(0, 100)
         self.message = QtWidgets.QLabel("")
         self.message.setWordWrap(True)
         self.message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        lay.addWidget(self.progress)
-        lay.addWidget(self.message)
+        self.message.setSizePolicy(QtWidgets.QSizePolicy.Policy.Ignored, QtWidgets.QSizePolicy.Policy.Preferred)
+        col.addWidget(self.progress)
+        col.addWidget(self.message)
+        status.addWidget(self.job_preview)
+        status.addLayout(col, 1)
+        lay.addLayout(status)
+        self.hint = QtWidgets.QLabel("")
+        self.hint.setWordWrap(True)
+        lay.addWidget(self.hint)
         buttons = QtWidgets.QHBoxLayout()
+        self.invert_btn = QtWidgets.QPushButton("Invert")
+        self.invert_btn.setToolTip("Invert the layer now, so that moving a slider previews the edit on the canvas")
+        self.invert_btn.clicked.connect(self.invert)
         self.apply_btn = QtWidgets.QPushButton("Apply")
         self.apply_btn.clicked.connect(self.apply)
         self.cancel_btn = QtWidgets.QPushButton("Cancel job")
         self.cancel_btn.setEnabled(False)
         self.cancel_btn.clicked.connect(self.ext.cancel)
         close = QtWidgets.QPushButton("Close")
-        close.clicked.connect(self.hide)
+        close.clicked.connect(self.close)
         buttons.addStretch(1)
-        for b in (self.apply_btn, self.cancel_btn, close):
+        for b in (self.invert_btn, self.apply_btn, self.cancel_btn, close):
             buttons.addWidget(b)
         lay.addLayout(buttons)
-        self.resize(460, 640)
+        self._update_buttons()
+        self.resize(480, 640)
+
+    # --- placement ---
+
+    def open_beside_canvas(self):
+        """Show the dialog at the right edge of Krita's window (over the dockers), not over the canvas centre."""
+        self.show()
+        win = Krita.instance().activeWindow()
+        if win is not None and win.qwindow() is not None:
+            g = win.qwindow().frameGeometry()
+            screen = QtWidgets.QApplication.desktop().availableGeometry(win.qwindow()) \
+                if hasattr(QtWidgets.QApplication, "desktop") else g
+            x = g.right() + 8 if g.right() + 8 + self.width() <= screen.right() else g.right() - self.width() - 16
+            self.move(max(screen.left(), x), max(screen.top(), g.top() + 60))
+        self.raise_()
+        self.activateWindow()
+        self.refresh()
+
+    def _fit_rows(self):
+        """Grow the default height so that every edit row shows (up to the screen's height)."""
+        want = self.sizeHint().height() + max(0, len(self.rows) * ROW_HEIGHT - self.scroll.viewport().height())
+        screen = QtWidgets.QApplication.desktop().availableGeometry(self) if hasattr(QtWidgets.QApplication, "desktop") else None
+        limit = screen.height() - 40 if screen is not None else want
+        self.resize(max(self.width(), 480), min(max(self.height(), want), limit))
 
     # --- settings and server ---
 
@@ -153,46 +210,47 @@ class LatentEditDialog(QtWidgets.QDialog):
     def _save_settings(self) -> settings.Settings:
         c = self.conf
         c.server_url, c.token_file = self.url.text().strip() or cl.DEFAULT_URL, self.token.text().strip()
-        c.method, c.feather, c.project_steps = self.method_box.currentData(), self.feather.value(), self.steps.value()
+        c.method = self.method_box.currentData() or c.method
+        c.feather, c.project_steps = self.feather.value(), self.steps.value()
         c.model = self.model_box.currentData() or ""
+        c.align, c.use_selection, c.live_preview = self.align.isChecked(), self.use_selection.isChecked(), self.live.isChecked()
         settings.save(Krita.instance(), c)
         return c
 
     def refresh(self):
-        from .extension import in_background
-
         try:
             client = self._save_settings().client()
         except cl.ClientError as e:
             self.server_status.setText(str(e))
             return
-        self.server_status.setText("connecting…")
+        self.server_status.setText("Connecting…")
 
         def fetch():
-            health = client.health()
-            return health, client.models()
+            return client.health(), flow.fetch_catalog(client)
 
         def done(result, error):
             if error is not None:
                 self.server_status.setText("<b>%s</b>" % _escape(str(error)))
                 return
-            health, models = result
-            self.server_status.setText("connected: server %s on %s, perceptual loss %s" % (
+            health, catalog = result
+            self.server_status.setText("Connected: server %s on %s, perceptual loss %s." % (
                 health.get("version", "?"), health.get("device", "?"), health.get("perceptual_backbone", "?")))
-            self._set_models(models, health.get("default_model"))
+            self._set_catalog(catalog)
 
         in_background(fetch, done)
 
-    def _set_models(self, models, default):
-        self.models = models
+    def _set_catalog(self, catalog):
+        first = self.catalog is None
+        self.catalog = catalog
         self.model_box.blockSignals(True)
         self.model_box.clear()
-        for m in models:
+        for m in catalog.models:
             self.model_box.addItem("%s (%s px)" % (m.get("name"), m.get("resolution", "?")), m.get("name"))
-        want = self.conf.model or default
-        idx = max(0, self.model_box.findData(want))
+        idx = max(0, self.model_box.findData(self.conf.model or catalog.default_model))
         self.model_box.blockSignals(False)
         self.model_box.setCurrentIndex(idx)
+        if first and self.conf.feather < 0:
+            self.feather.setValue(catalog.feather)
         self._model_changed(idx)
 
     def _model_changed(self, idx):
@@ -201,55 +259,231 @@ class LatentEditDialog(QtWidgets.QDialog):
             if w is not None:
                 w.deleteLater()
         self.rows = []
-        if 0 <= idx < len(self.models):
-            for r, spec in enumerate(direction_specs(self.models[idx])):
-                self.rows.append(EditRow(self.grid, r, *spec))
+        self.method_box.clear()
+        if self.catalog is None or not 0 <= idx < len(self.catalog.models):
+            self._update_buttons()
+            return
+        info = self.catalog.models[idx]
+        for m in self.catalog.methods_for(info["name"]):
+            self.method_box.addItem(m.label, m.name)
+        self.method_box.setCurrentIndex(max(0, self.method_box.findData(self.conf.method)))
+        for r, spec in enumerate(flow.direction_specs(info)):
+            self.rows.append(EditRow(self.grid, r, *spec, on_change=self._edits_changed))
+        self._filter(self.filter.text())
+        self._fit_rows()
+        self._update_buttons()
 
-    # --- apply ---
+    def _filter(self, text):
+        words = text.lower().split()
+        for row in self.rows:
+            row.set_visible(all(w in row.name.lower() for w in words))
 
-    def apply(self):
-        conf = self._save_settings()
+    # --- options ---
+
+    def edits(self) -> list:
+        return [e for e in (r.edit() for r in self.rows) if e is not None]
+
+    def options(self, conf) -> model.EditOptions:
+        return model.EditOptions(
+            edits=self.edits(), model=conf.model or None, method=conf.method,
+            align="auto" if self.align.isChecked() else "none", feather=self.feather.value(),
+            project_steps=conf.project_steps or None, use_selection=self.use_selection.isChecked())
+
+    def _update_buttons(self):
+        busy = self.ext.busy()
+        has_edit = bool(self.edits())
+        self.apply_btn.setEnabled(has_edit and not busy and bool(self.rows))
+        self.invert_btn.setEnabled(not busy and bool(self.rows))
+        self.cancel_btn.setEnabled(busy)
+        if not self.rows:
+            self.hint.setText("Connect to the server to list the edits.")
+        elif not has_edit:
+            self.hint.setText("Tick at least one edit to enable Apply.")
+        elif self.preview_target is None and self.live.isChecked():
+            self.hint.setText("Click Invert (or Apply) once; after that, moving a slider previews the edit on the canvas.")
+        else:
+            self.hint.setText("")
+
+    def _nodes(self):
         app = Krita.instance()
         doc = app.activeDocument()
-        if doc is None:
-            self.message.setText("Open a document first.")
-            return
         nodes = [doc.activeNode()]
         if self.batch.isChecked():
             view = app.activeWindow().activeView()
             selected = [n for n in (view.selectedNodes() if view is not None else []) if n.type() == "paintlayer"]
             nodes = selected or nodes
-        options = model.EditOptions(
-            edits=[e for e in (r.edit() for r in self.rows) if e is not None], model=conf.model or None,
-            method=conf.method, align="auto" if self.align.isChecked() else "none", feather=conf.feather,
-            project_steps=conf.project_steps or None, use_selection=self.use_selection.isChecked())
+        return doc, model.resolve_sources(doc, nodes)
+
+    # --- live preview ---
+
+    def _edits_changed(self):
+        self._update_buttons()
+        target = self.preview_target
+        if target is None or not self.live.isChecked():
+            return
+        edits = self.edits()
+        if not edits:
+            self._drop_preview_layer()
+            return
+        self._changed_at = time.perf_counter()
+        self.renderer.submit((target, edits, self.feather.value(), self._changed_at))
+
+    def _render_preview(self, request):
+        """Worker thread: one render of the preview target (no Krita calls here)."""
+        (session_id, item, client), edits, feather, _t = request
+        body = client.render(session_id, edits, feather=feather, format=item.space.wire_format)
+        return document.wire_to_krita(cl.result_layers(body)[0], item.space, item.rect)
+
+    def _poll_preview(self):
+        done = self.renderer.take()
+        if done is None:
+            return
+        (target, edits, feather, t0), pixels, error = done
+        if error is not None:
+            self.message.setText("Preview failed: %s" % _escape(str(error)))
+            return
+        if target is not self.preview_target or self.preview is None or self.ext.busy():
+            return
+        doc = Krita.instance().activeDocument()
+        if doc is None:
+            return
+        self.preview.show(doc, target[1].rect, pixels, edits, feather)
+        ms = (time.perf_counter() - t0) * 1000.0
+        self.preview_latency_ms.append(round(ms, 1))
+        self.message.setText("Preview: %s (%d ms)." % (flow.edit_label(edits), round(ms)))
+
+    def _set_preview_target(self, run, doc, nodes):
+        """After an inversion of one layer: slider moves now re-render its session into the preview layer."""
+        if run is None or len(nodes) != 1 or not run.session_ids:
+            return
+        item = document.read_layer(doc, nodes[0], use_selection=self.use_selection.isChecked(), convert=False)
+        if self.preview is not None and self.preview.source is not None and \
+                str(self.preview.source.uniqueId()) != str(nodes[0].uniqueId()):
+            self._drop_preview_layer()
+        self.preview = self.preview or layers.Preview(nodes[0], layers.content_digest(item))
+        self.preview.digest = layers.content_digest(item)
+        self.preview_target = (run.session_ids[0], item, run.client)
+        self._update_buttons()
+
+    def _drop_preview_layer(self):
+        if self.preview is not None and self.preview.node is not None:
+            doc = Krita.instance().activeDocument()
+            if doc is not None:
+                drive(self.preview.remove(doc))
+
+    # --- invert / apply ---
+
+    def _start(self, render: bool):
+        conf = self._save_settings()
+        app = Krita.instance()
+        if app.activeDocument() is None:
+            self.message.setText("Open a document first.")
+            return
+        doc, nodes = self._nodes()
+        options = self.options(conf)
         try:
             client = conf.client()
         except cl.ClientError as e:
             self.message.setText(str(e))
             return
-        self.apply_btn.setEnabled(False)
-        self.cancel_btn.setEnabled(True)
         self.progress.setValue(0)
-        self.message.setText("starting…")
-        self.ext.apply(nodes, options, client, on_finished=self._finished, on_status=self._status)
+        self._shown_job_preview = 0
+        self.message.setText("Starting…")
+
+        def finished(added, error):
+            self.job_preview.setVisible(False)
+            self._finished(added, error, render)
+            if error is None:
+                self._set_preview_target(self.ext.running, doc, nodes)
+                if not render:
+                    self._edits_changed()
+
+        if render:
+            preview = self.preview if self.preview is not None and self.preview.node is not None else None
+            self.ext.apply(nodes, options, client, on_finished=finished, on_status=self._status, preview=preview)
+        else:
+            self._invert(doc, nodes, options, client, finished)
+        self._update_buttons()
+
+    def apply(self):
+        if not self.edits():
+            self._update_buttons()
+            return
+        self._start(render=True)
+
+    def invert(self):
+        self._start(render=False)
+
+    def _invert(self, doc, nodes, options, client, finished):
+        try:
+            items = [document.read_layer(doc, n, use_selection=options.use_selection, convert=False) for n in nodes[:1]]
+        except document.DocumentError as e:
+            finished(None, e)
+            return
+        run = model.EditRun(client, items, options, self.ext.cache, render=False).start()
+        self.ext.running = run
+
+        def wait():
+            while not run.finished.is_set():
+                self._status(run.status())
+                yield model.POLL_MS
+            if run.error is not None:
+                raise run.error
+            return []
+
+        drive(wait(), lambda added: finished(added, None), lambda err: finished(None, err))
 
     def _status(self, st):
         self.progress.setValue(int(round(st.progress * 100)))
-        self.message.setText("%s %s" % (st.stage, st.message) if st.message != st.stage else st.message)
+        self.message.setText(st.message)
+        self._update_buttons()
+        if st.job_id and st.preview_seq > self._shown_job_preview:
+            self._shown_job_preview = st.preview_seq
+            client, job_id = self.ext.running.client, st.job_id
+            in_background(lambda: client.job_preview(job_id), self._show_job_preview)
 
-    def _finished(self, added, error):
-        self.apply_btn.setEnabled(True)
-        self.cancel_btn.setEnabled(False)
+    def _show_job_preview(self, png, error):
+        if error is not None or not png or not self.ext.busy():
+            return
+        img = QtGui.QImage.fromData(png)
+        if not img.isNull():
+            self.job_preview.setPixmap(QtGui.QPixmap.fromImage(img).scaled(
+                64, 64, Qt.AspectRatioMode.KeepAspectRatio, Qt.TransformationMode.SmoothTransformation))
+            self.job_preview.setVisible(True)
+
+    def _finished(self, added, error, render):
+        self._update_buttons()
         if error is None:
             self.progress.setValue(100)
-            reused = getattr(self.ext.running, "reused", 0)
-            self.message.setText("Added %s%s." % (", ".join(g.name() for g, _l, _m in added),
-                                                  " (re-rendered the cached inversion)" if reused else ""))
+            if not render:
+                self.message.setText("Inverted. Move a slider to preview the edit; Apply adds it as a layer group.")
+                return
+            run = self.ext.running
+            how = " (re-rendered the cached inversion)" if run is not None and run.reused else \
+                " (from the preview)" if run is None else ""
+            self.message.setText("Added %s%s." % (", ".join(g.name() for g, _l, _m in added), how))
         elif isinstance(error, cl.JobCancelled):
-            self.message.setText("Cancelled; nothing was added.")
+            self.message.setText("Cancelled. Nothing was added.")
         else:
             self.message.setText("<b>%s</b>" % _escape(str(error)))
+
+    # --- closing ---
+
+    def _cleanup(self):
+        """Closing cancels a running job and removes the preview layer (nothing half-done stays behind)."""
+        if self.ext.busy():
+            self.ext.cancel()
+        self._drop_preview_layer()
+        self.preview, self.preview_target = None, None
+        self._save_settings()
+
+    def closeEvent(self, event):
+        self._cleanup()
+        event.accept()
+
+    def reject(self):  # Esc
+        self._cleanup()
+        super().reject()
 
 
 def _escape(text: str) -> str:

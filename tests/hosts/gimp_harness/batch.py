@@ -1,6 +1,7 @@
 # Runs inside GIMP 3's python-fu-eval (globals: Gimp, Gegl, GLib, Gio, GObject).
-# Builds an image from a case file, calls python-fu-latent-edit NON-INTERACTIVELY and dumps what the test
-# checks: the source layers' pixels before/after, the visible composite before/after, and the layer tree.
+# Builds an image from a case file, calls python-fu-latent-edit NON-INTERACTIVELY (once, then once per
+# "more_calls" entry with those arguments changed) and dumps what the test checks: the source layers' pixels
+# before/after, the visible composite before and after each call, and the layer tree after each call.
 import json
 import os
 
@@ -71,21 +72,26 @@ proc = Gimp.get_pdb().lookup_procedure("python-fu-latent-edit")
 if proc is None:
     raise RuntimeError("python-fu-latent-edit is not registered (plug-in not installed or not executable)")
 log("menu", proc.get_menu_paths())
-cfg = proc.create_config()
-cfg.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
-cfg.set_property("image", image)
-cfg.set_core_object_array("drawables", targets)
-for key, value in CASE["args"].items():
-    cfg.set_property(key, value)
-res = proc.run(cfg)
-status = res.index(0)
-message = res.index(1) if res.length() > 1 else ""
-log("status", status, message)
+calls = []
+for k, overrides in enumerate([{}] + CASE.get("more_calls", [])):  # later calls: the same layers again
+    cfg = proc.create_config()
+    cfg.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
+    cfg.set_property("image", image)
+    cfg.set_core_object_array("drawables", targets)
+    for key, value in dict(CASE["args"], **overrides).items():
+        cfg.set_property(key, value)
+    res = proc.run(cfg)
+    status = res.index(0)
+    message = res.index(1) if res.length() > 1 else ""
+    log("status", k, status, message)
+    calls.append({"status": str(status.value_nick), "message": message,
+                  "tree": [tree(item) for item in image.get_layers()]})
+    dump_composite(image, "composite_after_%d.raw" % k)
 
 for i, layer in enumerate(layers):
     dump_drawable(layer, "after_%d.raw" % i)
 dump_composite(image, "composite_after.raw")
-info = {"status": str(status.value_nick), "message": message, "menu": list(proc.get_menu_paths()),
+info = {"status": calls[0]["status"], "message": calls[0]["message"], "calls": calls, "menu": list(proc.get_menu_paths()),
         "tree": [tree(item) for item in image.get_layers()], "undo_enabled": image.undo_is_enabled()}
 json.dump(info, open(os.path.join(OUT, "info.json"), "w"), indent=1)
 image.delete()

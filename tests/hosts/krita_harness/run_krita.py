@@ -1,8 +1,8 @@
 """Run real Krita 5 headless under Xvfb with the Latent Edit plugin installed the way install.py does it.
 
 ``run_job(job, workdir)`` gives Krita an isolated HOME / XDG dirs / TMPDIR, installs the plugin with
-``plugins.install_plugins.install_krita``, points ``LATENT_EDIT_KRITA_JOB`` at the job file (see
-plugins/krita/latent_edit/automation.py for its keys) and returns ``KritaRun(rc, result, log)``.
+``plugins.install_plugins.install_krita`` plus the test-only driver plugin next to it (``driver/``), points
+``LATENT_EDIT_KRITA_JOB`` at the job file (see driver/latent_edit_test_driver/automation.py for its keys) and returns ``KritaRun(rc, result, log)``.
 A warmed HOME (resource bundles unpacked, caches built) can be reused with ``home_template``: a cold
 first start costs ~20 s more (krita-headless.md).
 
@@ -25,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[3]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from plugins.install_plugins import install_krita  # noqa: E402
+from plugins.install_plugins import install_krita, set_ini_value  # noqa: E402
+
+DRIVER = Path(__file__).resolve().parent / "driver"
+DRIVER_NAME = "latent_edit_test_driver"
 
 KRITA_PYTHON = "/usr/bin/python3"  # Debian's Krita embeds the system Python 3.11
 
@@ -130,7 +133,12 @@ def run_job(job: dict, workdir, home_template=None, keep_home=None, timeout: flo
         (run_dir / d).mkdir()
     os.chmod(run_dir / "run", 0o700)
     env = make_env(home, run_dir)
-    install_krita(Path(env["XDG_DATA_HOME"]) / "krita" / "pykrita", Path(env["XDG_CONFIG_HOME"]) / "kritarc")
+    pykrita, kritarc = Path(env["XDG_DATA_HOME"]) / "krita" / "pykrita", Path(env["XDG_CONFIG_HOME"]) / "kritarc"
+    install_krita(pykrita, kritarc)
+    shutil.rmtree(pykrita / DRIVER_NAME, ignore_errors=True)
+    shutil.copytree(DRIVER / DRIVER_NAME, pykrita / DRIVER_NAME, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(DRIVER / (DRIVER_NAME + ".desktop"), pykrita / (DRIVER_NAME + ".desktop"))
+    set_ini_value(kritarc, "python", "enable_" + DRIVER_NAME, "true")
     out_dir = Path(job["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     job_path = run_dir / "job.json"

@@ -1,5 +1,6 @@
-"""Non-interactive entry point (tests, scripted use): Krita started with ``LATENT_EDIT_KRITA_JOB=job.json``
-opens a document, prepares it, triggers the real "Latent Edit…" action with the job's options, saves and quits.
+"""The test driver's job runner: Krita started with ``LATENT_EDIT_KRITA_JOB=job.json`` opens a document,
+prepares it, runs the Latent Edit plugin's Apply (``LatentEditExtension.apply``, what the dialog calls) or
+drives the real dialog, saves and quits.
 
 job.json keys (all paths absolute):
   out_dir       where result.json, log.txt and raw pixel dumps go (required)
@@ -9,10 +10,14 @@ job.json keys (all paths absolute):
   selection     optional path of a gray8 file (document width*height bytes) made the global selection
   layers        optional layer names to edit (several = batch); default: the active layer
   settings      optional {"server_url", "token_file", ...}: written to Krita's settings, then read back
-  dialog        optional {"method", "steps", "align", "batch", "edits": [[name, strength]]}: drive the real
-                dialog (open, wait for the models, set the widgets, click Apply, wait for the result)
+  dialog        optional {"method", "steps", "align", "batch", "edits": [[name, strength]], "edits2",
+                "preview": [[name, strength], ...], "screenshot": png path}: drive the real dialog (open it with
+                the real menu action, wait for the models, screenshot, set the widgets; with "preview": click
+                Invert, then move each slider and wait for the preview layer; click Apply; with "edits2": change
+                the edits and click Apply again without re-selecting; Close)
   options       EditOptions fields: edits [[name, strength]], model, method, align, feather, project_steps...
-  options2      optional: run the action a second time with these options (re-edit of the cached session)
+  options2      optional: Apply a second time with these options, on the layer that is active after the first
+                Apply (no re-selection: the plugin must keep or find the source)
   cancel        optional: cancel the first run once the server reports progress (expects it cancelled)
   undo_probe    optional N: after the runs, trigger Edit > Undo N times and record the layer tree each time
   save_kra, save_png   outputs
@@ -28,12 +33,12 @@ import os
 import time
 import traceback
 
-import krita
 from krita import InfoObject, Krita, Selection
-from .qt import QTimer
+from PyQt5.QtCore import QTimer
 
-from . import model, settings
-from ._common import client as cl
+from latent_edit import model, settings
+from latent_edit._common import client as cl
+from latent_edit.qt import drive
 
 SETTLE_MS = 250
 
@@ -61,8 +66,6 @@ class Automation:
         if self.started:
             return
         self.started = True
-        from .extension import drive
-
         drive(self.steps(), self.finish_ok, self.finish_error)
 
     def dump(self, name: str, data: bytes):
@@ -128,10 +131,11 @@ class Automation:
         for k, opts in enumerate(passes):
             options = model.EditOptions(**{**opts, "edits": [tuple(e) for e in opts.get("edits", [])]})
             box = {}
-            self.ext.automation_request = {"nodes": nodes, "options": options,
-                                           "on_finished": lambda added, err, box=box: box.update(added=added, err=err)}
+            if k > 0:  # Apply -> Apply: whatever the first Apply left active, as a user would
+                nodes = [doc.activeNode()]
+                self.result["active_before_run%d" % k] = [n.name() for n in nodes]
             t0 = time.time()
-            app.action("latent_edit_dialog").trigger()  # the real menu action
+            self.ext.apply(nodes, options, on_finished=lambda added, err, box=box: box.update(added=added, err=err))
             while "err" not in box:
                 run = self.ext.running
                 if job.get("cancel") and run is not None and run.status().progress > 0 and not run.cancelled:
@@ -145,7 +149,8 @@ class Automation:
                 raise box["err"]
             run = self.ext.running
             self.result["runs"].append({"seconds": round(time.time() - t0, 2), "reused": run.reused,
-                                        "groups": [g.name() for g, _l, _m in box["added"]]})
+                                        "groups": [g.name() for g, _l, _m in box["added"]],
+                                        "active_after": doc.activeNode().name()})
             for j, (group, layer, mask) in enumerate(box["added"]):
                 self.dump("run%d_result%d.raw" % (k, j), layer.pixelData(0, 0, doc.width(), doc.height()))
                 if mask is not None:
@@ -175,34 +180,95 @@ class Automation:
         self.doc = doc
 
     def dialog_steps(self, spec: dict):
-        """Drive the real dialog like a user: open it, wait for the models, choose, click Apply, wait."""
+        """Drive the real dialog like a user (see the module docstring)."""
         app = Krita.instance()
-        app.action("latent_edit_dialog").trigger()  # no automation request: opens the dialog
+        doc = app.activeDocument()
+        app.action("latent_edit_dialog").trigger()  # the real menu action opens the dialog
         dlg = self.ext.dialog
         for _ in range(600):
             if dlg.rows:
                 break
             yield 100
+        yield SETTLE_MS  # let the layout settle at its default size
+        win = app.activeWindow().qwindow().frameGeometry()
+        geo = dlg.frameGeometry()
         info = {"server_status": dlg.server_status.text(), "models": [dlg.model_box.itemData(i) for i in range(dlg.model_box.count())],
                 "directions": [r.name for r in dlg.rows], "defaults": [r.spin.value() for r in dlg.rows],
-                "methods": [dlg.method_box.itemData(i) for i in range(dlg.method_box.count())]}
+                "methods": [dlg.method_box.itemData(i) for i in range(dlg.method_box.count())],
+                "apply_enabled_without_edit": dlg.apply_btn.isEnabled(), "hint_without_edit": dlg.hint.text(),
+                "size": [dlg.width(), dlg.height()], "dialog_rect": [geo.x(), geo.y(), geo.width(), geo.height()],
+                "window_rect": [win.x(), win.y(), win.width(), win.height()],
+                "rows_fully_visible": sum(1 for r in dlg.rows if r.check.visibleRegion().boundingRect().height()
+                                          >= r.check.height() and r.spin.visibleRegion().boundingRect().height() >= r.spin.height()),
+                "resizable": dlg.minimumSize() != dlg.maximumSize()}
+        if spec.get("screenshot"):
+            info["screenshot"] = bool(dlg.grab().save(spec["screenshot"]))
         dlg.method_box.setCurrentIndex(dlg.method_box.findData(spec["method"]))
         dlg.steps.setValue(int(spec["steps"]))
         dlg.align.setChecked(bool(spec.get("align", False)))
         dlg.batch.setChecked(bool(spec.get("batch", False)))
-        for name, strength in spec["edits"]:
-            row = next(r for r in dlg.rows if r.name == name)
-            row.check.setChecked(True)
-            row.spin.setValue(float(strength))
-        dlg.apply_btn.click()
-        info["enabled_while_running"] = dlg.apply_btn.isEnabled()
-        seen = set()
-        while not dlg.apply_btn.isEnabled():
-            seen.add(dlg.progress.value())
-            yield 50
-        info.update(message=dlg.message.text(), progress=dlg.progress.value(), progress_seen=sorted(seen))
+        if spec.get("preview"):
+            dlg.invert_btn.click()
+            while self.ext.busy() or dlg.preview_target is None:
+                if not self.ext.busy() and "Inverted" not in dlg.message.text() and self.ext.running is not None \
+                        and self.ext.running.finished.is_set() and self.ext.running.error is not None:
+                    raise self.ext.running.error
+                yield 20
+            info["after_invert"] = dlg.message.text()
+            moves = []
+            for name, strength in spec["preview"]:
+                row = next(r for r in dlg.rows if r.name == name)
+                n = len(dlg.preview_latency_ms)
+                row.check.setChecked(True)
+                row.spin.setValue(float(strength))  # the slider follows the spin box
+                for _ in range(2000):
+                    if len(dlg.preview_latency_ms) > n and dlg.preview.edits == dlg.edits():
+                        break
+                    yield 5
+                node = dlg.preview.node
+                moves.append({"edits": [list(e) for e in dlg.preview.edits], "ms": dlg.preview_latency_ms[-1],
+                              "layer": node.name(), "locked": bool(node.locked()),
+                              "siblings": [c.name() for c in node.parentNode().childNodes()]})
+                self.dump("preview%d.raw" % len(moves), node.pixelData(0, 0, doc.width(), doc.height()))
+            info["preview_moves"] = moves
+            info["preview_latency_ms"] = list(dlg.preview_latency_ms)
+        else:
+            for name, strength in spec["edits"]:
+                row = next(r for r in dlg.rows if r.name == name)
+                row.check.setChecked(True)
+                row.spin.setValue(float(strength))
+        info["apply_enabled_with_edit"] = dlg.apply_btn.isEnabled()
+        applies = [None] + ([spec["edits2"]] if spec.get("edits2") else [])
+        info["applies"] = []
+        for edits2 in applies:
+            if edits2 is not None:
+                for r in dlg.rows:
+                    r.check.setChecked(False)
+                for name, strength in edits2:
+                    row = next(r for r in dlg.rows if r.name == name)
+                    row.check.setChecked(True)
+                    row.spin.setValue(float(strength))
+            before = doc.activeNode().name()
+            dlg.apply_btn.click()
+            yield 0
+            enabled_while_running = dlg.apply_btn.isEnabled()
+            seen = set()
+            while self.ext.busy() or not dlg.message.text().startswith(("Added", "<b>", "Cancelled")):
+                seen.add(dlg.progress.value())
+                yield 20
+            run = self.ext.running
+            info["applies"].append({"message": dlg.message.text(), "progress": dlg.progress.value(),
+                                    "progress_seen": sorted(seen), "enabled_while_running": enabled_while_running,
+                                    "active_before": before, "active_after": doc.activeNode().name(),
+                                    "reused": None if run is None else run.reused, "from_preview": run is None})
+        first = info["applies"][0]
+        info.update(message=first["message"], progress=first["progress"], progress_seen=first["progress_seen"],
+                    enabled_while_running=first["enabled_while_running"])
+        dlg.close()
+        doc.waitForDone()
+        yield SETTLE_MS
+        info["tree_after_close"] = tree(doc.rootNode())
         self.result["dialog"] = info
-        dlg.hide()
 
     def write_result(self, code: int):
         self.result["code"] = code
@@ -229,8 +295,7 @@ class Automation:
 
 def tree(node) -> dict:
     """{name, type, children} of a node and its descendants (bottom to top, as Krita lists them)."""
-    return {"name": node.name(), "type": node.type(), "visible": bool(node.visible()),
+    return {"name": node.name(), "type": node.type(), "visible": bool(node.visible()), "locked": bool(node.locked()),
             "children": [tree(c) for c in node.childNodes()]}
 
 
-__all__ = ["Automation", "krita"]
