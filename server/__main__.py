@@ -16,11 +16,11 @@ import signal
 import sys
 from pathlib import Path
 
-from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from core.paths import default_data_dir  # one definition, shared with the plugins and install.py
 from server.launch import ready_line
+from server.storage import Retention
 
 DEFAULT_PORT = 8765
 
@@ -47,27 +47,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch device (default auto: cuda when available, else cpu)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="log verbosity on stderr (default info)")
-    p.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body in MiB (default 256)")
+    p.add_argument("--max-body-mb", type=float, default=None,
+                   help="largest request body in MiB (default: what the largest allowed layer needs, a 4096² "
+                        "rgbaf32 layer with its float selection: 320.06)")
     p.add_argument("--max-queue", type=int, default=16, help="jobs that may wait in the queue (default 16; more: 429)")
     p.add_argument("--job-timeout", type=float, default=3600.0, help="default per-job time limit in s (default 3600)")
     p.add_argument("--cache-mb", type=float, default=4096.0,
                    help="disk budget for sessions and kept inputs in MiB; least recently used are evicted (default 4096)")
     p.add_argument("--live-sessions", type=int, default=4, help="finished sessions kept loaded in memory (default 4)")
+    p.add_argument("--keep-days", type=float, default=Retention.max_age_days,
+                   help=f"finished jobs and sessions unused this long are removed (default {Retention.max_age_days:g})")
+    p.add_argument("--keep-jobs", type=int, default=Retention.max_jobs,
+                   help=f"finished jobs kept at most, newest first (default {Retention.max_jobs}); all within --cache-mb")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections at most (default 256; kept below the open-file limit); "
+                        "above it the oldest idle connection is closed")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send its request headers (default 10)")
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)  # tests: MODULE:FACTORY, factory(args) -> engine
     return p
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request, without the query string (it may carry the status page token)."""
+    """One line per request, without the query string (it may carry the status page token); the path is
+    shortened, and control characters in it are escaped by the log formatter (server.net.EscapingFormatter)."""
 
     def log(self, request, response, time):
-        self.logger.info("%s %s %s %.1fms", request.method, request.path, response.status, time * 1000)
+        self.logger.info("%s %s %s %.1fms", request.method[:16], request.path[:300], response.status, time * 1000)
 
 
 def lock_data_dir(data_dir: Path):
     """Hold an exclusive lock on DATA_DIR/server.lock for the process lifetime (one server per data dir:
     a second one would mark the first one's running jobs interrupted).  Returns the open file (keep it)."""
-    f = open(data_dir / "server.lock", "a+")
+    fd = os.open(data_dir / "server.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    f = os.fdopen(fd, "r+")
     try:
         import fcntl
     except ImportError:  # Windows: no advisory lock; rely on the port being taken
@@ -102,10 +115,14 @@ async def serve(args: argparse.Namespace) -> None:
     from server.protocol import Limits
     from core.common import LatentEditError
 
+    from server.net import start_site
+
     log = logging.getLogger("server")
+    os.umask(0o077)  # everything this process writes (SQLite, sessions, thumbnails) is the user's only
     data_dir = (args.data_dir or default_data_dir()).expanduser().resolve()
     if not data_dir.exists():
         data_dir.mkdir(parents=True, mode=0o700)  # it will hold the user's photos and the token
+    os.chmod(data_dir, 0o700)  # whoever created it (install.py, the user): Storage also tightens what is inside
     lock = lock_data_dir(data_dir)  # noqa: F841  (held until the process exits)
     token_file = (args.token_file or data_dir / "token").expanduser()
     token = load_or_create_token(token_file)
@@ -117,10 +134,13 @@ async def serve(args: argparse.Namespace) -> None:
         if not models_dir.is_dir():
             raise SystemExit(f"error: --models-dir {models_dir} is not a folder")
     device = resolve_device(args.device)
-    config = ServerConfig(data_dir=data_dir, token=token, models_dir=models_dir, device=device,
-                          limits=Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024)),
+    limits = Limits() if args.max_body_mb is None else Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    config = ServerConfig(data_dir=data_dir, token=token, models_dir=models_dir, device=device, limits=limits,
                           max_queue=args.max_queue, job_timeout_s=args.job_timeout,
-                          cache_max_bytes=int(args.cache_mb * 1024 * 1024), live_sessions=args.live_sessions)
+                          cache_max_bytes=int(args.cache_mb * 1024 * 1024), live_sessions=args.live_sessions,
+                          retention=Retention(max_age_days=args.keep_days, max_jobs=args.keep_jobs),
+                          allowed_hosts=(args.host.lower(), f"[{args.host.lower()}]"),
+                          max_connections=args.max_connections, header_timeout_s=args.header_timeout)
     engine = None
     if args.engine:
         module, _, factory = args.engine.partition(":")
@@ -134,18 +154,17 @@ async def serve(args: argparse.Namespace) -> None:
             log.warning("binding %s: the server is reachable from other machines", args.host)
     except ValueError:
         log.warning("binding host name %s; use 127.0.0.1 to stay local", args.host)
-    runner = web.AppRunner(app, access_log_class=AccessLogger, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
     try:
-        await site.start()
+        site = await start_site(app, args.host, args.port, access_log_class=AccessLogger,
+                                max_connections=config.max_connections, header_timeout_s=config.header_timeout_s,
+                                keepalive_timeout_s=config.keepalive_timeout_s)
     except OSError as exc:
-        await runner.cleanup()
         raise SystemExit(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
-    host, port = runner.addresses[0][:2]
+    host, port = site.address
     url_host = f"[{host}]" if ":" in host else host
-    log.info("latent-edit %s on %s; data %s; token file %s; models dir %s; models: %s", __version__, device, data_dir,
-             token_file, models_dir, ", ".join(app[ENGINE].model_names()) or "none")
+    log.info("latent-edit %s on %s; data %s; token file %s; models dir %s; models: %s; at most %d connections",
+             __version__, device, data_dir, token_file, models_dir, ", ".join(app[ENGINE].model_names()) or "none",
+             site.guard.max_connections)
     for name, message in app[ENGINE].model_errors().items():
         log.warning("model %s is not available: %s", name, message)
     if not app[ENGINE].model_names():
@@ -161,13 +180,16 @@ async def serve(args: argparse.Namespace) -> None:
             signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
     await stop.wait()
     log.info("shutting down")
-    await runner.cleanup()
+    await site.stop()
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.net import EscapingFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     asyncio.run(serve(args))
 
 

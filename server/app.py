@@ -1,7 +1,8 @@
 """The aiohttp application: thin routes over protocol (validation), jobs (worker), storage and the engine.
 
 ``create_app(config, engine=None)`` builds it; ``engine`` defaults to the real one
-(:meth:`server.engine.Engine.from_core`), tests inject a fake that honours the same contract.
+(:meth:`server.engine.Engine.from_core`), tests inject a fake that honours the same contract.  Serve it with
+:func:`server.net.start_site` (connection cap, header-read timeout, no transparent decompression).
 """
 from __future__ import annotations
 
@@ -13,15 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from core.common import Cancelled, InvalidInput, LatentEditError
 from server import __version__, protocol
-from server.auth import COOKIE, bearer, token_matches
-from server.jobs import TERMINAL, JobConflict, JobManager, LiveSessions, QueueFull, Renderer
+from server.auth import StatusCredentials, bearer, token_matches
+from server.jobs import JobManager
+from server.job import JobConflict, QueueFull
+from server.live import LiveSessions
 from server.protocol import ProtocolError
+from server.render import Renderer, SessionDamaged
 from server.status import status_page, unauthorized_page
-from server.storage import Storage
+from server.storage import Retention, Storage
 
 log = logging.getLogger("server.app")
 
@@ -38,6 +42,12 @@ class ServerConfig:
     render_timeout_s: float = 120.0
     cache_max_bytes: int = 4 << 30  # sessions + kept inputs on disk; LRU eviction above it
     live_sessions: int = 4  # loaded sessions kept in memory
+    retention: Retention = field(default_factory=Retention)
+    allowed_hosts: tuple = ()  # extra Host names besides the loopback names (the bound address)
+    max_connections: int = 256  # open connections at most; above it the oldest idle one is closed
+    header_timeout_s: float = 10.0  # a connection must finish sending its request headers within this
+    keepalive_timeout_s: float = 15.0  # an idle keep-alive connection is closed after this
+    status_ttl_s: float = 12 * 3600.0  # life of a status-page credential (its cookie)
 
 
 STORAGE = web.AppKey("storage", Storage)
@@ -47,10 +57,16 @@ CONFIG = web.AppKey("config", ServerConfig)
 ENGINE = web.AppKey("engine", object)
 IO_POOL = web.AppKey("io_pool", ThreadPoolExecutor)
 STARTED = web.AppKey("started", float)
+STATUS_CREDS = web.AppKey("status_creds", StatusCredentials)
+PORT = web.AppKey("port", list)  # [bound port], set by server.net.start_site (status cookie name)
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
               409: "conflict", 410: "gone", 411: "length_required", 413: "payload_too_large",
-              415: "unsupported_media_type", 429: "too_many_requests"}
+              415: "unsupported_media_type", 421: "misdirected_request", 429: "too_many_requests"}
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+PAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+MAX_WAIT_S = 30.0  # longest long poll (GET /v1/jobs/{id}?wait=S)
 
 
 def respond(request: web.Request, obj, status: int = 200) -> web.Response:
@@ -67,16 +83,21 @@ def error_response(request: web.Request, status: int, body: dict) -> web.Respons
 
 
 # ---------------------------------------------------------------------------------------------
-# middlewares
+# middlewares (outermost first: errors, host, auth)
 # ---------------------------------------------------------------------------------------------
 
 @web.middleware
 async def error_middleware(request: web.Request, handler):
-    """Every failure becomes ``{error, message, field}``; nothing internal leaks to the client."""
+    """Every failure becomes ``{error, message, field}``; nothing internal leaks to the client, and no message
+    shows a path inside the data folder."""
+    storage = request.app[STORAGE]
     try:
         return await handler(request)
     except ProtocolError as exc:
-        return error_response(request, exc.status, exc.body())
+        resp = error_response(request, exc.status, exc.body())
+        if exc.status in (400, 413, 415):  # the rest of a refused body is not worth reading
+            resp.force_close()
+        return resp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -85,14 +106,14 @@ async def error_middleware(request: web.Request, handler):
             limit = request.app[CONFIG].limits.max_body_bytes
             message = f"the body is larger than the server's limit of {limit} bytes (start the server with a larger --max-body-mb)"
         elif exc.status == 404:
-            message = f"no such route: {request.method} {request.path}"
+            message = f"no such route: {request.method} {request.path[:200]}"
         elif exc.status == 405:
-            message = f"method {request.method} is not allowed on {request.path}"
+            message = f"method {request.method} is not allowed on {request.path[:200]}"
         else:
             message = exc.reason or code
         return error_response(request, exc.status, protocol.error_body(code, message))
     except (InvalidInput, Cancelled, LatentEditError) as exc:
-        return error_response(request, 422, protocol.error_body(getattr(exc, "code", "error"), str(exc)))
+        return error_response(request, 422, protocol.error_body(getattr(exc, "code", "error"), storage.relative(str(exc))))
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -100,27 +121,67 @@ async def error_middleware(request: web.Request, handler):
         return error_response(request, 500, protocol.error_body("internal", "internal server error; see the server log"))
 
 
+def host_allowed(host_header: Optional[str], allowed: tuple) -> bool:
+    """``Host`` must name this machine's loopback or an address the server was bound to (any port): a page
+    from another origin that rebinds its DNS name to 127.0.0.1 still sends its own name, and is refused."""
+    if host_header is None:
+        return True  # HTTP/1.0 clients; browsers always send Host
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        name = host[: host.find("]") + 1] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return name in LOOPBACK_NAMES or name in allowed
+
+
+@web.middleware
+async def host_middleware(request: web.Request, handler):
+    if not host_allowed(request.headers.get("Host"), request.app[CONFIG].allowed_hosts):
+        raise ProtocolError(421, "misdirected_request", "this server answers only requests addressed to "
+                                                        "127.0.0.1, localhost or its bound address (Host header)")
+    return await handler(request)
+
+
 def _is_status_path(path: str) -> bool:
     return path == "/" or path.startswith("/status/")
 
 
+def status_cookie_name(request: web.Request) -> str:
+    """Cookies are shared by every port of a host, so the name carries the port: two servers never mix."""
+    return f"latent_edit_status_{request.app[PORT][0]}"
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
-    """Bearer token on every route but health; the status page also takes ``?token=`` (then a cookie)."""
+    """Bearer token on every route but health.  The status page takes ``?token=`` once, answered with a
+    separate short-lived status credential in a cookie (never the API token); the API never takes a cookie."""
     path = request.path
     if path == "/v1/health":
         return await handler(request)
-    expected = request.app[CONFIG].token
     presented = bearer(request.headers.get("Authorization"))
-    if presented is None and (_is_status_path(path) or path.endswith("/events")):
-        presented = request.query.get("token") or (request.cookies.get(COOKIE) if _is_status_path(path) else None)
-    if not token_matches(presented, expected):
-        if _is_status_path(path) and request.method == "GET":
+    if _is_status_path(path) and not token_matches(presented, request.app[CONFIG].token):
+        if request.query.get("token") is not None and path == "/":
+            return await handler(request)  # the login redirect checks the token itself
+        if request.app[STATUS_CREDS].valid(request.cookies.get(status_cookie_name(request))):
+            return await handler(request)
+        if request.method == "GET":
             return web.Response(text=unauthorized_page(), status=401, content_type="text/html")
+    if not token_matches(presented, request.app[CONFIG].token):
         what = "missing" if presented is None else "wrong"
         raise ProtocolError(401, "unauthorized", f"{what} token: send 'Authorization: Bearer <token>' with the "
                                                  "contents of the server's token file (DATA_DIR/token)")
     return await handler(request)
+
+
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every response the application sends (``on_response_prepare``)."""
+    h = response.headers
+    h["Cache-Control"] = "no-store"
+    h["X-Frame-Options"] = "DENY"
+    h["X-Content-Type-Options"] = "nosniff"
+    h["Referrer-Policy"] = "no-referrer"
+    h["Content-Security-Policy"] = PAGE_CSP if response.content_type == "text/html" else API_CSP
+    h["Cross-Origin-Resource-Policy"] = "same-origin"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,10 +189,36 @@ async def auth_middleware(request: web.Request, handler):
 # ---------------------------------------------------------------------------------------------
 
 async def read_body(request: web.Request) -> bytes:
-    limit = request.app[CONFIG].limits.max_body_bytes
+    """The request body, bounded: no compressed bodies (415), at most ``max_body_bytes`` (JSON: ``max_json_bytes``)
+    counted as the bytes arrive (413), and a msgpack body is refused (400) at the first byte that breaks the
+    structural limits, before the rest is read."""
+    cfg = request.app[CONFIG]
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ProtocolError(415, "unsupported_encoding", f"Content-Encoding {encoding[:40]!r} is not accepted; "
+                                                         "send the body uncompressed (identity)")
+    kind = protocol.media_type(request.content_type)
+    limit = cfg.limits.max_json_bytes if kind == protocol.JSON_TYPE else cfg.limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    return await request.read()
+        raise _too_large(kind, cfg.limits, request.content_length)
+    scanner = protocol.MsgpackScanner(cfg.limits.decode()) if kind in protocol.MSGPACK_TYPES else None
+    buf = bytearray()
+    async for chunk in request.content.iter_any():
+        buf += chunk
+        if len(buf) > limit:
+            raise _too_large(kind, cfg.limits, None)
+        if scanner is not None:
+            scanner.feed(buf)
+    return bytes(buf)
+
+
+def _too_large(kind: str, limits: protocol.Limits, actual: Optional[int]) -> ProtocolError:
+    if kind == protocol.JSON_TYPE:
+        return ProtocolError(413, "payload_too_large",
+                             f"JSON bodies are limited to {limits.max_json_bytes} bytes; send layers as msgpack")
+    size = "" if actual is None else f" ({actual} bytes)"
+    return ProtocolError(413, "payload_too_large", f"the body{size} is larger than the server's limit of "
+                                                   f"{limits.max_body_bytes} bytes (start the server with a larger --max-body-mb)")
 
 
 async def run_io(request: web.Request, fn, *args):
@@ -165,6 +252,8 @@ SESSION_STATE_ERRORS = {
     "cancelled": (409, "session_cancelled", "was cancelled (job {job}); POST /v1/jobs/{job}/retry to run it again"),
     "interrupted": (409, "session_interrupted",
                     "was interrupted by a server restart (job {job}); POST /v1/jobs/{job}/retry to run it again"),
+    "damaged": (409, "session_damaged", "is damaged: its saved files no longer load; delete it "
+                                        "(DELETE /v1/sessions/ID) and create it again from the layer"),
     "evicted": (410, "session_evicted", "was evicted from the cache to bound disk use; create it again"),
 }
 
@@ -182,6 +271,19 @@ def session_public(row: dict) -> dict:
             "method": row["method"], "width": row["width"], "height": row["height"], "x": row["x"], "y": row["y"],
             "format": row["format"], "name": row["name"], "created": row["created"], "last_used": row["last_used"],
             "size_bytes": row["size_bytes"]}
+
+
+def _query_number(request: web.Request, name: str, lo: float, hi: float, default: float) -> float:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ProtocolError(422, "invalid_field", f"{name}: must be a number", name) from None
+    if not lo <= value <= hi:
+        raise ProtocolError(422, "invalid_field", f"{name}: must be in [{lo:g}, {hi:g}]", name)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,23 +306,23 @@ async def health(request: web.Request):
 
 @routes.get("/v1/models")
 async def models(request: web.Request):
-    engine = request.app[ENGINE]
+    engine, storage = request.app[ENGINE], request.app[STORAGE]
     return respond(request, {"models": engine.models(), "default_model": engine.default_model(),
-                             "errors": engine.model_errors()})
+                             "errors": {k: storage.relative(v) for k, v in engine.model_errors().items()}})
 
 
 async def _submit(request: web.Request, kind: str, parse):
     raw = await read_body(request)
     cfg = request.app[CONFIG]
     req = await run_io(request, lambda: parse(protocol.decode_body(raw, request.content_type, cfg.limits), cfg.limits))
+    del raw
     model = resolve_model(request.app[ENGINE], req.model)
     jobs = request.app[JOBS]
     try:
         jobs.reserve()
     except QueueFull as exc:
         raise ProtocolError(429, "queue_full", str(exc)) from None
-    job = await run_io(request, jobs.submit, kind, model, req)
-    return job
+    return await run_io(request, jobs.submit, kind, model, req)
 
 
 @routes.post("/v1/sessions")
@@ -247,12 +349,19 @@ async def list_jobs(request: web.Request):
         raise ProtocolError(422, "invalid_field", "limit: must be an integer", "limit") from None
     if not 1 <= limit <= 10000:
         raise ProtocolError(422, "invalid_field", "limit: must be in [1, 10000]", "limit")
-    return respond(request, {"jobs": request.app[JOBS].list_public(limit)})
+    return respond(request, {"jobs": await run_io(request, request.app[JOBS].list_public, limit)})
 
 
 @routes.get("/v1/jobs/{job_id}")
 async def get_job(request: web.Request):
-    return respond(request, request.app[JOBS].public(job_or_404(request)))
+    """``?after=VERSION&wait=S``: long poll, answered at the job's next change (or when it is finished, or
+    after S seconds, at most 30); plugins poll this instead of holding a socket open."""
+    job = job_or_404(request)
+    wait = _query_number(request, "wait", 0.0, MAX_WAIT_S, 0.0)
+    after = _query_number(request, "after", -1, 2**53, -1)
+    if wait > 0:
+        job = await request.app[JOBS].wait_change(job.id, int(after), wait) or job
+    return respond(request, request.app[JOBS].public(job))
 
 
 @routes.get("/v1/jobs/{job_id}/preview")
@@ -274,67 +383,12 @@ async def cancel_job(request: web.Request):
 async def retry_job(request: web.Request):
     job = job_or_404(request)
     try:
-        job = request.app[JOBS].retry(job.id)
+        job = await run_io(request, request.app[JOBS].retry, job.id)
     except QueueFull as exc:
         raise ProtocolError(429, "queue_full", str(exc)) from None
     except JobConflict as exc:
         raise ProtocolError(exc.status, exc.code, exc.message, "job_id") from None
     return respond(request, request.app[JOBS].public(job), status=202)
-
-
-@routes.get("/v1/jobs/{job_id}/events")
-async def job_events(request: web.Request):
-    """WebSocket: a ``snapshot``, then ``progress`` events, then ``end``; ``?previews=1`` adds PNG previews."""
-    job = job_or_404(request)
-    jobs = request.app[JOBS]
-    fmt = request.query.get("format", "json")
-    if fmt not in ("json", "msgpack"):
-        raise ProtocolError(422, "invalid_field", "format: must be json or msgpack", "format")
-    previews = request.query.get("previews", "0") in ("1", "true", "yes")
-    ws = web.WebSocketResponse(heartbeat=30.0)
-    await ws.prepare(request)
-    queue = jobs.subscribe(job.id)
-    last_seq = 0
-
-    async def send(event: dict, kind: str) -> None:
-        nonlocal last_seq
-        event = dict(event, type=kind)
-        current = jobs.get(job.id)
-        if previews and current is not None and current.preview_png and current.preview_seq != last_seq:
-            event["preview_png"] = current.preview_png
-            last_seq = current.preview_seq
-        if fmt == "msgpack":
-            await ws.send_bytes(protocol.encode_body(event, True)[0])
-        else:
-            await ws.send_str(protocol.encode_body(event, False)[0].decode())
-
-    async def reader() -> None:  # ends when the client goes away
-        async for msg in ws:
-            if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
-                break
-
-    read_task = asyncio.ensure_future(reader())
-    try:
-        snap = jobs.public(jobs.get(job.id))
-        await send(snap, "end" if snap["state"] in TERMINAL else "snapshot")
-        state = snap["state"]
-        while state not in TERMINAL and not ws.closed:
-            get_task = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait({get_task, read_task}, return_when=asyncio.FIRST_COMPLETED)
-            if get_task not in done:
-                get_task.cancel()
-                break
-            event = get_task.result()
-            state = event["state"]
-            await send(event, "end" if state in TERMINAL else "progress")
-    except (ConnectionResetError, RuntimeError):
-        pass
-    finally:
-        jobs.unsubscribe(job.id, queue)
-        read_task.cancel()
-        if not ws.closed:
-            await ws.close()
-    return ws
 
 
 @routes.get("/v1/sessions/{session_id}")
@@ -344,11 +398,13 @@ async def get_session(request: web.Request):
 
 @routes.delete("/v1/sessions/{session_id}")
 async def delete_session(request: web.Request):
+    """Deletes the session and everything derived from its photo (inputs, thumbnail, the job's preview)."""
     row = session_or_404(request)
     if row["state"] == "pending":
         raise ProtocolError(409, "session_busy", f"session {row['id']} is still being computed; "
                                                  f"cancel job {row['job_id']} first", "session_id")
     request.app[RENDERER].live.drop(row["id"])
+    request.app[JOBS].drop_preview(row["job_id"])
     await run_io(request, request.app[STORAGE].delete_session, row["id"])
     return respond(request, {"session_id": row["id"], "state": "deleted"})
 
@@ -362,9 +418,10 @@ async def render(request: web.Request):
                             "session_id")
     cfg = request.app[CONFIG]
     raw = await read_body(request)
-    body = protocol.decode_body(raw, request.content_type, cfg.limits)
     engine = request.app[ENGINE]
-    req = protocol.parse_render_request(body, cfg.limits, engine.direction_names(row["model"]), engine.num_ws(row["model"]))
+    directions, num_ws = engine.direction_names(row["model"]), engine.num_ws(row["model"])
+    req = await run_io(request, lambda: protocol.parse_render_request(
+        protocol.decode_body(raw, request.content_type, cfg.limits), cfg.limits, directions, num_ws))
     renderer = request.app[RENDERER]
     loop = asyncio.get_running_loop()
     try:
@@ -376,18 +433,24 @@ async def render(request: web.Request):
         request.app[STORAGE].update_session(row["id"], state="evicted", size_bytes=0)
         raise ProtocolError(410, "session_evicted", f"the files of session {row['id']} are gone; create it again",
                             "session_id") from None
+    except SessionDamaged as exc:
+        raise ProtocolError(409, "session_damaged", exc.message, "session_id") from None
     return respond(request, result)
 
 
 @routes.get("/")
 async def status(request: web.Request):
     token = request.query.get("token")
-    if token is not None:  # first visit with ?token=: keep it in a cookie and drop it from the address bar
+    if token is not None:  # first visit with ?token=: swap it for a status credential, drop it from the address bar
+        if not token_matches(token, request.app[CONFIG].token):
+            return web.Response(text=unauthorized_page(), status=401, content_type="text/html")
         resp = web.HTTPSeeOther("/")
-        resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
+        cfg = request.app[CONFIG]
+        resp.set_cookie(status_cookie_name(request), request.app[STATUS_CREDS].issue(), httponly=True,
+                        samesite="Strict", path="/", max_age=int(cfg.status_ttl_s))
         raise resp
-    return web.Response(text=status_page(request.app[JOBS].list_public(50), request.app[JOBS].counts()),
-                        content_type="text/html")
+    jobs = await run_io(request, request.app[JOBS].list_public, 50)
+    return web.Response(text=status_page(jobs, request.app[JOBS].counts()), content_type="text/html")
 
 
 @routes.get("/status/jobs/{job_id}/{which}.png")
@@ -397,9 +460,9 @@ async def status_image(request: web.Request):
     if which == "preview" and job.preview_png:
         return web.Response(body=job.preview_png, content_type="image/png")
     if which in ("thumb", "preview"):
-        path = request.app[STORAGE].job_dir(job.id) / "thumb.png"
-        if path.exists():
-            return web.Response(body=await run_io(request, path.read_bytes), content_type="image/png")
+        png = await run_io(request, request.app[STORAGE].thumbnail, job.id)
+        if png is not None:
+            return web.Response(body=png, content_type="image/png")
     raise ProtocolError(404, "no_image", "no such image")
 
 
@@ -416,14 +479,17 @@ def create_app(config: ServerConfig, engine=None) -> web.Application:
     storage = Storage(config.data_dir)
     live = LiveSessions(config.live_sessions)
     jobs = JobManager(storage, engine, live, max_queue=config.max_queue, default_timeout_s=config.job_timeout_s,
-                      cache_max_bytes=config.cache_max_bytes)
-    app = web.Application(middlewares=[error_middleware, auth_middleware],
+                      cache_max_bytes=config.cache_max_bytes, retention=config.retention)
+    app = web.Application(middlewares=[error_middleware, host_middleware, auth_middleware],
                           client_max_size=config.limits.max_body_bytes)
     app[CONFIG], app[ENGINE], app[STORAGE], app[JOBS] = config, engine, storage, jobs
     app[RENDERER] = Renderer(storage, engine, live)
     app[IO_POOL] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="latent-edit-io")
     app[STARTED] = time.time()
+    app[STATUS_CREDS] = StatusCredentials(config.status_ttl_s)
+    app[PORT] = [0]
     app.add_routes(routes)
+    app.on_response_prepare.append(security_headers)
 
     async def on_startup(app_):
         app_[JOBS].start(asyncio.get_running_loop(), warm_model=engine.default_model())

@@ -9,13 +9,14 @@ import logging
 import os
 import secrets
 import stat
+import threading
+import time
 from pathlib import Path
 from typing import Optional
 
 log = logging.getLogger("server.auth")
 
 MIN_TOKEN_CHARS = 16
-COOKIE = "latent_edit_token"
 
 
 def _check_token(path: Path, token: str) -> str:
@@ -85,3 +86,34 @@ def bearer(header: Optional[str]) -> Optional[str]:
     if scheme.lower() != "bearer":
         return None
     return value.strip() or None
+
+
+class StatusCredentials:
+    """Short-lived credentials for the status page's cookie, so the API token never sits in a browser.
+
+    Issued after ``/?token=`` proved the API token; valid ``ttl_s`` seconds, for this server process only, and
+    only for the status page (never the API).  At most ``max_live`` are kept (oldest dropped)."""
+
+    def __init__(self, ttl_s: float, max_live: int = 64):
+        self.ttl_s, self.max_live = ttl_s, max_live
+        self._live: dict = {}  # credential -> expiry (monotonic)
+        self._lock = threading.Lock()
+
+    def issue(self) -> str:
+        cred = secrets.token_urlsafe(24)
+        now = time.monotonic()
+        with self._lock:
+            self._live = {c: t for c, t in self._live.items() if t > now}
+            while len(self._live) >= self.max_live:
+                self._live.pop(next(iter(self._live)))
+            self._live[cred] = now + self.ttl_s
+        return cred
+
+    def valid(self, presented: Optional[str]) -> bool:
+        if not presented:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            live = [c for c, t in self._live.items() if t > now]
+        # constant time per comparison; the set is small
+        return any(hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), c.encode()) for c in live)

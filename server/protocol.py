@@ -10,6 +10,7 @@ Images travel as raw bytes: ``{width, height, format, stride, data, x, y, name}`
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -26,24 +27,50 @@ JSON_TYPE = "application/json"
 # name -> (numpy dtype, channels); little-endian on the wire whatever the host.
 LAYER_FORMATS = {"rgba8": (np.dtype("u1"), 4), "rgba16": (np.dtype("<u2"), 4), "rgbaf32": (np.dtype("<f4"), 4)}
 MASK_FORMATS = {"gray8": (np.dtype("u1"), 1), "grayf32": (np.dtype("<f4"), 1)}
-METHODS = ("pti", "chunks", "w", "wplus")
-ALIGNS = ("auto", "none")
-BLENDS = ("alpha", "poisson")
+ENVELOPE_BYTES = 64 * 1024  # everything in a body but the pixel bytes (keys, options, names) fits easily
+MAX_NAME_CHARS = 500  # layer names
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on what one request may ask for (all configurable from the command line)."""
+    """Bounds on what one request may ask for (all configurable from the command line).
 
-    max_body_bytes: int = 256 * 1024 * 1024  # a 4096² rgbaf32 layer plus its float mask fits
+    ``max_body_bytes`` defaults to what the largest layer the other limits allow needs: a ``max_pixels``
+    rgbaf32 layer (16 B/px) plus its grayf32 selection (4 B/px) plus :data:`ENVELOPE_BYTES`."""
+
+    max_body_bytes: Optional[int] = None  # None: derived from max_pixels (320 MiB + 64 KiB at 4096²)
     max_json_bytes: int = 1024 * 1024  # JSON is for small control requests only
     max_side: int = 8192
     min_side: int = 8  # below this no generator can say anything useful
     max_pixels: int = 4096 * 4096
     max_batch: int = 16
     max_edits: int = 32
-    max_steps: int = 20000
+    max_steps: int = 20000  # server resource bound (validity, e.g. >= 1, is SessionOptions.validate's)
     max_timeout_s: float = 24 * 3600.0
+
+    def __post_init__(self):
+        if self.max_body_bytes is None:
+            object.__setattr__(self, "max_body_bytes", self.max_pixels * (16 + 4) + ENVELOPE_BYTES)
+
+    def decode(self) -> "DecodeLimits":
+        """Structural bounds for msgpack bodies, from the largest request these limits allow."""
+        # twice the longest list a request may hold: a list just over its limit still gets the 422 naming the field
+        containers = 2 * max(self.max_batch, self.max_edits, 2)
+        return DecodeLimits(max_str_len=4 * MAX_NAME_CHARS, max_bin_len=self.max_body_bytes,
+                            max_array_len=containers, max_map_len=16,
+                            max_objects=64 + 40 * self.max_batch + 8 * self.max_edits, max_depth=6)
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What a msgpack body may hold: longest str (bytes) / bin / array / map, all objects together, nesting."""
+
+    max_str_len: int
+    max_bin_len: int
+    max_array_len: int
+    max_map_len: int
+    max_objects: int
+    max_depth: int
 
 
 class ProtocolError(Exception):
@@ -74,11 +101,20 @@ def media_type(content_type: Optional[str]) -> str:
 
 
 def decode_body(raw: bytes, content_type: Optional[str], limits: Limits) -> dict:
-    """Decode a request body (msgpack or small JSON) into a dict; never unpickles, never evaluates."""
+    """Decode a request body (msgpack or small JSON) into a dict; never unpickles, never evaluates.
+
+    msgpack bodies are first checked by :class:`MsgpackScanner` (object count, nesting, lengths), then unpacked
+    with the same length limits, so no body can make more than a few thousand Python objects."""
     kind = media_type(content_type)
     if kind in MSGPACK_TYPES:
+        dl = limits.decode()
+        scanner = MsgpackScanner(dl)
+        scanner.feed(raw, final=True)
         try:
-            value = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext)
+            value = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext,
+                                    max_str_len=dl.max_str_len, max_bin_len=dl.max_bin_len,
+                                    max_array_len=dl.max_array_len, max_map_len=dl.max_map_len,
+                                    max_ext_len=dl.max_str_len)
         except ProtocolError:
             raise
         except Exception as exc:  # every unpack failure is the client's: truncated, trailing data, bad utf-8...
@@ -91,7 +127,7 @@ def decode_body(raw: bytes, content_type: Optional[str], limits: Limits) -> dict
             value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except ProtocolError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # includes RecursionError for absurd nesting
             raise ProtocolError(400, "bad_json", f"the body is not valid JSON ({exc.__class__.__name__})") from None
     else:
         raise ProtocolError(415, "unsupported_media_type",
@@ -99,6 +135,84 @@ def decode_body(raw: bytes, content_type: Optional[str], limits: Limits) -> dict
     if not isinstance(value, dict):
         raise ProtocolError(400, "bad_request", f"the body must be a map/object, not {_type_name(value)}")
     return value
+
+
+# msgpack first bytes -> (kind, fixed payload bytes or length-field size); see the msgpack spec
+_FIXED = {0xc0: 0, 0xc2: 0, 0xc3: 0, 0xca: 4, 0xcb: 8, 0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8, 0xd0: 1, 0xd1: 2,
+          0xd2: 4, 0xd3: 8, 0xd4: 2, 0xd5: 3, 0xd6: 5, 0xd7: 9, 0xd8: 17}
+_SIZED = {0xc4: ("bin", 1), 0xc5: ("bin", 2), 0xc6: ("bin", 4), 0xd9: ("str", 1), 0xda: ("str", 2),
+          0xdb: ("str", 4), 0xc7: ("ext", 1), 0xc8: ("ext", 2), 0xc9: ("ext", 4)}
+_CONTAINERS = {0xdc: ("array", 2), 0xdd: ("array", 4), 0xde: ("map", 2), 0xdf: ("map", 4)}
+
+
+class MsgpackScanner:
+    """Walks msgpack headers without building objects, as the bytes arrive, and raises :class:`ProtocolError`
+    (400) the moment the body breaks a :class:`DecodeLimits` bound, so a hostile body is refused after its
+    first few kilobytes instead of being read to the size limit and then unpacked into millions of objects.
+    Work per body is bounded by ``max_objects`` headers (bin and str payloads are skipped, not read)."""
+
+    def __init__(self, limits: DecodeLimits):
+        self.limits = limits
+        self.pos = 0  # next header offset in the whole body
+        self.objects = 0
+        self.stack: list = []  # remaining children of each open container
+        self.done = False  # the top-level object is complete
+
+    def _fail(self, message: str):
+        raise ProtocolError(400, "bad_msgpack", f"the body is not an acceptable msgpack request: {message}")
+
+    def feed(self, buf, final: bool = False) -> None:
+        """``buf``: every byte received so far (a growing buffer); ``final``: nothing more will come."""
+        lim, n = self.limits, len(buf)
+        while not self.done and self.pos < n:
+            b = buf[self.pos]
+            need, length, kind = 1, 0, None
+            if 0xa0 <= b <= 0xbf:
+                kind, length = "str", b & 0x1f
+            elif 0x80 <= b <= 0x8f:
+                kind, length = "map", b & 0x0f
+            elif 0x90 <= b <= 0x9f:
+                kind, length = "array", b & 0x0f
+            elif b in _FIXED:
+                need += _FIXED[b]
+            elif b in _SIZED or b in _CONTAINERS:
+                kind, width = _SIZED.get(b) or _CONTAINERS[b]
+                if self.pos + 1 + width > n:
+                    break  # the length field has not arrived yet
+                length = int.from_bytes(buf[self.pos + 1: self.pos + 1 + width], "big")
+                need += width + (1 if kind == "ext" else 0)
+            elif b == 0xc1:
+                self._fail("byte 0xc1 is never used in msgpack")
+            self.objects += 1
+            if self.objects > lim.max_objects:
+                self._fail(f"more than {lim.max_objects} values")
+            if kind in ("str", "bin", "ext"):
+                cap = lim.max_bin_len if kind == "bin" else lim.max_str_len
+                if length > cap and kind == "bin":
+                    raise ProtocolError(413, "payload_too_large", f"the body holds a bin of {length} bytes; the "
+                                        f"server's limit is {cap} bytes (start it with a larger --max-body-mb)")
+                if length > cap:
+                    self._fail(f"a {kind} of {length} bytes (at most {cap})")
+                need += length
+            elif kind in ("array", "map"):
+                cap = lim.max_array_len if kind == "array" else lim.max_map_len
+                if length > cap:
+                    self._fail(f"an {kind} of {length} entries (at most {cap})")
+            self.pos += need
+            if self.stack:
+                self.stack[-1] -= 1
+            if kind in ("array", "map") and length:
+                if len(self.stack) + 1 > lim.max_depth:
+                    self._fail(f"nesting deeper than {lim.max_depth}")
+                self.stack.append(length * (2 if kind == "map" else 1))
+            while self.stack and self.stack[-1] == 0:
+                self.stack.pop()
+            if not self.stack:
+                self.done = True
+        if final and not self.done:
+            self._fail("the body ends inside a value")
+        if self.done and self.pos < n:
+            self._fail(f"{n - self.pos} bytes after the end of the request")
 
 
 def _reject_ext(code, data):
@@ -352,9 +466,46 @@ class SessionRequest:
     timeout_s: Optional[float]
 
 
-_OPTION_KEYS = {"project_steps", "tune_steps", "feather", "blend", "seed", "color_match", "space", "reg", "min_face",
-                "timeout_s"}
-SPACES = ("w", "w+")
+# wire name -> (type check, server resource bound or None); validity (ranges, choices) is SessionOptions.validate's
+_OPTION_TYPES = {"project_steps": "int", "tune_steps": "int", "feather": "number", "blend": "str", "seed": "int",
+                 "color_match": "bool", "space": "str", "reg": "number", "min_face": "int", "locality": "bool",
+                 "pivot": "str"}
+_OPTION_KEYS = set(_OPTION_TYPES) | {"timeout_s"}
+
+
+def _session_options_type():
+    from core.session import SessionOptions  # the one validated options type (imports torch: lazily)
+
+    return SessionOptions
+
+
+def _wire_value(obj: dict, key: str, path: str, kind: str, limits: Limits):
+    if kind == "int":
+        return get_int(obj, key, path, -(2**63), 2**63 - 1)
+    if kind == "number":
+        return get_number(obj, key, path, -math.inf, math.inf)
+    if kind == "bool":
+        return get_bool(obj, key, path)
+    return get_str(obj, key, path)
+
+
+def build_options(fields: dict) -> dict:
+    """``SessionOptions(**fields).validate()``; an InvalidInput becomes a 422 naming the field."""
+    from core.common import InvalidInput
+
+    cls = _session_options_type()
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:  # a wire option this engine's SessionOptions does not have (yet)
+        raise invalid(f"options.{unknown[0]}", "is not supported by this server's engine", code="unknown_field")
+    try:
+        cls(**fields).validate()
+    except InvalidInput as exc:
+        text = str(exc)
+        name = next((k for k in sorted(fields, key=len, reverse=True) if text.startswith(k)), None)
+        path = None if name is None else (name if name in ("method", "align") else f"options.{name}")
+        raise ProtocolError(422, "invalid_field", f"{path}: {text}" if path else text, path) from None
+    return fields
 
 
 def _item(obj: dict, path: str, limits: Limits) -> Item:
@@ -372,39 +523,22 @@ def _item(obj: dict, path: str, limits: Limits) -> Item:
 
 
 def _common_session_fields(body: dict, limits: Limits) -> tuple:
+    """Wire types here; validity in :meth:`core.session.SessionOptions.validate`; resource bounds (steps,
+    timeout) from ``limits``."""
     model = get_str(body, "model", "")
-    options = {"method": get_str(body, "method", "", default="pti", choices=METHODS),
-               "align": get_str(body, "align", "", default="auto", choices=ALIGNS)}
+    options = {"method": get_str(body, "method", "", default="pti"), "align": get_str(body, "align", "", default="auto")}
     opts = body.get("options")
     opts = {} if opts is None else opts
     check_map(opts, "options", _OPTION_KEYS)
-    for key in ("project_steps", "tune_steps"):
-        v = get_int(opts, key, "options", 0, limits.max_steps)
+    for key, kind in _OPTION_TYPES.items():
+        v = _wire_value(opts, key, "options", kind, limits)
         if v is not None:
             options[key] = v
-    v = get_number(opts, "feather", "options", 0.0, 512.0)
-    if v is not None:
-        options["feather"] = v
-    v = get_str(opts, "blend", "options", choices=BLENDS)
-    if v is not None:
-        options["blend"] = v
-    v = get_int(opts, "seed", "options", 0, 2**31 - 1)
-    if v is not None:
-        options["seed"] = v
-    v = get_bool(opts, "color_match", "options")
-    if v is not None:
-        options["color_match"] = v
-    v = get_str(opts, "space", "options", choices=SPACES)
-    if v is not None:
-        options["space"] = v
-    v = get_number(opts, "reg", "options", 0.0, 1e6)
-    if v is not None:
-        options["reg"] = v
-    v = get_int(opts, "min_face", "options", 1, limits.max_side)
-    if v is not None:
-        options["min_face"] = v
+    for key in ("project_steps", "tune_steps"):
+        if options.get(key) is not None and options[key] > limits.max_steps:
+            raise invalid(f"options.{key}", f"{options[key]} is more than the server's limit of {limits.max_steps}")
     timeout_s = get_number(opts, "timeout_s", "options", 1.0, limits.max_timeout_s)
-    return model, options, timeout_s
+    return model, build_options(options), timeout_s
 
 
 def parse_session_request(body: dict, limits: Limits) -> SessionRequest:
@@ -454,11 +588,15 @@ def parse_render_request(body: dict, limits: Limits, directions: set, num_ws: Op
         if e.get("layers") is not None:
             lpath = _join(path, "layers")
             pair = get_list(e, "layers", path, 2, min_len=2)
-            first = get_int({"first": pair[0]}, "first", lpath, 0, top)
-            last = get_int({"last": pair[1]}, "last", lpath, 0, top)
+            if any(v is None for v in pair):
+                raise invalid(lpath, "must be two integers [first, last], not nil")
+            first = get_int({0: pair[0]}, 0, lpath, 0, top)
+            last = get_int({1: pair[1]}, 1, lpath, 0, top)
             if first > last:
                 raise invalid(lpath, f"first ({first}) must not exceed last ({last})")
             edit = edit + ((first, last),)
         edits.append(edit)
+    from core.session import BLENDS  # the compositing modes the engine knows
+
     return RenderRequest(edits, get_number(body, "feather", "", 0.0, 512.0), get_str(body, "blend", "", choices=BLENDS),
                          get_str(body, "format", "", choices=tuple(LAYER_FORMATS)), get_bool(body, "color_match", ""))

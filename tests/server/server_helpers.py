@@ -21,11 +21,12 @@ from typing import Any, Optional
 import msgpack
 import numpy as np
 import pytest
-from aiohttp import ClientSession, WSMsgType, web
+from aiohttp import ClientSession
 
 from fake_engine import StepLog, make_engine
 from server.app import ServerConfig, create_app
 from server.launch import port_of, wait_for_ready
+from server.net import start_site
 
 MSGPACK = "application/msgpack"
 _DEFAULT = object()
@@ -51,6 +52,7 @@ class LiveServer:
     """The real app on 127.0.0.1:<free port>, served by its own event loop in a background thread."""
 
     def __init__(self, data_dir: Path, engine, token: Optional[str] = None, **config):
+        """``config``: ServerConfig fields (limits, max_queue, max_connections, header_timeout_s, ...)."""
         self.token = token or secrets.token_urlsafe(24)
         self.engine = engine
         self.config = ServerConfig(data_dir=Path(data_dir), token=self.token, **config)
@@ -67,11 +69,10 @@ class LiveServer:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            self.runner = web.AppRunner(self.app, access_log=None)
-            self.loop.run_until_complete(self.runner.setup())
-            site = web.TCPSite(self.runner, "127.0.0.1", 0)
-            self.loop.run_until_complete(site.start())
-            self.port = self.runner.addresses[0][1]
+            self.site = self.loop.run_until_complete(start_site(
+                self.app, "127.0.0.1", 0, access_log=False, max_connections=self.config.max_connections,
+                header_timeout_s=self.config.header_timeout_s, keepalive_timeout_s=self.config.keepalive_timeout_s))
+            self.port = self.site.port
         except BaseException as exc:  # surfaced in __init__
             self._error = exc
             self._ready.set()
@@ -84,7 +85,7 @@ class LiveServer:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        asyncio.run_coroutine_threadsafe(self.site.stop(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
@@ -144,29 +145,43 @@ def box_selection(h: int, w: int) -> np.ndarray:
 
 async def collect_events(port: int, token: str, job_id: str, previews: bool = False, on_event=None,
                          timeout: float = 60, until=None) -> list:
-    """Follow WS /v1/jobs/{id}/events until ``end`` (or ``until(event)``); ``on_event`` may be a coroutine function."""
-    events = []
-    q = "?previews=1" if previews else ""
-    async with ClientSession() as s:
-        async with s.ws_connect(f"http://127.0.0.1:{port}/v1/jobs/{job_id}/events{q}",
-                                headers={"Authorization": f"Bearer {token}"}) as ws:
-            async with asyncio.timeout(timeout):
-                async for msg in ws:
-                    if msg.type != WSMsgType.TEXT:
-                        break
-                    ev = json.loads(msg.data)
-                    events.append(ev)
-                    if on_event is not None:
-                        r = on_event(ev)
-                        if asyncio.iscoroutine(r):
-                            await r
-                    if ev["type"] == "end" or (until is not None and until(ev)):
-                        break
+    """Follow a job by long-polling ``GET /v1/jobs/{id}?after=VERSION&wait=S`` (as the plugins do) until it ends
+    (or ``until(event)``): every change seen, typed ``snapshot`` (the first), ``progress`` or ``end``.
+    ``previews``: attach the job's preview PNG (``GET /v1/jobs/{id}/preview``) whenever ``preview_seq`` moved.
+    ``on_event`` may be a coroutine function."""
+    events, version, seq = [], -1, 0
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    base = f"http://127.0.0.1:{port}/v1/jobs/{job_id}"
+    async with ClientSession(headers=headers) as s:
+        async with asyncio.timeout(timeout):
+            while True:
+                async with s.get(f"{base}?after={version}&wait=10") as r:
+                    assert r.status == 200, (r.status, await r.text())
+                    ev = await r.json()
+                if ev["version"] == version and ev["state"] not in TERMINAL_STATES:
+                    continue  # the wait ran out without a change
+                version = ev["version"]
+                ev["type"] = "end" if ev["state"] in TERMINAL_STATES else ("progress" if events else "snapshot")
+                if previews and ev["preview_seq"] != seq:
+                    seq = ev["preview_seq"]
+                    async with s.get(f"{base}/preview") as pr:
+                        if pr.status == 200:
+                            ev["preview_png"] = await pr.read()
+                events.append(ev)
+                if on_event is not None:
+                    r = on_event(ev)
+                    if asyncio.iscoroutine(r):
+                        await r
+                if ev["type"] == "end" or (until is not None and until(ev)):
+                    break
     return events
 
 
+TERMINAL_STATES = {"done", "failed", "cancelled", "interrupted"}
+
+
 def wait_job(server, job_id: str, timeout: float = 60) -> dict:
-    """Block until the job ends (via its WebSocket) and return its final state from GET /v1/jobs/{id}."""
+    """Block until the job ends (long polls) and return its final state from GET /v1/jobs/{id}."""
     events = asyncio.run(collect_events(server.port, server.token, job_id, timeout=timeout))
     assert events and events[-1]["type"] == "end", events
     r = server.request("GET", f"/v1/jobs/{job_id}")

@@ -1,4 +1,4 @@
-"""End to end through HTTP against the real app (fake engine): sessions, events, renders, batch, status page."""
+"""End to end through HTTP against the real app (fake engine): sessions, long polls, renders, batch, status page."""
 from __future__ import annotations
 
 import asyncio
@@ -43,7 +43,7 @@ def test_session_with_selection_progress_and_two_renders(server):
     fractions = [e["progress"] for e in events]
     assert fractions == sorted(fractions)
     assert any(e["type"] == "progress" and 0 < e["progress"] < 1 for e in events)
-    assert any("preview_png" in e for e in events)  # base64 PNG in JSON frames
+    assert any(e.get("preview_png", b"")[:8] == b"\x89PNG\r\n\x1a\n" for e in events)  # GET /v1/jobs/{id}/preview
     assert server.engine.step_log.calls[-1]["options"].project_steps == 6
     assert server.engine.step_log.calls[-1]["options"].align == "none"
 
@@ -126,9 +126,13 @@ def test_status_page_token_query_sets_cookie(server):
     assert server.request("GET", "/", token=None, ctype=None).status == 401
     r = server.request("POST", "/v1/sessions", {"layer": layer(make_image(16, 16)), "options": {"project_steps": 1}})
     wait_job(server, r.body["job_id"])
+    assert http_request(server.port, "GET", "/?token=wrong-token-0123456789", ctype=None).status == 401
     r = http_request(server.port, "GET", f"/?token={server.token}", ctype=None)
-    assert r.status == 303 and "HttpOnly" in r.headers["Set-Cookie"]
+    assert r.status == 303 and "HttpOnly" in r.headers["Set-Cookie"] and "SameSite=Strict" in r.headers["Set-Cookie"]
     cookie = r.headers["Set-Cookie"].split(";")[0]
+    name, value = cookie.split("=", 1)
+    assert name == f"latent_edit_status_{server.port}"  # port-scoped: two servers on one host never mix
+    assert server.token not in r.headers["Set-Cookie"] and len(value) >= 24  # a separate credential, not the token
     page = http_request(server.port, "GET", "/", ctype=None, headers={"Cookie": cookie})
     assert page.status == 200
     assert b"done" in page.raw and b"/status/jobs/" in page.raw
@@ -149,21 +153,23 @@ def test_msgpack_accept_header_for_get(server):
     assert {d["name"] for d in models[0]["directions"]} == {"smile", "age", "light"}
 
 
-def test_websocket_token_query_and_refusal(server):
-    import aiohttp
+def test_long_poll_answers_at_the_next_change(server):
+    """Plugins poll: ``?after=VERSION&wait=S`` returns as soon as the job changes, at once when it is finished."""
+    import time
 
-    r = server.request("POST", "/v1/sessions", {"layer": layer(make_image(16, 16)), "options": {"project_steps": 2}})
+    r = server.request("POST", "/v1/sessions", {"layer": layer(make_image(16, 16)), "options": {"project_steps": 20}})
     jid = r.body["job_id"]
-
-    async def run():
-        async with aiohttp.ClientSession() as s:
-            url = f"http://127.0.0.1:{server.port}/v1/jobs/{jid}/events"
-            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-                await s.ws_connect(url)
-            assert refused.value.status == 401
-            async with s.ws_connect(url + f"?token={server.token}&format=msgpack") as ws:
-                frames = [msgpack.unpackb(m.data) async for m in ws if m.type == aiohttp.WSMsgType.BINARY]
-        return frames
-
-    frames = asyncio.run(run())
-    assert frames[-1]["type"] == "end" and frames[-1]["state"] == "done"
+    first = server.request("GET", f"/v1/jobs/{jid}").body
+    t0 = time.monotonic()
+    nxt = server.request("GET", f"/v1/jobs/{jid}?after={first['version']}&wait=20").body
+    assert nxt["version"] > first["version"] and time.monotonic() - t0 < 5  # not the full 20 s
+    final = wait_job(server, jid)
+    assert final["state"] == "done"
+    t0 = time.monotonic()
+    again = server.request("GET", f"/v1/jobs/{jid}?after={final['version']}&wait=20").body
+    assert again["state"] == "done" and time.monotonic() - t0 < 2  # finished: no wait
+    for bad in ("wait=abc", "wait=31", "after=x"):
+        e = server.request("GET", f"/v1/jobs/{jid}?{bad}")
+        assert e.status == 422 and e.body["field"] == bad.split("=")[0]
+    # the job-events WebSocket is gone (plugins poll)
+    assert server.request("GET", f"/v1/jobs/{jid}/events").status == 404

@@ -246,7 +246,10 @@ def test_chunked_body_over_limit(fuzz_server):
 
     conn = http.client.HTTPConnection("127.0.0.1", fuzz_server.port, timeout=30)
     try:
-        chunks = (b"\x00" * 65536 for _ in range(40))  # 2.5 MiB > 1 MiB limit
+        part = 900 * 1024  # two bins of 0.9 MiB, each within the limit alone: 1.8 MiB > 1 MiB counted as it arrives
+        head = b"\x92" + b"\xc6" + part.to_bytes(4, "big")
+        chunks = iter([head, *(b"\x00" * 65536 for _ in range(part // 65536)), b"\x00" * (part % 65536),
+                       b"\xc6" + part.to_bytes(4, "big"), *(b"\x00" * 65536 for _ in range(part // 65536))])
         conn.request("POST", "/v1/sessions", body=chunks, encode_chunked=True,
                      headers={"Authorization": f"Bearer {fuzz_server.token}", "Content-Type": MP,
                               "Transfer-Encoding": "chunked"})
