@@ -1,8 +1,9 @@
 """Real Krita 5 under Xvfb + the installed Latent Edit plugin + the real server (real engine).
 
-Each test writes a job file, starts Krita with ``LATENT_EDIT_KRITA_JOB`` (plugins/krita/latent_edit/automation.py):
-the plugin opens a face image, makes a selection, triggers the real "Latent Edit…" action with method "w"
-and few steps, saves .kra and .png, dumps raw pixels, and quits. The checks read those files.
+Each test writes a job file, starts Krita with ``LATENT_EDIT_KRITA_JOB`` and the test-only driver plugin
+(krita_harness/driver/latent_edit_test_driver/automation.py): it opens a face image, makes a selection, runs
+the plugin's Apply (or drives the real dialog, opened by the real menu action) with method "w" and few
+steps, saves .kra and .png, dumps raw pixels, and quits. The checks read those files.
 Run: ``pytest tests/hosts -k krita`` (fails under CI=true when Krita cannot run; skips otherwise).
 """
 from __future__ import annotations
@@ -165,7 +166,9 @@ def test_krita_edit_inside_selection_new_group_and_reedit(krita, latent_server, 
         assert group["type"] == "grouplayer"
         assert [(c["name"], c["type"]) for c in group["children"]] == [("Background (%s %s)" % (direction, sign), "paintlayer")]
         assert [(m["name"], m["type"]) for m in group["children"][0]["children"]] == [("Selection", "transparencymask")]
-    # re-edit rendered the cached inversion (no second upload/inversion)
+    # Apply -> Apply: the second Apply took whatever was active after the first (no re-selection), found the
+    # source and re-rendered the cached inversion (no second upload/inversion)
+    assert r["active_before_run1"] == ["Background"] and [run["active_after"] for run in r["runs"]] == ["Background"] * 2
     assert [run["reused"] for run in r["runs"]] == [0, 1]
     # the source layer is untouched, the user's selection is given back
     assert (out / "source0_before.raw").read_bytes() == (out / "source0_after.raw").read_bytes()
@@ -263,12 +266,32 @@ def test_krita_dialog_like_a_user(krita, latent_server, tmp_path):
     directions = latent_server.directions()
     direction = directions[1 % len(directions)]
     _img, png, sel, sel_path = write_inputs(tmp_path)
+    shot = tmp_path / "dialog.png"
     job = base_job(tmp_path, latent_server, png, sel_path, direction, options=None,
-                   dialog={"method": "w", "steps": STEPS, "align": False, "edits": [[direction, 1.5]]})
+                   dialog={"method": "w", "steps": STEPS, "align": False, "edits": [[direction, 1.5]],
+                           "edits2": [[direction, -1.5]], "screenshot": str(shot)})
     res = run_ok(krita, job, tmp_path, latent_server)
     d, out = res.result["dialog"], res.out_dir
-    assert d["server_status"].startswith("connected")
-    assert latent_server.model in d["models"] and d["methods"] == ["pti", "chunks", "w", "wplus"]
+    assert d["server_status"].startswith("Connected")
+    assert latent_server.model in d["models"]
+    served = latent_server.model_info.get("methods")
+    expect = [m["name"] if isinstance(m, dict) else m for m in served] if served else ["pti", "chunks", "w", "wplus"]
+    assert d["methods"] == expect  # the server's method list (one source)
+    # nothing ticked: Apply is disabled, with a hint; ticking an edit enables it
+    assert d["apply_enabled_without_edit"] is False and "Tick" in d["hint_without_edit"]
+    assert d["apply_enabled_with_edit"] is True
+    # a resizable dialog whose default size shows every edit row, beside the canvas (not over its centre)
+    assert d["resizable"] and d["rows_fully_visible"] == len(directions), d
+    wx, wy, ww, wh = d["window_rect"]
+    dx, dy, dw, dh = d["dialog_rect"]
+    assert not (dx < wx + ww / 2 < dx + dw and dy < wy + wh / 2 < dy + dh), (d["dialog_rect"], d["window_rect"])
+    assert d["screenshot"] and shot.stat().st_size > 0
+    shutil.copy(shot, Path("/tmp") / "latent-edit-krita-dialog.png")  # for the report / README picture
+    # Apply -> Apply in the dialog without re-selecting: the second is a re-render onto the same source
+    a1, a2 = d["applies"]
+    assert a1["active_after"] == "Background" and a2["active_before"] == "Background"
+    assert (a1["reused"], a2["reused"]) == (0, 1), d["applies"]
+    assert a2["message"] == "Added %s (re-rendered the cached inversion)." % (GROUP_PREFIX + direction + " -1.5")
     assert d["directions"] == directions
     info = {x["name"]: x for x in latent_server.model_info["directions"]}
     assert d["defaults"] == [pytest.approx(info[n].get("default_strength", 1.0)) for n in directions]
@@ -325,3 +348,37 @@ def test_krita_reports_no_face(krita, latent_server, tmp_path):
     assert res.rc == 12 and res.result.get("error_type") == "JobFailed", res.describe()
     assert res.result["error_message"].startswith("No face was found"), res.result["error_message"]
     assert not (tmp_path / "out" / "out.kra").exists()
+
+
+def test_krita_live_preview_rerenders_without_a_new_inversion(krita, latent_server, tmp_path):
+    """Invert once in the dialog, move a slider twice: the locked preview layer updates each time (time
+    printed), with no second inversion; Apply turns the preview into the result; Close leaves no preview."""
+    global SIZE
+    SIZE = int(latent_server.model_info.get("resolution") or 64)  # the latency is measured at 64 px
+    directions = latent_server.directions()
+    direction = directions[0]
+    _img, png, sel, sel_path = write_inputs(tmp_path)
+    job = base_job(tmp_path, latent_server, png, sel_path, direction, options=None,
+                   dialog={"method": "w", "steps": STEPS, "align": False, "edits": [],
+                           "preview": [[direction, 2.0], [direction, -2.0]]})
+    from plugins.common.client import Client
+
+    client = Client(latent_server.url, token_file=str(latent_server.token_file))
+    jobs_before = len(client.request("GET", "/v1/jobs?limit=100")["jobs"])
+    res = run_ok(krita, job, tmp_path, latent_server)
+    d, out = res.result["dialog"], res.out_dir
+    jobs_after = len(client.request("GET", "/v1/jobs?limit=100")["jobs"])
+    assert jobs_after - jobs_before == 1  # the Invert click; both slider moves and Apply only rendered
+    m1, m2 = d["preview_moves"]
+    for m in (m1, m2):
+        assert m["layer"] == "Latent Edit · preview" and m["locked"]
+        assert m["siblings"][:2] == ["Background", "Latent Edit · preview"]
+    assert m1["edits"] == [[direction, 2.0]] and m2["edits"] == [[direction, -2.0]]
+    p1, p2 = raw(out, "preview1.raw", np.uint8, 4), raw(out, "preview2.raw", np.uint8, 4)
+    moved = np.abs(p1.astype(int) - p2.astype(int))[..., :3].max(axis=2)
+    assert (moved[sel == 255] > 0).mean() > 0.5  # the second slider position really re-rendered
+    print("\nlive preview at %d px: slider change -> preview layer updated in %s ms" % (SIZE, d["preview_latency_ms"]))
+    (a,) = d["applies"]
+    assert a["from_preview"] and a["message"] == "Added %s (from the preview)." % (GROUP_PREFIX + direction + " -2")
+    names = [c["name"] for c in d["tree_after_close"]["children"]]
+    assert "Latent Edit · preview" not in names and GROUP_PREFIX + direction + " -2" in names

@@ -14,7 +14,6 @@ from .qt import QtGui, Qt, QTimer, QtWidgets, drive, in_background
 
 SLIDER_SCALE = 100  # slider ticks per strength unit
 PREVIEW_POLL_MS = 15  # how often the UI thread looks for a finished preview render
-ROW_HEIGHT = 28  # px per edit row, for the default size that shows every row
 
 
 class EditRow:
@@ -71,6 +70,10 @@ class LatentEditDialog(QtWidgets.QDialog):
         self.timer.timeout.connect(self._poll_preview)
         self.timer.start(PREVIEW_POLL_MS)
         lay = QtWidgets.QVBoxLayout(self)
+        columns = QtWidgets.QHBoxLayout()
+        left = QtWidgets.QVBoxLayout()
+        columns.addLayout(left)
+        lay.addLayout(columns, 1)
 
         server = QtWidgets.QGroupBox("Server")
         form = QtWidgets.QFormLayout(server)
@@ -89,7 +92,7 @@ class LatentEditDialog(QtWidgets.QDialog):
         form.addRow("URL", self.url)
         form.addRow("Token file", tok)
         form.addRow(check, self.server_status)
-        lay.addWidget(server)
+        left.addWidget(server)
 
         opts = QtWidgets.QGroupBox("Inversion")
         form = QtWidgets.QFormLayout(opts)
@@ -105,15 +108,15 @@ class LatentEditDialog(QtWidgets.QDialog):
         self.feather = QtWidgets.QDoubleSpinBox()
         self.feather.setRange(0.0, 256.0)
         self.feather.setSuffix(" px")
-        if self.conf.feather >= 0:
-            self.feather.setValue(self.conf.feather)
-        self.feather.valueChanged.connect(lambda _v: self._edits_changed())
+        self._feather_from_server = self.conf.feather < 0  # until the user sets one, the server's default
+        self.feather.setValue(self.conf.feather if self.conf.feather >= 0 else flow.read_catalog({}).feather)
+        self.feather.valueChanged.connect(self._feather_changed)
         form.addRow("Model", self.model_box)
         form.addRow("Method", self.method_box)
         form.addRow("", self.align)
         form.addRow("Projection steps", self.steps)
         form.addRow("Feather", self.feather)
-        lay.addWidget(opts)
+        left.addWidget(opts)
 
         edits = QtWidgets.QGroupBox("Edits")
         v = QtWidgets.QVBoxLayout(edits)
@@ -130,7 +133,7 @@ class LatentEditDialog(QtWidgets.QDialog):
         self.grid.setAlignment(Qt.AlignmentFlag.AlignTop)
         self.scroll.setWidget(inner)
         v.addWidget(self.scroll, 1)
-        lay.addWidget(edits, 1)
+        columns.addWidget(edits, 1)
 
         self.use_selection = QtWidgets.QCheckBox("Only inside the selection (whole layer when nothing is selected)")
         self.use_selection.setChecked(self.conf.use_selection)
@@ -138,8 +141,10 @@ class LatentEditDialog(QtWidgets.QDialog):
         self.live = QtWidgets.QCheckBox("Live preview (after the layer is inverted)")
         self.live.setChecked(self.conf.live_preview)
         self.live.toggled.connect(lambda _on: self._edits_changed())
+        self.use_selection.setText("Only inside the selection\n(whole layer when nothing is selected)")
         for w in (self.use_selection, self.batch, self.live):
-            lay.addWidget(w)
+            left.addWidget(w)
+        left.addStretch(1)
         status = QtWidgets.QHBoxLayout()
         self.job_preview = QtWidgets.QLabel()
         self.job_preview.setFixedSize(64, 64)
@@ -175,30 +180,36 @@ class LatentEditDialog(QtWidgets.QDialog):
             buttons.addWidget(b)
         lay.addLayout(buttons)
         self._update_buttons()
-        self.resize(480, 640)
+        self.resize(760, 560)
 
     # --- placement ---
 
     def open_beside_canvas(self):
-        """Show the dialog at the right edge of Krita's window (over the dockers), not over the canvas centre."""
+        """Show the dialog beside Krita's canvas: right of the window when the screen has room, else at the
+        screen's right edge; never centred over the canvas."""
         self.show()
         win = Krita.instance().activeWindow()
         if win is not None and win.qwindow() is not None:
             g = win.qwindow().frameGeometry()
-            screen = QtWidgets.QApplication.desktop().availableGeometry(win.qwindow()) \
-                if hasattr(QtWidgets.QApplication, "desktop") else g
-            x = g.right() + 8 if g.right() + 8 + self.width() <= screen.right() else g.right() - self.width() - 16
-            self.move(max(screen.left(), x), max(screen.top(), g.top() + 60))
+            screen = _screen_rect(win.qwindow()) or g
+            x = g.right() + 8 if g.right() + 8 + self.width() <= screen.right() else screen.right() - self.width()
+            self.move(max(screen.left(), x), max(screen.top(), g.top()))
         self.raise_()
         self.activateWindow()
         self.refresh()
 
     def _fit_rows(self):
-        """Grow the default height so that every edit row shows (up to the screen's height)."""
-        want = self.sizeHint().height() + max(0, len(self.rows) * ROW_HEIGHT - self.scroll.viewport().height())
-        screen = QtWidgets.QApplication.desktop().availableGeometry(self) if hasattr(QtWidgets.QApplication, "desktop") else None
-        limit = screen.height() - 40 if screen is not None else want
-        self.resize(max(self.width(), 480), min(max(self.height(), want), limit))
+        """Grow the height so that every edit row shows at once (up to the screen's height)."""
+        if not self.rows:
+            return
+        row = max(self.rows[0].spin.sizeHint().height(), self.rows[0].check.sizeHint().height())
+        m = self.grid.contentsMargins()
+        need = len(self.rows) * (row + max(0, self.grid.verticalSpacing())) + m.top() + m.bottom()
+        grow = need - self.scroll.viewport().height()
+        screen = _screen_rect(self)
+        limit = screen.height() - 60 if screen is not None else self.height() + grow
+        if grow > 0:
+            self.resize(self.width(), min(self.height() + grow, limit))
 
     # --- settings and server ---
 
@@ -211,7 +222,8 @@ class LatentEditDialog(QtWidgets.QDialog):
         c = self.conf
         c.server_url, c.token_file = self.url.text().strip() or cl.DEFAULT_URL, self.token.text().strip()
         c.method = self.method_box.currentData() or c.method
-        c.feather, c.project_steps = self.feather.value(), self.steps.value()
+        c.feather = -1.0 if self._feather_from_server else self.feather.value()
+        c.project_steps = self.steps.value()
         c.model = self.model_box.currentData() or ""
         c.align, c.use_selection, c.live_preview = self.align.isChecked(), self.use_selection.isChecked(), self.live.isChecked()
         settings.save(Krita.instance(), c)
@@ -240,7 +252,6 @@ class LatentEditDialog(QtWidgets.QDialog):
         in_background(fetch, done)
 
     def _set_catalog(self, catalog):
-        first = self.catalog is None
         self.catalog = catalog
         self.model_box.blockSignals(True)
         self.model_box.clear()
@@ -249,8 +260,10 @@ class LatentEditDialog(QtWidgets.QDialog):
         idx = max(0, self.model_box.findData(self.conf.model or catalog.default_model))
         self.model_box.blockSignals(False)
         self.model_box.setCurrentIndex(idx)
-        if first and self.conf.feather < 0:
+        if self._feather_from_server:
+            self.feather.blockSignals(True)
             self.feather.setValue(catalog.feather)
+            self.feather.blockSignals(False)
         self._model_changed(idx)
 
     def _model_changed(self, idx):
@@ -277,6 +290,10 @@ class LatentEditDialog(QtWidgets.QDialog):
         words = text.lower().split()
         for row in self.rows:
             row.set_visible(all(w in row.name.lower() for w in words))
+
+    def _feather_changed(self, _value):
+        self._feather_from_server = False
+        self._edits_changed()
 
     # --- options ---
 
@@ -484,6 +501,14 @@ class LatentEditDialog(QtWidgets.QDialog):
     def reject(self):  # Esc
         self._cleanup()
         super().reject()
+
+
+def _screen_rect(widget):
+    """The available geometry of the screen showing ``widget`` (Qt 5 and 6), or None."""
+    screen = widget.screen() if hasattr(widget, "screen") else None
+    if screen is None and hasattr(QtWidgets.QApplication, "desktop"):
+        return QtWidgets.QApplication.desktop().availableGeometry(widget)
+    return screen.availableGeometry() if screen is not None else None
 
 
 def _escape(text: str) -> str:
