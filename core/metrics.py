@@ -173,3 +173,27 @@ def evaluate(x: torch.Tensor, y: torch.Tensor, net: str = "alex", with_identity:
         out["id"] = None if ids is None else float(ids.mean())
         out["id_note"] = note
     return out
+
+
+@torch.no_grad()
+def ecs(x: torch.Tensor, x_edit: torch.Tensor, x_cyc: torch.Tensor, distance: str = "lpips", net: str = "alex",
+        weights_dir=None) -> torch.Tensor:
+    """MAGEC's edit-consistency score (Grechka et al. 2021, Eq. 4) per image ``(N,)``:
+    ``2·d(x, x_cyc) / (d(x, x_edit) + d(x_edit, x_cyc))``.
+
+    ``x`` is the projection ``p(x_real)``, ``x_edit = G(e(p(x_real)))`` and ``x_cyc = G(e⁻¹(p(x_edit)))`` (the
+    edit re-projected and undone), all ``(N,3,H,W)`` in [-1,1]; ``distance`` is ``"lpips"`` (:func:`lpips`, its
+    ``net``) or ``"mse"``.  0 is perfect (the cycle returns to ``x``), 1 the paper's quality threshold, 2 when the
+    cycle stays at ``x_edit``; NaN where both edit distances are 0.  ECS (Eq. 5) is the mean over images."""
+    _check_pair(x, x_edit)
+    _check_pair(x, x_cyc)
+    if distance == "lpips":
+        def dist(a, b):
+            return lpips(a, b, net, weights_dir)
+    elif distance == "mse":
+        dist = mse
+    else:
+        raise InvalidInput(f"ecs distance must be 'lpips' or 'mse', got {distance!r}")
+    num = 2 * dist(x, x_cyc)
+    den = dist(x, x_edit) + dist(x_edit, x_cyc)
+    return torch.where(den > 0, num / den.clamp_min(1e-30), torch.full_like(num, float("nan")))

@@ -1,0 +1,608 @@
+"""MAGEC (Grechka, Goudou & Cord, BMVC 2021): W+ inversion with an image–latent consistency loss.
+
+A descriptor network F (here: an attribute scorer, ``(N,3,H,W)`` in [-1,1] → ``(N,K)``) reads the target;
+a **LinkNet** — a linear map from the latent to F's outputs, fitted on generated ``(ws, F(G(ws)))`` pairs
+with F's own loss — reads the latent being optimised.  The MAGEC loss (paper Eq. 2) asks the LinkNet's
+reading of the latent, and of every InterfaceGAN-edited copy of it, to agree with F's reading of the target
+moved by the same edit; it is added to the usual image losses (Eq. 3) over two phases of 100 Adam steps.
+
+Entry points: :func:`load_descriptor`, :func:`fit_linknet`, :func:`magec_edits`, :func:`magec_loss`,
+:func:`invert_magec` (→ ``ws``) and :func:`invert_magec_report` (→ :class:`MagecResult` with metadata).
+
+**W+ rows in the LinkNet** (``rows=``): ``"flat"`` is one linear map on the flattened ``(num_ws·w_dim)`` code
+(a block per W+ row); ``"mean"`` applies one map to the mean of the rows.  On codes with identical rows the
+two are the same function class, so the LinkNet is fitted on style-mixed samples (rows after a random
+crossover come from a second code, ``mix_prob`` of them) where they differ.  Measured on the embedded model
+(``python bench/magec.py --linknet-study``; 8192 fitting pairs, 1024 held-out pairs of each kind, seeds apart,
+L1 to the scorer's reading, the scorer's own loss):
+
+    rows   output    fit    held-out W   held-out mixed W+      (chance, predicting the mean: 0.24 / 0.22)
+    flat   sigmoid   0.040  0.034        0.060    <- the default
+    mean   sigmoid   0.067  0.034        0.100
+    flat   linear    0.054  0.053        0.071
+    mean   linear    0.079  0.053        0.107
+    (ridge start, then 400 full-batch Adam steps at lr 3e-4 on the L1 loss)
+
+Both row handlings fit W codes equally; on mixed W+ codes (which inversions produce: their rows drift apart)
+the flattened map is 40 % closer to the scorer, because each attribute lives in some rows more than others.
+The sigmoid (logistic regression, as the paper's BCE LinkNet on 40 binary attributes) follows the scorer's
+saturation at 0 and 1, which a plain linear map cannot.  The ridge start alone gives 0.035 / 0.061 (flat,
+sigmoid); the Adam refinement on the L1 loss takes off the rest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import pathlib
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from core.common import CancelLike, InvalidInput, check_cancel
+
+try:
+    from core.common import ProgressEvent
+except ImportError:  # TEMPORARY until core.common defines it (brief's interface)
+    @dataclass(frozen=True)
+    class ProgressEvent:
+        stage: str
+        step: int
+        total: int
+        fraction: float
+        message: str
+        loss: Optional[float] = None
+        preview: object = None
+
+LINKNET_SUFFIX = ".linknet.pt"
+DESCRIPTOR_SUFFIX = ".attributes.pt"
+DESCRIPTOR_NAMES_SUFFIX = ".attributes.json"
+LINKNET_FORMAT = "latent-edit-linknet"
+
+# --- the descriptor F ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Descriptor:
+    """An image descriptor F: ``net((N,3,H,W) in [-1,1]) -> (N,K)`` with ``names`` (K), the loss it was
+    trained with (``"l1"`` | ``"mse"`` | ``"bce"``) and its output range (``None`` = unbounded)."""
+
+    net: Callable[[torch.Tensor], torch.Tensor]
+    names: tuple
+    loss: str = "l1"
+    output_range: Optional[tuple] = (0.0, 1.0)
+    source: str = ""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def fingerprint(self) -> str:
+        """sha256 over the names, the loss and the network's tensors (keys the LinkNet cache)."""
+        h = hashlib.sha256(json.dumps([list(self.names), self.loss, self.output_range]).encode())
+        state = self.net.state_dict() if hasattr(self.net, "state_dict") else {}
+        for name, t in sorted(state.items()):
+            t = t.detach().cpu().float().contiguous()
+            h.update(f"{name}|{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+
+def descriptor_paths(checkpoint) -> tuple[pathlib.Path, pathlib.Path]:
+    """``ffhq.pkl`` -> (``ffhq.attributes.pt``, ``ffhq.attributes.json``) beside it."""
+    p = pathlib.Path(checkpoint)
+    return p.with_name(p.stem + DESCRIPTOR_SUFFIX), p.with_name(p.stem + DESCRIPTOR_NAMES_SUFFIX)
+
+
+def _is_embedded(checkpoint) -> bool:
+    from core.demo import default_model_path
+
+    try:
+        return pathlib.Path(checkpoint).resolve() == default_model_path().resolve()
+    except OSError:
+        return False
+
+
+def embedded_descriptor() -> Descriptor:
+    """The shipped attribute scorer (core.demo.scorer): 13 attributes in [0,1], trained with L1."""
+    from core.demo.renderer import ATTRIBUTES
+    from core.demo.scorer import WEIGHTS, load_scorer
+
+    return Descriptor(load_scorer(), tuple(ATTRIBUTES), "l1", (0.0, 1.0), f"embedded scorer {WEIGHTS.name}")
+
+
+def load_descriptor(checkpoint_path) -> Descriptor:
+    """The descriptor MAGEC uses for a generator checkpoint.
+
+    The embedded default model gets the shipped scorer.  Any other checkpoint needs an attribute classifier
+    beside it: ``<stem>.attributes.pt`` (TorchScript, ``(N,3,H,W)`` in [-1,1] → ``(N,K)``) and
+    ``<stem>.attributes.json`` (``{"names": [K names], "loss": "l1"|"mse"|"bce", "range": [lo, hi] | null}``;
+    only ``names`` is required, defaults ``"l1"`` and ``[0, 1]``); names match the edit directions' names.
+    Raises :class:`InvalidInput` naming the missing or broken file."""
+    if _is_embedded(checkpoint_path):
+        return embedded_descriptor()
+    pt, js = descriptor_paths(checkpoint_path)
+    if not pt.is_file():
+        raise InvalidInput(
+            f"MAGEC needs an attribute classifier for {pathlib.Path(checkpoint_path).name}: add {pt.name} "
+            f"(TorchScript, (N,3,H,W) in [-1,1] -> (N,K)) and {js.name} (its attribute names) beside it")
+    if not js.is_file():
+        raise InvalidInput(f"MAGEC: {pt.name} has no names file; add {js.name} beside it "
+                           '({"names": ["smile", ...]})')
+    try:
+        meta = json.loads(js.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"MAGEC: {js.name} is not readable JSON ({exc})") from None
+    if isinstance(meta, list):
+        meta = {"names": meta}
+    names = meta.get("names") if isinstance(meta, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise InvalidInput(f'MAGEC: {js.name} must hold {{"names": [non-empty strings]}}')
+    loss = meta.get("loss", "l1")
+    if loss not in ("l1", "mse", "bce"):
+        raise InvalidInput(f"MAGEC: {js.name}: loss must be 'l1', 'mse' or 'bce', got {loss!r}")
+    rng = meta.get("range", [0.0, 1.0])
+    if rng is not None:
+        try:
+            lo, hi = (float(v) for v in rng)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"MAGEC: {js.name}: range must be [lo, hi] or null, got {rng!r}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise InvalidInput(f"MAGEC: {js.name}: range must be finite with lo < hi, got {rng!r}")
+        rng = (lo, hi)
+    try:
+        net = torch.jit.load(str(pt), map_location="cpu").eval()
+    except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
+        raise InvalidInput(f"MAGEC: {pt.name} is not a TorchScript module ({exc.__class__.__name__})") from None
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return Descriptor(net, tuple(names), loss, rng, f"{pt.name}")
+
+
+def check_descriptor_output(descriptor: Descriptor, out: torch.Tensor) -> torch.Tensor:
+    """Raise :class:`InvalidInput` unless ``out`` is ``(N, K)`` finite; returns it."""
+    k = len(descriptor.names)
+    if not torch.is_tensor(out) or out.ndim != 2 or out.shape[1] != k:
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise InvalidInput(f"descriptor {descriptor.source or ''} returned {shape}, expected (N, {k}) "
+                           f"for its {k} names")
+    if not torch.isfinite(out).all():
+        raise InvalidInput(f"descriptor {descriptor.source or ''} returned NaN or infinite values")
+    return out
+
+
+def descriptor_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """The descriptor's training loss per sample ``(N,)`` (mean over the K outputs): L_F in Eq. 2."""
+    if kind == "l1":
+        return (pred - target).abs().mean(-1)
+    if kind == "mse":
+        return (pred - target).square().mean(-1)
+    if kind == "bce":
+        p = pred.clamp(1e-6, 1 - 1e-6)
+        return -(target * p.log() + (1 - target) * (1 - p).log()).mean(-1)
+    raise InvalidInput(f"descriptor loss must be 'l1', 'mse' or 'bce', got {kind!r}")
+
+
+# --- LinkNet -------------------------------------------------------------------------------------------------
+
+class LinkNet(nn.Module):
+    """Linear map from ``ws`` ``(N,num_ws,w_dim)`` to descriptor outputs ``(N,K)``.
+
+    ``rows="flat"``: ``A·vec(ws − w_mean) + b`` (one weight block per W+ row); ``rows="mean"``:
+    ``A·mean_rows(ws − w_mean) + b``.  ``squash=True`` passes the result through a sigmoid rescaled to
+    ``output_range`` (logistic regression, for bounded descriptors such as probabilities)."""
+
+    def __init__(self, num_ws: int, w_dim: int, num_outputs: int, rows: str = "flat", squash: bool = True,
+                 output_range: Optional[tuple] = (0.0, 1.0), w_mean: Optional[torch.Tensor] = None):
+        super().__init__()
+        if rows not in ("flat", "mean"):
+            raise InvalidInput(f"LinkNet rows must be 'flat' or 'mean', got {rows!r}")
+        if squash and output_range is None:
+            raise InvalidInput("LinkNet squash needs a bounded output_range")
+        self.num_ws, self.w_dim, self.num_outputs, self.rows, self.squash = num_ws, w_dim, num_outputs, rows, squash
+        self.output_range = None if output_range is None else (float(output_range[0]), float(output_range[1]))
+        n_in = num_ws * w_dim if rows == "flat" else w_dim
+        self.linear = nn.Linear(n_in, num_outputs)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.register_buffer("w_mean", torch.zeros(w_dim) if w_mean is None else w_mean.detach().float().reshape(w_dim))
+
+    def features(self, ws: torch.Tensor) -> torch.Tensor:
+        if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
+            raise InvalidInput(f"LinkNet expects ws (N, {self.num_ws}, {self.w_dim}), got {tuple(ws.shape)}")
+        x = ws - self.w_mean
+        return x.flatten(1) if self.rows == "flat" else x.mean(1)
+
+    def forward(self, ws: torch.Tensor) -> torch.Tensor:
+        y = self.linear(self.features(ws))
+        if self.squash:
+            lo, hi = self.output_range
+            y = lo + (hi - lo) * torch.sigmoid(y)
+        return y
+
+    def config(self) -> dict:
+        return {"num_ws": self.num_ws, "w_dim": self.w_dim, "num_outputs": self.num_outputs, "rows": self.rows,
+                "squash": self.squash, "output_range": None if self.output_range is None else list(self.output_range)}
+
+
+@torch.no_grad()
+def linknet_samples(G, descriptor: Descriptor, n: int, seed: int = 0, mix_prob: float = 0.5, batch: int = 128,
+                    cancel: CancelLike = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ws (n,num_ws,w_dim), d (n,K))``: mapped ``z ~ N(0,I)`` (seeded); a ``mix_prob`` share style-mixed
+    (rows from a random crossover on come from a second code), ``d = F(G(ws))`` on images clamped to [-1,1]."""
+    if int(n) < 2:
+        raise InvalidInput(f"LinkNet needs at least 2 samples, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    device = G.w_avg.device
+    out_w, out_d = [], []
+    for i in range(0, int(n), batch):
+        check_cancel(cancel)
+        m = min(batch, int(n) - i)
+        z = torch.randn(2, m, G.z_dim, generator=gen).to(device)
+        w1, w2 = G.mapping(z[0]), G.mapping(z[1])
+        cut = torch.randint(1, max(2, G.num_ws), (m,), generator=gen).to(device)
+        mixed = (torch.rand(m, generator=gen) < mix_prob).to(device)
+        rows = torch.arange(G.num_ws, device=device)[None]
+        take2 = (rows >= cut[:, None]) & mixed[:, None]
+        ws = torch.where(take2[..., None], w2, w1)
+        img = G.synthesis(ws, noise_mode="const").clamp(-1, 1)
+        out_w.append(ws.float().cpu())
+        out_d.append(check_descriptor_output(descriptor, descriptor(img)).float().cpu())
+    return torch.cat(out_w), torch.cat(out_d)
+
+
+def train_linknet(ws: torch.Tensor, d: torch.Tensor, loss: str = "l1", rows: str = "flat", squash: bool = True,
+                  output_range: Optional[tuple] = (0.0, 1.0), steps: int = 400, lr: float = 3e-4,
+                  ridge: float = 1e-3, cancel: CancelLike = None) -> LinkNet:
+    """Fit a :class:`LinkNet` to pairs ``ws (n,num_ws,w_dim)``, ``d (n,K)`` with the descriptor's ``loss``.
+
+    A ridge least-squares start (on logits when ``squash``), then ``steps`` full-batch Adam steps on ``loss``."""
+    n, num_ws, w_dim = ws.shape
+    net = LinkNet(num_ws, w_dim, d.shape[1], rows, squash, output_range, w_mean=ws[:, 0].mean(0))
+    x = net.features(ws).double()
+    if squash:
+        lo, hi = net.output_range
+        p = ((d.double() - lo) / (hi - lo)).clamp(0.02, 0.98)
+        y = torch.log(p / (1 - p))
+    else:
+        y = d.double()
+    xm, ym = x.mean(0), y.mean(0)
+    xc = x - xm
+    cov = xc.T @ xc / n
+    lam = ridge * float(torch.diagonal(cov).mean())
+    A = torch.linalg.solve(cov + lam * torch.eye(cov.shape[0], dtype=cov.dtype), xc.T @ (y - ym) / n)  # (F,K)
+    with torch.no_grad():
+        net.linear.weight.copy_(A.T.float())
+        net.linear.bias.copy_((ym - xm @ A).float())
+    if steps > 0:
+        opt = torch.optim.Adam(net.linear.parameters(), lr=lr)
+        xf = x.float()
+        for _ in range(int(steps)):
+            check_cancel(cancel)
+            y_hat = net.linear(xf)
+            if squash:
+                y_hat = lo + (hi - lo) * torch.sigmoid(y_hat)
+            l = descriptor_loss(y_hat, d, loss).mean()
+            opt.zero_grad(set_to_none=True)
+            l.backward()
+            opt.step()
+    return net.eval().requires_grad_(False)
+
+
+def linknet_path_for(checkpoint) -> pathlib.Path:
+    """``face64.pt`` -> ``face64.linknet.pt`` beside it."""
+    p = pathlib.Path(checkpoint)
+    return p.with_name(p.stem + LINKNET_SUFFIX)
+
+
+@dataclass
+class LinkNetOptions:
+    """How the LinkNet is fitted.  The paper (§3.1) gives neither N nor the optimiser; these are ours."""
+
+    rows: str = "flat"  # ours, measured: see the module docstring (bench/magec.py --linknet-study)
+    squash: bool = True  # ours, measured: see the module docstring (the paper's BCE LinkNet is a logistic one)
+    mix_prob: float = 0.5  # ours: share of style-mixed samples, so each W+ row's block is identifiable
+    seed: int = 2021  # ours: a seed no other fit of the embedded model uses
+    steps: int = 400  # ours: Adam steps on the descriptor's loss after the ridge start (held-out L1 flat by then)
+    lr: float = 3e-4  # ours: 1e-2 diverges on the 1280 flattened inputs; 3e-4 and 1e-3 end within 0.0002
+    ridge: float = 1e-3  # ours: relative to the mean feature variance
+
+
+def _cache_key(G, descriptor: Descriptor, n: int, o: LinkNetOptions) -> dict:
+    from core.stylegan2.formats import fingerprint
+
+    return {"generator": fingerprint(G), "descriptor": descriptor.fingerprint(), "n": int(n), "rows": o.rows,
+            "squash": bool(o.squash), "mix_prob": float(o.mix_prob), "seed": int(o.seed), "steps": int(o.steps)}
+
+
+def _load_cached(path: pathlib.Path, key: dict) -> Optional[LinkNet]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - an unreadable cache is refitted and overwritten
+        return None
+    if not isinstance(obj, dict) or obj.get("format") != LINKNET_FORMAT or obj.get("key") != key:
+        return None
+    cfg = obj["config"]
+    net = LinkNet(cfg["num_ws"], cfg["w_dim"], cfg["num_outputs"], cfg["rows"], cfg["squash"],
+                  None if cfg["output_range"] is None else tuple(cfg["output_range"]))
+    net.load_state_dict(obj["state_dict"])
+    return net.eval().requires_grad_(False)
+
+
+def fit_linknet(G, descriptor: Descriptor, n: int = 8192, options: Optional[LinkNetOptions] = None,
+                cache_path=None, cancel: CancelLike = None) -> LinkNet:
+    """A :class:`LinkNet` for ``G`` and ``descriptor`` fitted on ``n`` generated pairs (paper §3.1).
+
+    With ``cache_path`` (normally :func:`linknet_path_for` of the checkpoint) a cached fit is reused when the
+    generator's fingerprint (``core.stylegan2.formats.fingerprint``), the descriptor's and the settings match;
+    otherwise the fit is saved there (``torch.save`` of tensors and plain data; loaded with
+    ``weights_only=True``).  A cache that cannot be written is skipped silently (the fit is returned)."""
+    o = options or LinkNetOptions()
+    key = _cache_key(G, descriptor, n, o) if cache_path is not None else None
+    if cache_path is not None and pathlib.Path(cache_path).is_file():
+        net = _load_cached(pathlib.Path(cache_path), key)
+        if net is not None:
+            return net
+    ws, d = linknet_samples(G, descriptor, n, o.seed, o.mix_prob, cancel=cancel)
+    net = train_linknet(ws, d, descriptor.loss, o.rows, o.squash, descriptor.output_range if o.squash else None,
+                        o.steps, o.lr, o.ridge, cancel=cancel)
+    if cache_path is not None:
+        try:
+            torch.save({"format": LINKNET_FORMAT, "version": 1, "key": key, "config": net.config(),
+                        "names": list(descriptor.names),
+                        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}},
+                       pathlib.Path(cache_path))
+        except OSError:
+            pass  # read-only model folder: keep the fit in memory only
+    return net
+
+
+# --- edits and the MAGEC loss (Eq. 2) ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MagecEdit:
+    """Edit i of Eq. 2: the W+ offset ``(num_ws,w_dim)`` applied to the latent and the matching move of the
+    descriptor (output ``index`` shifted by ``shift``, clamped to the descriptor's range)."""
+
+    name: str
+    index: int
+    shift: float
+    offset: torch.Tensor
+
+
+def magec_edits(directions: Mapping, names: Sequence[str], num_ws: int, w_dim: int, strength: float = 3.0,
+                unit: Optional[float] = None) -> list:
+    """InterfaceGAN add/remove (``±strength``) for every descriptor name that has a W-space direction.
+
+    ``unit`` is the descriptor change per unit of strength (default ``core.demo.directions.UNIT``, the
+    convention of the shipped directions: one unit ≈ 1/6 of the attribute's [0,1] range).  Raises
+    :class:`InvalidInput` when no name has a direction."""
+    if unit is None:
+        from core.demo.directions import UNIT as unit
+    edits = []
+    for k, name in enumerate(names):
+        d = directions.get(name)
+        if d is None or getattr(d, "space", "w") != "w":
+            continue
+        for s in (float(strength), -float(strength)):
+            edits.append(MagecEdit(name, k, s * float(unit), d.delta(s, num_ws, w_dim).float()))
+    if not edits:
+        raise InvalidInput("MAGEC needs edit directions named like the descriptor's attributes "
+                           f"({', '.join(names[:5])}{', …' if len(names) > 5 else ''}); none of the model's "
+                           f"directions ({', '.join(sorted(directions)[:5]) or 'none'}) matches")
+    return edits
+
+
+def edited_descriptors(d: torch.Tensor, edits: Sequence[MagecEdit], output_range: Optional[tuple] = (0.0, 1.0)):
+    """``d_{e_i}`` ``(N,E,K)``: ``d (N,K)`` with output ``index`` moved by ``shift``, clamped to the range."""
+    shift = torch.zeros(len(edits), d.shape[1], dtype=d.dtype, device=d.device)
+    for i, e in enumerate(edits):
+        shift[i, e.index] = e.shift
+    out = d[:, None] + shift[None]
+    if output_range is not None:
+        out = out.clamp(output_range[0], output_range[1])
+    return out
+
+
+def magec_loss(linknet: LinkNet, ws: torch.Tensor, d: torch.Tensor, edits: Sequence[MagecEdit],
+               loss: str = "l1", output_range: Optional[tuple] = (0.0, 1.0)) -> torch.Tensor:
+    """Eq. 2 per image ``(N,)``: ``L_F(LinkNet(ws), d) + mean_i L_F(LinkNet(e_i(ws)), d_{e_i})``.
+
+    ``ws (N,num_ws,w_dim)`` (gradients flow to it), ``d (N,K)`` = F(x_real), ``edits`` from :func:`magec_edits`."""
+    n = ws.shape[0]
+    base = descriptor_loss(linknet(ws), d, loss)
+    if not edits:
+        return base
+    offsets = torch.stack([e.offset for e in edits]).to(ws)  # (E,L,D)
+    edited = (ws[:, None] + offsets[None]).reshape(n * len(edits), *ws.shape[1:])
+    pred = linknet(edited).reshape(n, len(edits), -1)
+    target = edited_descriptors(d, edits, output_range)
+    return base + descriptor_loss(pred, target, loss).mean(1)
+
+
+# --- the inversion (Eq. 3) -----------------------------------------------------------------------------------
+
+@dataclass
+class PhaseWeights:
+    """The λ of Eq. 3 in one phase."""
+
+    mse: float
+    lpips: float
+    magec: float
+
+
+# Our λ_MAGEC: the paper's 3e-4 multiplies the mean BCE of 40 CelebA attributes with 512-d W+ rows of an FFHQ
+# StyleGAN2; our descriptor is a 13-attribute L1 scorer on a 128-d, 10-row W+.  Measured on tuning faces
+# (`python bench/magec.py --tune`, seeds apart from the bench's): see MAGEC_WEIGHT_STUDY.
+MAGEC_WEIGHT = 3e-4
+MAGEC_WEIGHT_STUDY: dict = {}
+
+
+@dataclass
+class MagecOptions:
+    """MAGEC inversion settings (paper §4 "Training Protocol" unless marked ours)."""
+
+    phase1_steps: int = 100  # §4: first part, 100 optimisation steps
+    phase2_steps: int = 100  # §4: "another 100 optimization steps"
+    # §4 phase 1: λ_MAGEC=3e-4, λ_LPIPS=0.5, λ_MSE=1e-3 (λ_MAGEC: ours where measured, see MAGEC_WEIGHT)
+    phase1: PhaseWeights = field(default_factory=lambda: PhaseWeights(mse=1e-3, lpips=0.5, magec=MAGEC_WEIGHT))
+    # §4 phase 2: λ_MSE = λ_LPIPS = 0.5, "leaving the other loss coefficients unchanged"
+    phase2: PhaseWeights = field(default_factory=lambda: PhaseWeights(mse=0.5, lpips=0.5, magec=MAGEC_WEIGHT))
+    id_weight: float = 0.0  # §4: λ_ID=3e-4 with ArcFace; off here: no identity network (MagecResult.id_term says so)
+    learning_rate: float = 0.07  # §4: "The learning rate begins at 0.07"
+    lr_decay: float = 0.8  # §4: "exponentially decayed with a decay factor of 0.8 every 25 epochs"
+    lr_decay_every: int = 25  # §4 (an "epoch" of a single-image optimisation is one step)
+    betas: tuple = (0.9, 0.999)  # §4: Adam default parameters
+    eps: float = 1e-8  # §4: ε = 1e-08
+    w_avg_samples: int = 50_000  # §4: z_avg from N = 50000 samples (mapped: we start in W+ at the mean W)
+    edit_strength: float = 3.0  # ours: add/remove = the shipped directions' range ends ±3 (±0.5 of [0,1]);
+    #                             the paper adds/removes binary attributes with InterfaceGAN
+    lpips_net: str = "alex"  # ours: the paper's LPIPS [36] names no backbone; AlexNet (LPIPS's default) costs
+    #                          0.031 s per 64 px step against VGG's 0.127 (measured, 1 thread)
+    seed: int = 0  # ours: seeds the mean-W sampling
+    preview_every: int = 10  # ours: a preview image every this many steps (and at the end)
+
+    def total_steps(self) -> int:
+        return int(self.phase1_steps) + int(self.phase2_steps)
+
+    def with_steps(self, steps: Optional[int]) -> "MagecOptions":
+        """A copy whose two phases split ``steps`` as the paper's 100 + 100 (phase 1 gets the odd step)."""
+        import dataclasses
+
+        if steps is None:
+            return self
+        steps = int(steps)
+        if steps < 2:
+            raise InvalidInput(f"MAGEC needs at least 2 steps (two phases), got {steps}")
+        first = (steps * int(self.phase1_steps) + self.total_steps() - 1) // self.total_steps()
+        return dataclasses.replace(self, phase1_steps=first, phase2_steps=steps - first)
+
+    def without_magec(self) -> "MagecOptions":
+        """The paper's "w/o MAGEC" ablation: the same schedule and image losses, λ_MAGEC = 0."""
+        import dataclasses
+
+        return dataclasses.replace(self, phase1=dataclasses.replace(self.phase1, magec=0.0),
+                                   phase2=dataclasses.replace(self.phase2, magec=0.0))
+
+
+def magec_learning_rate(step: int, o: MagecOptions) -> float:
+    """§4: ``lr = 0.07 · 0.8^⌊step/25⌋``."""
+    return o.learning_rate * o.lr_decay ** (int(step) // int(o.lr_decay_every))
+
+
+@dataclass
+class MagecResult:
+    """What :func:`invert_magec_report` returns: the code and how it was made."""
+
+    ws: torch.Tensor
+    steps: int
+    final_mse: float
+    final_lpips: float
+    final_magec: Optional[float]
+    lpips_backbone: str
+    id_term: str
+    edits: int
+    descriptor: str
+    meta: dict = field(default_factory=dict)
+
+
+def _validate(G, target, linknet, descriptor, o: MagecOptions):
+    from core.projection import check_target
+
+    target = check_target(G, target)
+    if o.id_weight:
+        raise InvalidInput("MAGEC's identity term needs an identity network, and none is available here; "
+                           "set id_weight=0")
+    for name in ("learning_rate", "lr_decay"):
+        v = float(getattr(o, name))
+        if not (math.isfinite(v) and v > 0):
+            raise InvalidInput(f"MagecOptions.{name} must be a positive number, got {v}")
+    uses_magec = any(p.magec for p in (o.phase1, o.phase2))
+    if uses_magec:
+        if linknet is None or descriptor is None:
+            raise InvalidInput("MAGEC needs a LinkNet and a descriptor (see core.magec.load_descriptor)")
+        if (linknet.num_ws, linknet.w_dim) != (G.num_ws, G.w_dim) or linknet.num_outputs != len(descriptor.names):
+            raise InvalidInput(f"the LinkNet ({linknet.num_ws}×{linknet.w_dim} -> {linknet.num_outputs}) does not "
+                               f"fit this generator ({G.num_ws}×{G.w_dim}) and descriptor "
+                               f"({len(descriptor.names)} outputs); fit it again with fit_linknet")
+    return target, uses_magec
+
+
+def _preview(x: torch.Tensor) -> np.ndarray:
+    return ((x[0].detach().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def invert_magec_report(G, target: torch.Tensor, linknet: Optional[LinkNet], descriptor: Optional[Descriptor],
+                        directions: Optional[Mapping], steps: Optional[int] = None,
+                        options: Optional[MagecOptions] = None, progress=None,
+                        cancel: CancelLike = None) -> MagecResult:
+    """MAGEC W+ inversion of ``target`` ``(N,3,R,R)`` in [-1,1] (N=1 in sessions; N>1 inverts each image
+    independently, as N separate runs would); see :func:`invert_magec`."""
+    from core.losses import ImageLoss, perceptual_loss
+    from core.projection import w_statistics
+
+    o = (options or MagecOptions()).with_steps(steps)
+    target, uses_magec = _validate(G, target, linknet, descriptor, o)
+    total = o.total_steps()
+    n, device = target.shape[0], target.device
+    lpips = perceptual_loss(o.lpips_net, device)
+    loss_fn = ImageLoss(target, None, lpips, lpips_weight=1.0, l2_weight=0.0)
+    edits, d = [], None
+    if uses_magec:
+        edits = magec_edits(directions or {}, descriptor.names, G.num_ws, G.w_dim, o.edit_strength)
+        with torch.no_grad():
+            d = check_descriptor_output(descriptor, descriptor(target)).float()
+        linknet = linknet.to(device)
+        edits = [MagecEdit(e.name, e.index, e.shift, e.offset.to(device)) for e in edits]
+    w_avg, _ = w_statistics(G, o.w_avg_samples, o.seed)
+    ws = w_avg.to(device).repeat(n, G.num_ws, 1).requires_grad_(True)
+    opt = torch.optim.Adam([ws], lr=o.learning_rate, betas=tuple(o.betas), eps=o.eps)
+    mse_v = lp_v = mg_v = float("nan")
+    for step in range(total):
+        check_cancel(cancel)
+        lam = o.phase1 if step < o.phase1_steps else o.phase2
+        for group in opt.param_groups:
+            group["lr"] = magec_learning_rate(step, o)
+        x = G.synthesis(ws, noise_mode="const")
+        _, lp, mse = loss_fn(x)
+        loss = lam.mse * mse + lam.lpips * lp
+        mg = None
+        if lam.magec:
+            mg = magec_loss(linknet, ws, d, edits, descriptor.loss, descriptor.output_range)
+            loss = loss + lam.magec * mg
+        (grad,) = torch.autograd.grad(loss.sum(), [ws])
+        ws.grad = grad
+        opt.step()
+        mse_v, lp_v = float(mse.detach().mean()), float(lp.detach().mean())
+        mg_v = None if mg is None else float(mg.detach().mean())
+        if progress is not None:
+            last = step == total - 1
+            show = last or (o.preview_every and step % o.preview_every == 0)
+            phase = "1" if step < o.phase1_steps else "2"
+            label = "MAGEC inversion" if uses_magec else "W+ inversion"
+            progress(ProgressEvent(stage="magec", step=step + 1, total=total, fraction=(step + 1) / total,
+                                   message=f"{label} {step + 1}/{total} (phase {phase})",
+                                   loss=float(loss.detach().mean()), preview=_preview(x) if show else None))
+    return MagecResult(
+        ws=ws.detach().clone(), steps=total, final_mse=mse_v, final_lpips=lp_v, final_magec=mg_v,
+        lpips_backbone=lpips.backbone_name, edits=len(edits),
+        id_term="off: no identity network available (paper: ArcFace, λ_ID=3e-4)",
+        descriptor=descriptor.source if (uses_magec and descriptor is not None) else "unused (λ_MAGEC=0)",
+        meta={"phase_steps": [o.phase1_steps, o.phase2_steps], "phase1": vars(o.phase1).copy(),
+              "phase2": vars(o.phase2).copy(), "learning_rate": o.learning_rate, "edit_strength": o.edit_strength,
+              "lpips_net": o.lpips_net, "linknet": None if linknet is None else linknet.config()})
+
+
+def invert_magec(G, target: torch.Tensor, linknet: Optional[LinkNet], descriptor: Optional[Descriptor],
+                 directions: Optional[Mapping], steps: Optional[int] = None, options: Optional[MagecOptions] = None,
+                 progress=None, cancel: CancelLike = None) -> torch.Tensor:
+    """Invert ``target`` ``(1,3,R,R)`` in [-1,1] into ``ws`` ``(1,num_ws,w_dim)`` with the MAGEC loss (Eq. 3).
+
+    ``linknet`` from :func:`fit_linknet`, ``descriptor`` from :func:`load_descriptor`, ``directions`` the model's
+    ``{name: Direction}`` (``core.edits.load_directions``; those named like descriptor outputs are the edits).
+    ``steps`` (default 200) is split over the two phases as the paper's 100 + 100.  ``progress`` receives a
+    ``core.common.ProgressEvent`` after every step (a preview every ``options.preview_every`` steps);
+    ``cancel`` is checked before every step.  ``G`` is not modified.  With ``options.without_magec()`` this is
+    the paper's W+ ablation (same schedule, no LinkNet needed)."""
+    return invert_magec_report(G, target, linknet, descriptor, directions, steps, options, progress, cancel).ws
