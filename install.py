@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Set up Latent Edit: a virtual environment with the engine and server, the Krita and GIMP plugins,
-the server's auth token, and (when online) optional weights.
+"""Set up Latent Edit: a virtual environment with the engine and server, a ``latent-edit-server`` launcher,
+the Krita and GIMP plugins, the server's auth token, and (when the download host answers) the ImageNet
+backbones LPIPS needs (SHA-256 checked; offline the install still succeeds, with a notice).
 
-    python3 install.py                 # .venv in this checkout, plugins into the hosts found, token
+    python3 install.py                 # .venv in this checkout, launcher, plugins into the hosts found, token
     python3 install.py --check         # report what is installed and what is missing (exit 1 if anything is)
     python3 install.py --uninstall     # remove what install.py added (the venv, plugins, kritarc entry)
-    python3 install.py --weights lpips # also fetch the ImageNet backbones LPIPS needs (SHA-256 checked)
+    python3 install.py --weights lpips # require the LPIPS backbones (an offline install then fails)
+    python3 install.py --no-weights    # do not try to download any weights
 
 Standard library only: it runs with the system Python before anything is installed.  Idempotent:
 a second run finds every step done and says "nothing to do".
@@ -47,6 +49,10 @@ WEIGHTS = {
         ("https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "hub/checkpoints/alexnet-owt-7be5be79.pth", "7be5be79"),
     ],
 }
+DEFAULT_WEIGHTS = ["lpips"]  # fetched by default when the host answers; without them LPIPS uses its fallback
+REACH_TIMEOUT_S = 4.0  # how long an offline machine waits before the install goes on without the weights
+DOWNLOAD_TIMEOUT_S = 120.0
+LAUNCHER = "latent-edit-server"
 
 
 class InstallError(Exception):
@@ -70,6 +76,19 @@ def gimp_present() -> bool:
 
 def venv_python(venv: Path) -> Path:
     return venv / ("Scripts/python.exe" if platform.system() == "Windows" else "bin/python")
+
+
+def launcher_path(venv: Path) -> Path:
+    """The server start command install.py writes: works from any folder (the checkout is on its path)."""
+    return venv / ("Scripts/%s.cmd" % LAUNCHER if platform.system() == "Windows" else "bin/" + LAUNCHER)
+
+
+def launcher_text(venv: Path) -> str:
+    py, root = venv_python(venv), ROOT
+    if platform.system() == "Windows":
+        return f'@echo off\r\nset "PYTHONPATH={root};%PYTHONPATH%"\r\n"{py}" -m server %*\r\n'
+    return (f"#!/bin/sh\n# Start the Latent Edit server (written by install.py; arguments: see python -m server --help)\n"
+            f"PYTHONPATH='{root}'${{PYTHONPATH:+:$PYTHONPATH}} exec '{py}' -m server \"$@\"\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +127,8 @@ class Installer:
     kritarc: Path | None = None
     gimp_dir: Path | None = None
     data_dir: Path = field(default_factory=default_data_dir)
-    weights: list[str] = field(default_factory=list)
+    weights: list[str] = field(default_factory=lambda: list(DEFAULT_WEIGHTS))
+    weights_required: bool = False  # --weights: a failed download is an error, and --check reports them
     torch_index: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -158,6 +178,22 @@ class Installer:
         state = self.load_state()
         state["requirements"] = _requirements_digest()
         self.save_state(state)
+
+    # --- launcher --------------------------------------------------------------------------------
+    def launcher_missing(self) -> list[str]:
+        path = launcher_path(self.venv)
+        try:
+            ok = path.read_text() == launcher_text(self.venv)
+        except OSError:
+            ok = False
+        return [] if ok else [f"server launcher {path}"]
+
+    def write_launcher(self) -> None:
+        path = launcher_path(self.venv)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(launcher_text(self.venv))
+        path.chmod(0o755)
+        print(f"wrote the server launcher {path}")
 
     # --- plugins ---------------------------------------------------------------------------------
     def plugin_targets(self) -> list[tuple[str, Path, Path | None]]:
@@ -223,18 +259,41 @@ class Installer:
                     missing.append(f"{name} weights {self.torch_home() / rel}")
         return missing
 
-    def fetch_weights(self) -> None:
+    def _reachable(self, url: str) -> str | None:
+        """None when the download host answers within REACH_TIMEOUT_S, else the reason."""
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=REACH_TIMEOUT_S).close()
+            return None
+        except urllib.error.HTTPError:
+            return None  # the host answered
+        except (urllib.error.URLError, OSError) as exc:
+            return getattr(exc, "reason", None) and str(exc.reason) or exc.__class__.__name__
+
+    def fetch_weights(self) -> bool:
+        """Download the missing weights (SHA-256 checked); True when something was downloaded. Offline:
+        a notice (an error only with --weights)."""
+        got = False
         for name in self.weights:
-            for url, rel, sha_prefix in WEIGHTS[name]:
+            todo = [(u, r, h) for u, r, h in WEIGHTS[name] if not (self.torch_home() / r).is_file()]
+            if not todo:
+                continue
+            why = self._reachable(todo[0][0])
+            if why is not None:
+                msg = (f"{name} weights not downloaded ({todo[0][0]} unreachable: {why}); the server uses the "
+                       "LPIPS fallback and says so in /v1/health. Run install.py again when online.")
+                if self.weights_required:
+                    raise InstallError(msg)
+                self.notes.append("offline: " + msg)
+                continue
+            for url, rel, sha_prefix in todo:
                 dest = self.torch_home() / rel
-                if dest.is_file():
-                    continue
                 print(f"downloading {url}")
                 try:
-                    data = urllib.request.urlopen(url, timeout=60).read()
+                    data = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S).read()
                 except (urllib.error.URLError, OSError) as exc:
-                    self.notes.append(f"offline ({exc.__class__.__name__}): {name} weights not downloaded; "
-                                      "the engine reports the LPIPS fallback it uses instead")
+                    if self.weights_required:
+                        raise InstallError(f"downloading {url} failed: {exc}") from None
+                    self.notes.append(f"download of {url} failed ({exc.__class__.__name__}); {name} weights skipped")
                     break
                 digest = hashlib.sha256(data).hexdigest()
                 if not digest.startswith(sha_prefix):
@@ -243,16 +302,22 @@ class Installer:
                 tmp = dest.with_suffix(".part")
                 tmp.write_bytes(data)
                 tmp.replace(dest)
+                got = True
                 print(f"  verified sha256 {digest[:16]}… -> {dest}")
+        return got
 
     # --- driver -----------------------------------------------------------------------------------
     def missing(self) -> list[str]:
-        return self.venv_missing() + self.plugins_missing() + self.token_missing() + self.weights_missing()
+        weights = self.weights_missing() if self.weights_required else []
+        return self.venv_missing() + self.launcher_missing() + self.plugins_missing() + self.token_missing() + weights
 
     def install(self) -> int:
         did = False
         if self.venv_missing():
             self.install_venv()
+            did = True
+        if self.launcher_missing():
+            self.write_launcher()
             did = True
         if self.plugins_missing():
             self.install_plugins()
@@ -260,13 +325,12 @@ class Installer:
         if self.token_missing():
             self.write_token()
             did = True
-        if self.weights_missing():
-            self.fetch_weights()
+        if self.weights_missing() and self.fetch_weights():
             did = True
         for note in self.notes:
             print(f"note: {note}")
         print("Latent Edit is installed." if did else "nothing to do: everything is already installed.")
-        print(f"  start the server:  {venv_python(self.venv)} -m server")
+        print(f"  start the server:  {launcher_path(self.venv)}")
         print(f"  try it:            {venv_python(self.venv)} -m core demo --out demo-out")
         return 0
 
@@ -307,7 +371,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gimp-dir", type=Path, help="GIMP 3 plug-ins folder to install the GIMP plug-in into")
     p.add_argument("--data-dir", type=Path, default=None, help="server data folder holding the token (default: per-user)")
     p.add_argument("--weights", action="append", default=[], choices=sorted(WEIGHTS),
-                   help="also download these weights from their official locations (SHA-256 checked)")
+                   help="require these weights (downloaded from their official locations, SHA-256 checked); "
+                        "by default lpips is fetched when the host answers and skipped with a notice offline")
+    p.add_argument("--no-weights", action="store_true", help="do not download any weights")
     p.add_argument("--torch-index", help="pip index URL for torch (e.g. https://download.pytorch.org/whl/cpu)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="report what is installed and missing; exit 1 if incomplete")
@@ -329,7 +395,8 @@ def main(argv=None) -> int:
         kritarc=args.kritarc,
         gimp_dir=args.gimp_dir,
         data_dir=args.data_dir or default_data_dir(),
-        weights=args.weights,
+        weights=[] if args.no_weights else (args.weights or list(DEFAULT_WEIGHTS)),
+        weights_required=bool(args.weights) and not args.no_weights,
         torch_index=args.torch_index,
     )
     try:

@@ -26,7 +26,7 @@ def inst(tmp_path, monkeypatch):
     venv = tmp_path / "venv"
     venv.mkdir()
     return install.Installer(venv=venv, krita_dir=tmp_path / "pykrita", kritarc=tmp_path / "kritarc",
-                             gimp_dir=tmp_path / "gimp" / "plug-ins", data_dir=tmp_path / "data")
+                             gimp_dir=tmp_path / "gimp" / "plug-ins", data_dir=tmp_path / "data", weights=[])
 
 
 def test_install_then_nothing_to_do_then_check_ok(inst, capsys):
@@ -105,3 +105,41 @@ def test_check_flag_from_the_command_line(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "virtual environment" in proc.stdout and "auth token" in proc.stdout
+
+
+def test_the_printed_start_command_works_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(install.Installer, "venv_missing", lambda self: [])
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    py = venv / "bin" / "python"  # stands for the venv's python (a symlink would lose the venv's site-packages)
+    py.write_text("#!/bin/sh\nexec '%s' \"$@\"\n" % sys.executable)
+    py.chmod(0o755)
+    inst = install.Installer(venv=venv, plugins=False, data_dir=tmp_path / "data", weights=[])
+    assert inst.install() == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "start the server:" in x)
+    cmd = line.split("start the server:", 1)[1].strip()
+    assert cmd == str(install.launcher_path(venv))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([cmd, "--help"], cwd=str(elsewhere), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--data-dir" in proc.stdout, proc.stderr[-2000:]
+    assert inst.launcher_missing() == [] and inst.check() == 0
+
+
+def test_lpips_weights_are_fetched_by_default_and_offline_is_a_notice(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(install.Installer, "venv_missing", lambda self: [])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    asked = []
+    monkeypatch.setattr(install.Installer, "_reachable", lambda self, url: asked.append(url) or "no route to host")
+    inst = install.Installer(venv=tmp_path / "venv", plugins=False, data_dir=tmp_path / "data")
+    assert inst.weights == ["lpips"] and not inst.weights_required
+    assert inst.install() == 0  # offline: the install still succeeds ...
+    out = capsys.readouterr().out
+    assert asked and "note: offline: lpips weights not downloaded" in out and "fallback" in out
+    assert inst.check() == 0  # ... and optional weights do not make --check fail
+    required = install.Installer(venv=tmp_path / "venv", plugins=False, data_dir=tmp_path / "data",
+                                 weights=["lpips"], weights_required=True)
+    with pytest.raises(install.InstallError, match="unreachable"):
+        required.install()
+    args = install.parse_args(["--no-weights"])
+    assert args.no_weights
