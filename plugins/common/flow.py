@@ -316,11 +316,13 @@ INVERT_SHARE = 0.9  # share of the progress bar the inversion takes when one run
 def run_edit(client, items, options: EditOptions, cache: SessionCache,
              on_progress: Optional[Callable[[Progress], None]] = None,
              should_cancel: Optional[Callable[[], bool]] = None, render: bool = True) -> Outcome:
-    """Invert the items the cache does not know (one job: a session, or a batch for several), then render
-    ``options.edits`` for every item. A session the server forgot (restart, eviction) is inverted again once.
-    Raises client errors (JobFailed, JobCancelled, ServerNotRunning...) whose ``str()`` is for the user."""
+    """Check the request against the server's catalog (a mistyped edit costs no inversion), invert the items
+    the cache does not know (one job: a session, or a batch for several), then render ``options.edits`` for
+    every item. A session the server forgot (restart, eviction) is inverted again once. Raises FlowError or
+    client errors (JobFailed, JobCancelled, ServerNotRunning...) whose ``str()`` is for the user."""
     items = list(items)
     report = on_progress or (lambda p: None)
+    check_request(fetch_catalog(client), options)
     keys = [item_key(client.url, it, options) for it in items]
     for attempt in (0, 1):
         sessions = [cache.get(k) for k in keys]

@@ -254,6 +254,9 @@ class FakeServer:
         self.cancelled = threading.Event()
         self.polls = 0
 
+    def request(self, method, path):  # GET /v1/models: what run_edit checks the edit names against
+        return {"models": [{"name": "fake", "directions": ["smile", "age"]}], "default_model": "fake"}
+
     def create_session(self, layer, selection=None, model=None, method="pti", align="auto", options=None):
         self.calls.append(("create", method, align, options))
         sid = "s%d" % len(self.sessions)

@@ -398,6 +398,10 @@ class FlowServer:
     def __init__(self):
         self.calls, self.known = [], set()
 
+    def request(self, method, path):
+        assert (method, path) == ("GET", "/v1/models")
+        return {"models": [{"name": "m", "directions": ["smile"]}], "default_model": "m"}
+
     def create_session(self, layer, selection=None, model=None, method="pti", align="auto", options=None):
         sid = "s%d" % len(self.calls)
         self.calls.append("create")
@@ -436,6 +440,10 @@ def test_run_edit_reuses_a_cached_session_and_inverts_again_when_the_server_forg
     server.known.clear()  # the server restarted with an empty cache: one failed render, then invert again
     out = F.run_edit(server, [_item()], opts, F.SessionCache(path=path))
     assert out.reused == 0 and server.calls[-3:] == ["render", "create", "render"]
+    n = len(server.calls)
+    with pytest.raises(F.FlowError, match="no edit named"):  # refused before any upload
+        F.run_edit(server, [_item(3)], F.EditOptions(edits=[("smlie", 1)], method="w"), F.SessionCache())
+    assert len(server.calls) == n
 
 
 def test_latest_only_runs_one_at_a_time_and_the_last_request_wins():

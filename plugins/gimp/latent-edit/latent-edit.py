@@ -109,12 +109,11 @@ def _run(procedure, run_mode, image, drawables, config):
 
     client = le_client.Client(config.get_property("server-url") or le_client.DEFAULT_URL,
                               token_file=config.get_property("token-file") or le_paths.default_token_file())
-    client.health()  # a clear "server not running" before any upload
+    client.health()  # a clear "server not running" before any upload (run_edit checks the edit names first)
     options = le_flow.EditOptions(
         edits=edits, model=config.get_property("model") or None, method=config.get_property("method"),
         align=config.get_property("align"), feather=float(config.get_property("feather")),
         project_steps=config.get_property("steps") or None, tune_steps=config.get_property("tune-steps") or None)
-    le_flow.check_request(le_flow.fetch_catalog(client), options)  # a mistyped edit costs no inversion
 
     progress = _Progress()
     Gimp.progress_init("Latent Edit")

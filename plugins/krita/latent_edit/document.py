@@ -165,9 +165,12 @@ def read_layer(doc, node, use_selection: bool = True, convert: bool = True) -> L
     if node is None:
         raise DocumentError("No active layer. Select the layer with the face first.")
     kind = node.type()
+    if kind.endswith("mask"):
+        raise DocumentError("\"%s\" is a mask. Latent Edit reads paint layers: select the paint layer it belongs "
+                            "to." % node.name())
     if kind not in ("paintlayer",):
-        raise DocumentError("\"%s\" is a %s; Latent Edit reads paint layers. Select a paint layer (or convert this "
-                            "one with Layer ▸ Convert ▸ to Paint Layer)." % (node.name(), kind.replace("layer", " layer")))
+        raise DocumentError("\"%s\" is a %s. Latent Edit reads paint layers: select a paint layer, or convert this "
+                            "one with Layer ▸ Convert ▸ to Paint Layer." % (node.name(), kind.replace("layer", " layer")))
     space = color_space(node)
     rect = layer_rect(doc, node)
     raw = bytes(node.pixelData(rect.x, rect.y, rect.width, rect.height))
