@@ -88,7 +88,7 @@ class Client:
         url = (url or DEFAULT_URL).strip().rstrip("/")
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ClientError("server URL %r is not an http:// address" % url)
+            raise ClientError("The server URL %r is not an http:// address." % url)
         self.url = url
         self.token_file, self.token = token_file, token
         self.timeout, self.upload_timeout = timeout, upload_timeout
@@ -118,14 +118,14 @@ class Client:
         except urllib.error.URLError as e:
             reason = e.reason
             if isinstance(reason, socket.timeout):
-                raise ServerTimeout("the server at %s did not answer within %g s" % (self.url, timeout or self.timeout)) from None
+                raise ServerTimeout("The server at %s did not answer within %g s." % (self.url, timeout or self.timeout)) from None
             raise ServerNotRunning("The Latent Edit server is not running at %s (%s). Start it with the "
                                    "latent-edit-server command that install.py printed, or check the server URL."
                                    % (self.url, getattr(reason, "strerror", None) or reason)) from None
         except (socket.timeout, TimeoutError):
-            raise ServerTimeout("the server at %s did not answer within %g s" % (self.url, timeout or self.timeout)) from None
+            raise ServerTimeout("The server at %s did not answer within %g s." % (self.url, timeout or self.timeout)) from None
         except ConnectionError as e:
-            raise ServerNotRunning("the connection to %s was lost (%s)" % (self.url, e)) from None
+            raise ServerNotRunning("The connection to %s was lost (%s)." % (self.url, e)) from None
 
     # --- endpoints ---
 
@@ -215,7 +215,7 @@ class Client:
                 return job
             check_job(job)
             if timeout is not None and time.monotonic() - start > timeout:
-                raise ServerTimeout("job %s did not finish within %g s" % (job_id, timeout))
+                raise ServerTimeout("Job %s did not finish within %g s." % (job_id, timeout))
             time.sleep(poll_interval)
 
 
@@ -227,7 +227,7 @@ def check_job(job: dict) -> None:
     """Raise JobFailed / JobCancelled for a job dict in a failed / cancelled state."""
     state = job_state(job)
     if state in CANCELLED_STATES:
-        raise JobCancelled("cancelled")
+        raise JobCancelled("Cancelled.")
     if state == "interrupted" and not job.get("error"):
         raise JobFailed(0, "interrupted", "The server stopped while this job ran. Apply again.", None)
     if state in FAILED_STATES:
@@ -242,14 +242,14 @@ def check_job(job: dict) -> None:
 def result_layers(body: dict) -> list:
     """The result layer maps of a render (or batch render) response, in input order."""
     if not isinstance(body, dict):
-        raise ServerError(0, "bad_response", "the server's render answer is not a map")
+        raise ServerError(0, "bad_response", "The server's render answer is not a map.")
     if isinstance(body.get("layers"), list):
         return list(body["layers"])
     if isinstance(body.get("layer"), dict):
         return [body["layer"]]
     if isinstance(body.get("results"), list):
         return [r.get("layer", r) for r in body["results"]]
-    raise ServerError(0, "bad_response", "the server's render answer holds no layer (keys: %s)" % ", ".join(body))
+    raise ServerError(0, "bad_response", "The server's render answer holds no layer (keys: %s)." % ", ".join(body))
 
 
 _NO_FACE = ("No face was found in the layer. Select a region with a clearly visible face, or switch face "
@@ -285,7 +285,7 @@ def _decode(raw: bytes, content_type):
             return json.loads(raw.decode("utf-8"))
         return unpackb(raw)
     except (MsgpackError, ValueError) as e:
-        raise ServerError(0, "bad_response", "the server sent an unreadable %s body (%s)" % (kind or "untyped", e)) from None
+        raise ServerError(0, "bad_response", "The server sent an unreadable %s body (%s)." % (kind or "untyped", e)) from None
 
 
 def _http_error(status: int, raw: bytes, content_type) -> ClientError:

@@ -358,7 +358,7 @@ def _invert_missing(client, items, options, keys, sessions, cache, report, shoul
                            options=options.session_options())
         new_ids = list(out.get("session_ids") or [])
         if len(new_ids) != len(todo):
-            raise cl.ServerError(0, "bad_response", "the server answered a batch of %d layers with %d sessions"
+            raise cl.ServerError(0, "bad_response", "The server answered a batch of %d layers with %d sessions."
                                  % (len(todo), len(new_ids)))
     job_id = out["job_id"]
     report(Progress(0.0, "Waiting for the server", job_id))
@@ -377,7 +377,7 @@ def _render(client, items, sessions, options, report, should_cancel, reused) -> 
     out = []
     for i, (item, sid) in enumerate(zip(items, sessions)):
         if should_cancel is not None and should_cancel():
-            raise cl.JobCancelled("Cancelled")
+            raise cl.JobCancelled("Cancelled.")
         report(Progress(start + (1 - start) * i / len(items), "Rendering the edit"))
         body = client.render(sid, options.edits, feather=options.feather, format=item.layer["format"])
         out.append(cl.result_layers(body)[0])

@@ -167,9 +167,9 @@ def unpack_layer(layer: dict):
     try:
         width, height, fmt, data = int(layer["width"]), int(layer["height"]), layer["format"], bytes(layer["data"])
     except (KeyError, TypeError, ValueError) as e:
-        raise PixelError("malformed layer map from the server: %s" % e) from None
+        raise PixelError("The server sent a malformed layer map: %s." % e) from None
     if fmt not in LAYER_FORMATS:
-        raise PixelError("the server sent an unknown layer format %r" % (fmt,))
+        raise PixelError("The server sent an unknown layer format %r." % (fmt,))
     row = width * 4 * LAYER_FORMATS[fmt]
     stride = int(layer.get("stride") or row)
     if stride < row or len(data) < stride * (height - 1) + row:

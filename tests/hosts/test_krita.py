@@ -377,8 +377,24 @@ def test_krita_live_preview_rerenders_without_a_new_inversion(krita, latent_serv
     p1, p2 = raw(out, "preview1.raw", np.uint8, 4), raw(out, "preview2.raw", np.uint8, 4)
     moved = np.abs(p1.astype(int) - p2.astype(int))[..., :3].max(axis=2)
     assert (moved[sel == 255] > 0).mean() > 0.5  # the second slider position really re-rendered
-    print("\nlive preview at %d px: slider change -> preview layer updated in %s ms" % (SIZE, d["preview_latency_ms"]))
+    print("\nlive preview at %d px: slider change -> preview layer updated in %s ms; %d server progress "
+          "preview(s) shown during the inversion" % (SIZE, d["preview_latency_ms"], d["job_previews_shown"]))
     (a,) = d["applies"]
     assert a["from_preview"] and a["message"] == "Added %s (from the preview)." % (GROUP_PREFIX + direction + " -2")
     names = [c["name"] for c in d["tree_after_close"]["children"]]
     assert "Latent Edit · preview" not in names and GROUP_PREFIX + direction + " -2" in names
+
+
+def test_krita_closing_the_dialog_during_a_job_cancels_it(krita, latent_server, tmp_path):
+    direction = latent_server.directions()[0]
+    _img, png, _sel, sel_path = write_inputs(tmp_path)
+    job = base_job(tmp_path, latent_server, png, sel_path, direction, options=None,
+                   dialog={"method": "w", "steps": 20000, "align": False, "edits": [], "close_during_job": True})
+    res = run_ok(krita, job, tmp_path, latent_server)
+    d = res.result["dialog"]
+    assert d["state_after_close"] == "cancelled" and d["error_type"] == "JobCancelled" and not d["visible_after_close"]
+    from plugins.common.client import Client
+
+    record = Client(latent_server.url, token_file=str(latent_server.token_file)).job(d["job_id"])
+    assert record["state"] == "cancelled"
+    assert not [c for c in res.result["tree"]["children"] if c["name"].startswith(GROUP_PREFIX)]

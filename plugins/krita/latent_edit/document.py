@@ -135,7 +135,7 @@ def wire_to_krita(layer: dict, space: ColorSpace, rect: Rect) -> bytes:
     """A wire result layer -> bytes for ``Node.setPixelData`` over ``rect`` in the node's colour space."""
     data, width, height, fmt, _x, _y = px.unpack_layer(layer)
     if (width, height) != (rect.width, rect.height):
-        raise DocumentError("the server returned a %dx%d layer for a %dx%d request" % (width, height, rect.width, rect.height))
+        raise DocumentError("The server returned a %dx%d layer for a %dx%d request." % (width, height, rect.width, rect.height))
     want, sample, order = DEPTHS[space.depth]
     data = px.convert_samples(data, fmt, want)
     if space.linear and want != "rgba8":

@@ -65,6 +65,7 @@ class LatentEditDialog(QtWidgets.QDialog):
         self.preview_latency_ms = []  # change -> preview layer written, per shown preview
         self._changed_at = None
         self._shown_job_preview = 0
+        self.job_previews_shown = 0  # server progress previews shown during inversions (tests read it)
         self.renderer = flow.LatestOnly(self._render_preview)
         self.timer = QTimer(self)
         self.timer.timeout.connect(self._poll_preview)
@@ -467,6 +468,7 @@ class LatentEditDialog(QtWidgets.QDialog):
             self.job_preview.setPixmap(QtGui.QPixmap.fromImage(img).scaled(
                 64, 64, Qt.AspectRatioMode.KeepAspectRatio, Qt.TransformationMode.SmoothTransformation))
             self.job_preview.setVisible(True)
+            self.job_previews_shown += 1
 
     def _finished(self, added, error, render):
         self._update_buttons()

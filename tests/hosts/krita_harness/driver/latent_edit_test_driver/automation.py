@@ -207,6 +207,18 @@ class Automation:
         dlg.steps.setValue(int(spec["steps"]))
         dlg.align.setChecked(bool(spec.get("align", False)))
         dlg.batch.setChecked(bool(spec.get("batch", False)))
+        if spec.get("close_during_job"):  # Close while the inversion runs: the job must be cancelled
+            dlg.invert_btn.click()
+            while self.ext.running is None or self.ext.running.status().progress <= 0:
+                yield 20
+            dlg.close()
+            run = self.ext.running
+            while not run.finished.is_set():
+                yield 20
+            info.update(state_after_close=run.status().state, error_type=type(run.error).__name__,
+                        visible_after_close=dlg.isVisible(), job_id=run.status().job_id)
+            self.result["dialog"] = info
+            return
         if spec.get("preview"):
             dlg.invert_btn.click()
             while self.ext.busy() or dlg.preview_target is None:
@@ -215,6 +227,7 @@ class Automation:
                     raise self.ext.running.error
                 yield 20
             info["after_invert"] = dlg.message.text()
+            info["job_previews_shown"] = dlg.job_previews_shown
             moves = []
             for name, strength in spec["preview"]:
                 row = next(r for r in dlg.rows if r.name == name)
