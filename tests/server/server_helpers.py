@@ -202,14 +202,15 @@ ROOT = Path(__file__).resolve().parents[2]
 class ServerProcess:
     """``python -m server`` on a free loopback port; waits for its ready line."""
 
-    def __init__(self, data_dir: Path, extra=(), env=None, timeout: float = 120):
+    def __init__(self, data_dir: Path, extra=(), env=None, timeout: float = 120, preexec_fn=None):
         self.data_dir = data_dir
         self.log = open(data_dir.parent / f"server-{os.getpid()}-{id(self)}.log", "w")
         cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir),
                "--log-level", "info", *extra]
         full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "server")]),
                         OMP_NUM_THREADS="1", **(env or {}))
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True, env=full_env)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True, env=full_env,
+                                     preexec_fn=preexec_fn)
         url = wait_for_ready(self.proc, timeout)
         assert url, f"no ready line; log:\n{Path(self.log.name).read_text()[-3000:]}"
         self.port = port_of(url)
