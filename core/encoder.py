@@ -76,6 +76,7 @@ class EncoderConfig:
     taps: tuple  # body indices of c1, c2, c3 (official IR-SE50: 6, 20, 23)
     fpn_channels: int
     w_dim: int
+    style_channels: int  # width of the style blocks' convs (official: = w_dim)
     style_convs: tuple  # stride-2 convs per style block, one entry per W+ row
     coarse: int  # first row reading p2 (official 3)
     middle: int  # first row reading p1 (official 7)
@@ -104,8 +105,8 @@ class EncoderConfig:
 
 def small_config(w_dim: int, num_ws: int, input_size: int = 64, kind: str = "e4e",
                  depths: Sequence[int] = (32, 48, 64, 96), units: Sequence[int] = (1, 2, 2, 1),
-                 stem: int = 32, fpn: int = 96) -> EncoderConfig:
-    """A small IR-SE encoder (same topology as IR-SE50, fewer/narrower units) for ``input_size`` images."""
+                 stem: int = 32, fpn: int = 96, style_channels: int = 48) -> EncoderConfig:
+    """A small IR-SE encoder (same topology as IR-SE50, fewer/narrower units, narrower style blocks)."""
     body, c = [], stem
     for depth, n in zip(depths, units):
         for j in range(n):
@@ -117,8 +118,8 @@ def small_config(w_dim: int, num_ws: int, input_size: int = 64, kind: str = "e4e
         raise InvalidInput(f"input_size must be 16·2^k (k ≥ 1), got {input_size}")
     coarse, middle = min(3, num_ws), min(7, num_ws)
     convs = tuple(base if i < coarse else base + 1 if i < middle else base + 2 for i in range(num_ws))
-    return EncoderConfig(kind, 3, stem, tuple(body), (ends[1] - 1, ends[2] - 1, ends[3] - 1), fpn, w_dim, convs,
-                         coarse, middle)
+    return EncoderConfig(kind, 3, stem, tuple(body), (ends[1] - 1, ends[2] - 1, ends[3] - 1), fpn, w_dim,
+                         style_channels, convs, coarse, middle)
 
 
 def encoder_config(shapes: dict, encoder_type: str, path="checkpoint") -> EncoderConfig:
@@ -153,20 +154,21 @@ def encoder_config(shapes: dict, encoder_type: str, path="checkpoint") -> Encode
         taps = (ends[1], ends[2], ends[3])
         fpn, lat1_in = shp["latlayer1.weight"][:2]
         fpn2, lat2_in = shp["latlayer2.weight"][:2]
-        convs, w_dim, j = [], None, 0
+        convs, dims, j = [], set(), 0
         while f"styles.{j}.linear.weight" in shp:
             n = 0
             while f"styles.{j}.convs.{2 * n}.weight" in shp:
                 n += 1
             convs.append(n)
-            wd = shp[f"styles.{j}.linear.weight"][0]
-            if w_dim not in (None, wd):
-                raise CheckpointError(f"{path}: style rows of unequal width ({w_dim} and {wd})")
-            w_dim, j = wd, j + 1
+            dims.add((shp[f"styles.{j}.convs.0.weight"][0], *shp[f"styles.{j}.linear.weight"]))
+            j += 1
     except KeyError as e:
         raise CheckpointError(f"{path}: missing tensor encoder.{e.args[0]} (not an e4e/pSp encoder?)") from None
     if not convs:
         raise CheckpointError(f"{path}: no style blocks (encoder.styles.0.linear.weight) found")
+    if len(dims) != 1 or len({d[0] for d in dims}) != 1 or next(iter(dims))[0] != next(iter(dims))[2]:
+        raise CheckpointError(f"{path}: style blocks of unequal or inconsistent widths {sorted(dims)}")
+    style_channels, w_dim, _ = next(iter(dims))
     base = convs[0]
     coarse = next((k for k, n in enumerate(convs) if n != base), len(convs))
     middle = next((k for k, n in enumerate(convs) if n == base + 2), len(convs))
@@ -177,8 +179,8 @@ def encoder_config(shapes: dict, encoder_type: str, path="checkpoint") -> Encode
     if (lat1_in, lat2_in) != (c2, c1) or fpn != fpn2 or c3 != fpn:
         raise CheckpointError(f"{path}: FPN widths do not match the backbone (latlayer1 {lat1_in}→{fpn}, latlayer2 "
                               f"{lat2_in}→{fpn2}, taps {c1}/{c2}/{c3})")
-    return EncoderConfig(kind, int(in_ch), int(stem_out), tuple(units), taps, int(fpn), int(w_dim), tuple(convs),
-                         coarse, middle)
+    return EncoderConfig(kind, int(in_ch), int(stem_out), tuple(units), taps, int(fpn), int(w_dim),
+                         int(style_channels), tuple(convs), coarse, middle)
 
 
 # ================================================================================================= modules
@@ -224,22 +226,23 @@ class IRUnit(nn.Module):
 
 
 class StyleBlock(nn.Module):
-    """``n`` stride-2 3×3 convs + LeakyReLU(0.01) down to 1×1, then an equalised-lr linear: → (N, w_dim)."""
+    """``n`` stride-2 3×3 convs (width ``channels``) + LeakyReLU(0.01) down to 1×1, then an equalised-lr linear
+    ``channels → w_dim``: (N,C,2^n,2^n) → (N, w_dim).  Official: ``channels = w_dim``."""
 
-    def __init__(self, in_channels: int, w_dim: int, n: int):
+    def __init__(self, in_channels: int, channels: int, w_dim: int, n: int):
         super().__init__()
         layers = []
         for k in range(n):
-            layers += [nn.Conv2d(in_channels if k == 0 else w_dim, w_dim, 3, 2, 1), nn.LeakyReLU(STYLE_LRELU)]
+            layers += [nn.Conv2d(in_channels if k == 0 else channels, channels, 3, 2, 1), nn.LeakyReLU(STYLE_LRELU)]
         self.convs = nn.Sequential(*layers)
-        self.linear = FullyConnected(w_dim, w_dim, lr_multiplier=1.0)  # EqualLinear(out_c, out_c, lr_mul=1)
-        self.w_dim = w_dim
+        self.linear = FullyConnected(channels, w_dim, lr_multiplier=1.0)  # EqualLinear(out_c, out_c, lr_mul=1)
+        self.channels = channels
 
     def forward(self, x):
         x = self.convs(x)
         if x.shape[-2:] != (1, 1):
             raise InvalidInput(f"style block reached {tuple(x.shape[-2:])}, not 1×1: wrong input size")
-        return self.linear(x.reshape(x.shape[0], self.w_dim))
+        return self.linear(x.reshape(x.shape[0], self.channels))
 
 
 def upsample_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -267,7 +270,7 @@ class Encoder(nn.Module):
         d1, d2 = c.units[c.taps[0]].depth, c.units[c.taps[1]].depth
         self.latlayer1 = nn.Conv2d(d2, c.fpn_channels, 1)
         self.latlayer2 = nn.Conv2d(d1, c.fpn_channels, 1)
-        self.styles = nn.ModuleList(StyleBlock(c.fpn_channels, c.w_dim, n) for n in c.style_convs)
+        self.styles = nn.ModuleList(StyleBlock(c.fpn_channels, c.style_channels, c.w_dim, n) for n in c.style_convs)
         self.register_buffer("latent_avg", torch.zeros(c.num_ws, c.w_dim))
 
     @property
@@ -294,7 +297,8 @@ class Encoder(nn.Module):
                 break
         return tuple(out)
 
-    def forward(self, x):
+    def forward(self, x, stage: Optional[int] = None):
+        """``stage`` (e4e progressive training): only rows 1…stage get their delta; None = all rows."""
         c1, c2, c3 = self.features(x)
         cfg = self.config
         p2 = p1 = None
@@ -314,7 +318,8 @@ class Encoder(nn.Module):
         if cfg.kind == "psp":
             return torch.stack([self.styles[i](feats(i)) for i in range(cfg.num_ws)], dim=1)
         w0 = self.styles[0](c3)
-        rows = [w0] + [w0 + self.styles[i](feats(i)) for i in range(1, cfg.num_ws)]
+        last = cfg.num_ws - 1 if stage is None else min(int(stage), cfg.num_ws - 1)
+        rows = [w0] + [w0 + self.styles[i](feats(i)) if i <= last else w0 for i in range(1, cfg.num_ws)]
         return torch.stack(rows, dim=1)
 
     def deltas(self, codes: torch.Tensor) -> torch.Tensor:
@@ -373,6 +378,14 @@ def check_compatible(E: Encoder, G) -> None:
     if (E.num_ws, E.w_dim) != (G.num_ws, G.w_dim):
         raise InvalidInput(f"the encoder makes {E.num_ws}×{E.w_dim} codes but the generator takes "
                            f"{G.num_ws}×{G.w_dim}; use an encoder trained for this generator")
+
+
+def encoder_matches(E: Encoder, G) -> bool:
+    """True when ``E`` was trained for exactly this generator (the sha256 our trainer stores in its opts)."""
+    from core.stylegan2.formats import fingerprint
+
+    want = (E.opts.get("latent_edit_meta") or {}).get("generator_sha256")
+    return want is not None and want == fingerprint(G)
 
 
 def _opts_dict(opts, path) -> dict:

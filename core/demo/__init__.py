@@ -24,7 +24,7 @@ _EXPORTS = {
     "load_scorer": "core.demo.scorer",
 }
 
-__all__ = sorted([*_EXPORTS, "default_model_path", "default_directions_path", "WEIGHTS_DIR"])
+__all__ = sorted([*_EXPORTS, "default_model_path", "default_directions_path", "default_encoder_path", "WEIGHTS_DIR"])
 
 
 def default_model_path() -> pathlib.Path:
@@ -35,6 +35,11 @@ def default_model_path() -> pathlib.Path:
 def default_directions_path() -> pathlib.Path:
     """Path of the shipped directions manifest, beside the generator."""
     return WEIGHTS_DIR / "face64.directions.json"
+
+
+def default_encoder_path() -> pathlib.Path:
+    """Path of the shipped e4e-style encoder for the generator (``weights/encoder64.pt``, ``core.load_encoder``)."""
+    return WEIGHTS_DIR / "encoder64.pt"
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), __all__)
