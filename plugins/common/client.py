@@ -158,9 +158,14 @@ class Client:
             body["options"] = dict(options)
         return self.request("POST", "/v1/batch", body, timeout=self.upload_timeout)
 
-    def job(self, job_id: str) -> dict:
-        """``GET /v1/jobs/{id}`` -> ``{state, progress, stage, message, ...}``."""
-        return self.request("GET", "/v1/jobs/" + urllib.parse.quote(str(job_id), safe=""))
+    def job(self, job_id: str, after=None, wait: float = 0.0) -> dict:
+        """``GET /v1/jobs/{id}`` -> ``{state, progress, stage, message, version, ...}``; with ``after`` (a
+        ``version``) and ``wait`` seconds it is a long poll answered at the job's next change."""
+        path = "/v1/jobs/" + urllib.parse.quote(str(job_id), safe="")
+        if after is not None and wait > 0:
+            path += "?after=%d&wait=%g" % (int(after), wait)
+            return self.request("GET", path, timeout=self.timeout + wait)
+        return self.request("GET", path)
 
     def job_preview(self, job_id: str):
         """``GET /v1/jobs/{id}/preview``: the latest inversion preview as PNG bytes, or None (404: none yet)."""
@@ -195,19 +200,22 @@ class Client:
         return self.request("POST", path, body, timeout=self.upload_timeout)
 
     def wait_job(self, job_id: str, on_progress=None, should_cancel=None, poll_interval: float = 0.25,
-                 timeout=None) -> dict:
-        """Poll a job until it ends (for scripts and worker threads; never call on a UI thread).
+                 timeout=None, long_poll: float = 0.5) -> dict:
+        """Follow a job until it ends (for scripts and worker threads; never call on a UI thread).
 
-        ``on_progress(job_dict)`` is called after each poll; when ``should_cancel()`` turns true the job
-        is cancelled on the server. Returns the finished job; raises JobFailed / JobCancelled.
+        Servers that number job changes (``version``) are long-polled (``?after=&wait=long_poll``: an answer
+        at each change, no sleeping); others are polled every ``poll_interval`` s. ``on_progress(job_dict)``
+        is called after each answer; when ``should_cancel()`` turns true the job is cancelled on the server
+        (checked at least every ``long_poll`` s). Returns the finished job; raises JobFailed / JobCancelled.
         """
         start = time.monotonic()
         cancel_sent = False
+        version = None
         while True:
             if should_cancel is not None and should_cancel() and not cancel_sent:
                 self.cancel(job_id)
                 cancel_sent = True
-            job = self.job(job_id)
+            job = self.job(job_id, after=version, wait=long_poll)
             if on_progress is not None:
                 on_progress(job)
             state = job_state(job)
@@ -216,7 +224,9 @@ class Client:
             check_job(job)
             if timeout is not None and time.monotonic() - start > timeout:
                 raise ServerTimeout("Job %s did not finish within %g s." % (job_id, timeout))
-            time.sleep(poll_interval)
+            version = job.get("version") if isinstance(job.get("version"), int) else None
+            if version is None:
+                time.sleep(poll_interval)
 
 
 def job_state(job: dict) -> str:

@@ -161,6 +161,16 @@ def test_create_session_body_and_job_polling_with_cancel(server):
     assert seen[-1]["state"] == "cancelled"
 
 
+def test_wait_job_long_polls_a_server_that_numbers_job_changes(server):
+    _, url, token_file = server
+    answers = iter([{"state": "running", "progress": 0.5, "version": 3}, {"state": "done", "progress": 1.0, "version": 4}])
+    Handler.routes[("GET", "/v1/jobs/j2")] = lambda h, b: (200, next(answers))
+    Handler.routes[("GET", "/v1/jobs/j2?after=3&wait=0.5")] = lambda h, b: (200, next(answers))
+    job = C.Client(url, token_file=str(token_file)).wait_job("j2", poll_interval=60)  # no sleep: it would take 60 s
+    assert job["state"] == "done"
+    assert [e[1] for e in Handler.log] == ["/v1/jobs/j2", "/v1/jobs/j2?after=3&wait=0.5"]
+
+
 def test_failed_job_carries_code_and_friendly_message():
     with pytest.raises(C.JobFailed) as ei:
         C.check_job({"state": "failed", "error": {"error": "no_face", "message": "no face detected", "field": None}})
