@@ -376,12 +376,13 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune-minutes", type=float, default=80.0, help="wall time of the finetune phase (the shipped run: 80)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt and keep finished stages")
     ap.add_argument("--stages", default="cache,scorer,generator,finetune,directions",
-                    help="comma list of: cache, scorer, generator, finetune, directions")
+                    help="comma list of: cache, scorer, generator, finetune, directions, encoder")
     ap.add_argument("--train-size", type=int, default=40000)
     ap.add_argument("--test-size", type=int, default=2000)
     ap.add_argument("--scorer-steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 is far faster than 2 on a CPU other jobs share (OpenMP spin-waits)")
+    ap.add_argument("--encoder-minutes", type=float, default=90.0, help="wall time of the encoder stage")
     ap.add_argument("--install", action="store_true", help="copy the results into core/demo/weights/")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -458,6 +459,14 @@ def main(argv=None) -> int:
                            for i, a in enumerate(ATTRIBUTES)}
         (out / "directions_eval.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
+    if "encoder" in stages:  # the e4e-style encoder of OUT/face64.pt (else the shipped one): core.demo.train_encoder
+        from core.demo import default_model_path, train_encoder
+
+        model = out / "face64.pt" if (out / "face64.pt").exists() else default_model_path()
+        train_encoder.train(out / "encoder", model, train_encoder.EncoderTrainOptions(minutes=args.encoder_minutes),
+                            resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
+        if args.install:
+            train_encoder.install(out / "encoder")
     if args.install:
         WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
         logs = _phase_logs(out)
