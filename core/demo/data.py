@@ -8,14 +8,26 @@ the renderer's uniform prior.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import pathlib
+from types import ModuleType
 from typing import Callable, Optional
 
 import numpy as np
 
 from core.common import InvalidInput
-from core.demo.renderer import NUM_ATTRIBUTES, render
+from core.demo.renderer import NUM_ATTRIBUTES
+
+# The face renderers a generator can be distilled from; both draw the same ATTRIBUTES from the same params.
+RENDERERS: dict[str, str] = {"v1": "core.demo.renderer", "v2": "core.demo.renderer_v2"}
+
+
+def renderer_module(name: str) -> ModuleType:
+    """The renderer module named ``name`` (a key of ``RENDERERS``): it has ``render``, ``ATTRIBUTES``, ``EXTRAS``."""
+    if name not in RENDERERS:
+        raise InvalidInput(f"unknown renderer {name!r}; known: {', '.join(RENDERERS)}")
+    return importlib.import_module(RENDERERS[name])
 
 
 def normalize_2nd_moment(z: np.ndarray, eps: float = 1e-8) -> np.ndarray:
@@ -35,33 +47,39 @@ def params_from_z(z: np.ndarray) -> np.ndarray:
 
 
 def build_cache(path: pathlib.Path, n: int, z_dim: int, seed: int,
-                progress: Optional[Callable[[int, int], None]] = None, chunk: int = 500) -> dict:
-    """Render ``n`` faces for ``z = randn(n, z_dim)`` (seeded) into ``path`` (npz: z, params, images).
+                progress: Optional[Callable[[int, int], None]] = None, chunk: int = 500,
+                renderer: str = "v1", size: int = 64) -> dict:
+    """Render ``n`` faces for ``z = randn(n, z_dim)`` (seeded) with ``RENDERERS[renderer]`` into ``path``.
 
-    Resumable: partial chunks are kept in ``path.with_suffix('.part')/`` and reused.
-    Returns the arrays ``{"z": (n,z_dim) f32, "params": (n,K) f32, "images": (n,64,64,3) u8}``.
+    Resumable: partial chunks are kept in ``path.with_suffix('.<renderer>.part')/`` and reused.  A finished cache
+    of another renderer at ``path`` is an error (never silently mixed).  Returns the arrays
+    ``{"z": (n,z_dim) f32, "params": (n,K) f32, "images": (n,size,size,3) u8}`` (the npz also holds ``renderer``).
     """
     path = pathlib.Path(path)
+    mod = renderer_module(renderer)
     if path.exists():
         data = dict(np.load(path))
-        if data["z"].shape == (n, z_dim):
+        made_by = str(data.pop("renderer", "v1"))  # caches written before v2 carry no name: v1 made them
+        if made_by != renderer:
+            raise InvalidInput(f"{path} was rendered by renderer {made_by!r}, not {renderer!r}: use another folder")
+        if data["z"].shape == (n, z_dim) and data["images"].shape[1] == size:
             return data
     z = np.random.default_rng(seed).standard_normal((n, z_dim)).astype(np.float32)
     params = params_from_z(z)
-    part = path.with_suffix(".part")
+    part = path.with_suffix(f".{renderer}.part")
     part.mkdir(parents=True, exist_ok=True)
-    images = np.empty((n, 64, 64, 3), np.uint8)
+    images = np.empty((n, size, size, 3), np.uint8)
     for start in range(0, n, chunk):
         f = part / f"{start:07d}.npy"
         stop = min(n, start + chunk)
         if f.exists() and np.load(f).shape[0] == stop - start:
             images[start:stop] = np.load(f)
         else:
-            images[start:stop] = render(params[start:stop])
+            images[start:stop] = mod.render(params[start:stop], size=size)
             np.save(f, images[start:stop])
         if progress is not None:
             progress(stop, n)
-    np.savez(path, z=z, params=params, images=images)
+    np.savez(path, z=z, params=params, images=images, renderer=np.array(renderer))
     for f in part.glob("*.npy"):
         f.unlink()
     part.rmdir()

@@ -124,7 +124,7 @@ def train_scorer(images: np.ndarray, params: np.ndarray, options: ScorerTrainOpt
         opt.step()
         sched.step()
         if progress is not None:
-            progress(step + 1, o.steps, float(loss))
+            progress(step + 1, o.steps, float(loss.detach()))
     return net.eval()
 
 

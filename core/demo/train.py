@@ -30,6 +30,10 @@ How the shipped files were made (2 shared CPU cores; one process per core beats 
     python -m core.demo.train --out DIR --stages directions --resume --install
 
 ``python -m core.demo.train --out DIR --install`` does the same in one process (slower).
+
+``--renderer v2`` distils ``core.demo.renderer_v2`` instead (small features drawn legibly at 64 px; the cache
+records its renderer and one folder never mixes two); the run under way and how to install it are in
+``core/demo/TRAINING.md``.  ``--install`` refuses a run whose renderer is not the one ``core.demo`` draws with.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.demo.data import build_cache, params_from_z
+from core.demo.data import RENDERERS, build_cache, params_from_z
 from core.demo.renderer import ATTRIBUTES, DESCRIPTIONS, NUM_ATTRIBUTES
 
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
@@ -101,15 +105,32 @@ class GeneratorTrainOptions:
     seed: int = 0
 
 
-def finetune_options(max_minutes: float) -> GeneratorTrainOptions:
+def finetune_options(max_minutes: float, base: GeneratorTrainOptions | None = None,
+                     steps: int = GeneratorTrainOptions.steps) -> GeneratorTrainOptions:
     """Phase 2, from phase 1's EMA weights: the scorer reads the output's attributes and is held to the z's
     parameters, and pixel errors on fine detail count more.  Phase 1 alone left pupils, lids and mouths blurred
-    (gaze read back with MAE 0.26 where chance is 0.33)."""
-    return GeneratorTrainOptions(lr=2e-3,               # ours: a quarter of phase 1's peak: refine, do not restart
+    (gaze read back with MAE 0.26 where chance is 0.33).  ``base``: phase 1's options, whose architecture
+    (resolution, z/w dims, mapping, channels, lr multiplier) and batch phase 2 keeps; ``steps`` and
+    ``max_minutes`` (0: steps only) bound it."""
+    arch = {} if base is None else {k: getattr(base, k) for k in (
+        "resolution", "z_dim", "w_dim", "mapping_layers", "channels", "lr_multiplier", "batch", "seed")}
+    return GeneratorTrainOptions(**arch, lr=2e-3,       # ours: a quarter of phase 1's peak: refine, do not restart
                                  warmup=50, feature_from_step=0,
                                  attribute_weight=1.0,   # ours: reading error ~0.1 vs pixel L1 ~0.05
                                  detail_weight=2.0,      # ours: detail pixels count 3x on average
-                                 max_minutes=max_minutes)
+                                 steps=steps, max_minutes=max_minutes)
+
+
+def parse_channels(text: str) -> dict:
+    """``"4:128,8:128,16:96,32:48,64:24"`` -> ``{4: 128, ...}`` (generator channels per resolution)."""
+    try:
+        pairs = [item.split(":") for item in text.split(",") if item.strip()]
+        channels = {int(r): int(c) for r, c in pairs}
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--channels: expected RES:CH,RES:CH,..., got {text!r}") from exc
+    if not channels or any(c <= 0 for c in channels.values()):
+        raise argparse.ArgumentTypeError(f"--channels: expected positive channel counts, got {text!r}")
+    return channels
 
 
 @torch.no_grad()
@@ -193,11 +214,13 @@ def _dist():
 
 
 def train_generator(out: pathlib.Path, data: dict, o: GeneratorTrainOptions, resume: bool = True,
-                    ckpt_name: str = "ckpt.pt", init_from: pathlib.Path | None = None):
+                    ckpt_name: str = "ckpt.pt", init_from: pathlib.Path | None = None, held_out: dict | None = None):
     """Distil the cached renders into a generator; checkpoints ``out/ckpt_name``; returns ``(G_ema, log)``.
 
     ``init_from``: a checkpoint of an earlier phase whose ``G``/``G_ema`` weights start this one (fresh
-    optimiser and lr schedule); ignored when resuming this phase's own checkpoint.
+    optimiser and lr schedule); ignored when resuming this phase's own checkpoint.  ``held_out``: a cache
+    (``z``, ``images``) whose first 64 faces the EMA generator is scored on at every checkpoint (the log's
+    ``test_psnr_db`` entries, printed as well).
 
     Under ``torch.distributed.run`` each worker takes its own batch and gradients are averaged (one
     all-reduce per step, which also carries rank 0's clock); rank 0 writes checkpoints and samples.
@@ -213,6 +236,14 @@ def train_generator(out: pathlib.Path, data: dict, o: GeneratorTrainOptions, res
     gen = torch.Generator().manual_seed(o.seed)
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        was = json.loads(ck.get("options", "{}"))
+        for key in ("resolution", "z_dim", "w_dim", "mapping_layers", "channels"):
+            now = {str(k): v for k, v in o.channels.items()} if key == "channels" else getattr(o, key)
+            if key in was and was[key] != now:
+                from core.common import InvalidInput
+
+                raise InvalidInput(f"{ckpt_path} was trained with {key}={was[key]}, this run asks {now}: "
+                                   f"resume with the same options (core/demo/TRAINING.md)")
         G.load_state_dict(ck["G"])
         G_ema.load_state_dict(ck["G_ema"])
         opt.load_state_dict(ck["opt"])
@@ -245,6 +276,12 @@ def train_generator(out: pathlib.Path, data: dict, o: GeneratorTrainOptions, res
 
             fake = to_uint8(generate(G_ema, z_all[:8]))
             contact_sheet(np.concatenate([fake, data["images"][:8]]), cols=8, scale=2).save(out / "samples.png")
+            if held_out is not None:
+                zt, tt = torch.from_numpy(held_out["z"][:64]), torch.from_numpy(held_out["images"][:64])
+                value = float(psnr(generate(G_ema, zt), tt.permute(0, 3, 1, 2).float() / 127.5 - 1).mean())
+                log.append({"step": step, "minutes": round((time.time() - t_start) / 60, 2),
+                            "test_psnr_db": round(value, 2)})
+                print(f"{ckpt_name} step {step}: held-out PSNR {value:.2f} dB (64 faces)", file=sys.stderr, flush=True)
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"G": G.state_dict(), "G_ema": G_ema.state_dict(), "opt": opt.state_dict(), "step": step,
                     "elapsed": time.time() - t_start, "log": json.dumps(log), "rng": gen.get_state(),
@@ -373,7 +410,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=pathlib.Path, required=True, help="work folder (caches, checkpoints, outputs)")
     ap.add_argument("--steps", type=int, default=GeneratorTrainOptions.steps, help="generator steps")
     ap.add_argument("--max-minutes", type=float, default=0.0, help="also stop generator training after this wall time")
-    ap.add_argument("--finetune-minutes", type=float, default=80.0, help="wall time of the finetune phase (the shipped run: 80)")
+    ap.add_argument("--finetune-minutes", type=float, default=80.0,
+                    help="wall time of the finetune phase (the shipped run: 80; 0: --finetune-steps only)")
+    ap.add_argument("--finetune-steps", type=int, default=GeneratorTrainOptions.steps, help="finetune steps")
+    ap.add_argument("--channels", type=parse_channels, default=None,
+                    help="generator channels per resolution, e.g. 4:128,8:128,16:128,32:64,64:32 "
+                         "(default: GeneratorTrainOptions.channels, the shipped v1 model's)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt and keep finished stages")
     ap.add_argument("--stages", default="cache,scorer,generator,finetune,directions",
                     help="comma list of: cache, scorer, generator, finetune, directions, encoder")
@@ -382,9 +424,19 @@ def main(argv=None) -> int:
     ap.add_argument("--scorer-steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 is far faster than 2 on a CPU other jobs share (OpenMP spin-waits)")
+    ap.add_argument("--renderer", choices=sorted(RENDERERS), default="v1",
+                    help="the face renderer distilled (core.demo.data.RENDERERS); one per --out folder")
     ap.add_argument("--encoder-minutes", type=float, default=90.0, help="wall time of the encoder stage")
     ap.add_argument("--install", action="store_true", help="copy the results into core/demo/weights/")
     args = ap.parse_args(argv)
+    if args.install:
+        import core.demo
+
+        shipped_renderer = core.demo.render.__module__
+        if shipped_renderer != RENDERERS[args.renderer]:
+            print(f"--install: core.demo renders with {shipped_renderer}, this run distils {RENDERERS[args.renderer]}; "
+                  f"switch core/demo/__init__.py first (core/demo/TRAINING.md)", file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -395,12 +447,15 @@ def main(argv=None) -> int:
                 print(f"{out / name} exists: pass --resume to continue, or choose another --out", file=sys.stderr)
                 return 2
     o = GeneratorTrainOptions(steps=args.steps, max_minutes=args.max_minutes)
+    if args.channels is not None:
+        o.channels = args.channels
     need_data = any(s in stages for s in ("cache", "scorer", "generator", "finetune"))
     data = test = None
     if need_data:
         bar = Bar(args.train_size, "render cache", every=5000)
-        test = build_cache(out / "test.npz", args.test_size, o.z_dim, seed=1)
-        data = build_cache(out / "train.npz", args.train_size, o.z_dim, seed=0, progress=lambda a, b: bar.update(a))
+        test = build_cache(out / "test.npz", args.test_size, o.z_dim, seed=1, renderer=args.renderer)
+        data = build_cache(out / "train.npz", args.train_size, o.z_dim, seed=0, progress=lambda a, b: bar.update(a),
+                           renderer=args.renderer)
     if "scorer" in stages and not (out / "scorer.pt").exists():
         from core.demo import scorer as sc
 
@@ -422,23 +477,25 @@ def main(argv=None) -> int:
         (out / "scorer_eval.json").write_text(json.dumps(ev, indent=2))
         print(json.dumps(ev, indent=2))
     phases = [("generator", "ckpt.pt", o, None),
-              ("finetune", "ckpt_finetune.pt", finetune_options(args.finetune_minutes), out / "ckpt.pt")]
+              ("finetune", "ckpt_finetune.pt", finetune_options(args.finetune_minutes, o, args.finetune_steps),
+               out / "ckpt.pt")]
     for stage, ckpt_name, po, init in phases:
         if stage not in stages:
             continue
         t0 = time.time()
-        G, log = train_generator(out, data, po, resume=args.resume, ckpt_name=ckpt_name, init_from=init)
+        G, log = train_generator(out, data, po, resume=args.resume, ckpt_name=ckpt_name, init_from=init, held_out=test)
         if _dist()[0] != 0:
             return 0
         (out / f"train_log_{stage}.json").write_text(json.dumps(log))
         logs = _phase_logs(out)
         ev = evaluate_generator(G, test, out / "scorer.pt")
-        meta = {"domain": "latent-edit demo faces (core.demo.renderer)", "attributes": list(ATTRIBUTES),
+        meta = {"domain": f"latent-edit demo faces ({RENDERERS[args.renderer]})", "renderer": args.renderer,
+                "attributes": list(ATTRIBUTES),
                 "z_to_params": "core.demo.data.params_from_z",
                 "train_steps": sum(lg[-1]["step"] for lg in logs.values() if lg),
                 "train_minutes": round(sum(lg[-1]["minutes"] for lg in logs.values() if lg), 2),
                 "phases": [c for st, c, _, _ in phases if st in logs],
-                "final_loss": log[-1]["loss"] if log else None, **ev}
+                "final_loss": next((e["loss"] for e in reversed(log) if "loss" in e), None), **ev}
         save_shipped_generator(G, out / "face64.pt", meta)
         (out / "generator_eval.json").write_text(json.dumps(meta, indent=2))
         print(json.dumps(meta, indent=2), f"(stage took {(time.time() - t0) / 60:.1f} min)")

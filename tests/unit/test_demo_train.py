@@ -93,3 +93,65 @@ def test_phases_train_checkpoint_resume_and_hand_over(tmp_path):
     assert set(ev) == {"test_psnr_db", "test_detail_psnr_db", "test_attribute_mae"}
     assert ev["test_detail_psnr_db"] < ev["test_psnr_db"]                 # detail is where a small model errs most
     json.dumps(ev)
+
+
+# ----------------------------------------------------------------------------------------------- renderer v2
+
+
+def test_v2_cache_scorer_both_phases_and_directions_run(tmp_path):
+    from core.common import InvalidInput
+    from core.demo import directions as dr
+    from core.demo import renderer_v2
+    from core.demo import scorer as sc
+    from core.demo.data import build_cache
+
+    torch.manual_seed(0)
+    test = build_cache(tmp_path / "test.npz", 8, 16, seed=1, renderer="v2")
+    data = build_cache(tmp_path / "train.npz", 16, 16, seed=0, renderer="v2")
+    assert np.array_equal(data["images"][3], renderer_v2.render(params_from_z(data["z"][3:4]))[0])
+    assert not np.array_equal(data["images"][3], render(params_from_z(data["z"][3:4]))[0])  # not v1's drawing
+    assert np.array_equal(build_cache(tmp_path / "train.npz", 16, 16, seed=0, renderer="v2")["images"], data["images"])
+    with pytest.raises(InvalidInput, match="renderer 'v2'"):            # never mixes renderers in one folder
+        build_cache(tmp_path / "train.npz", 16, 16, seed=0, renderer="v1")
+
+    net = sc.train_scorer(data["images"], data["params"], sc.ScorerTrainOptions(steps=3, batch=4))
+    sc.save_scorer(net, tmp_path / "scorer.pt")
+    train.train_generator(tmp_path, data, _tiny(steps=4), held_out=test)
+    ft = train.finetune_options(0.0, _tiny(), steps=2)
+    assert (ft.channels, ft.w_dim, ft.attribute_weight, ft.max_minutes) == (_tiny().channels, 32, 1.0, 0.0)
+    G, log = train.train_generator(tmp_path, data, ft, ckpt_name="ckpt_finetune.pt", init_from=tmp_path / "ckpt.pt",
+                                   held_out=test)
+    psnrs = [e["test_psnr_db"] for e in log if "test_psnr_db" in e]
+    assert len(psnrs) == 1 and 0 < psnrs[0] < 60
+
+    dirs, report = dr.fit_directions(G, net, dr.DirectionFitOptions(n_samples=64))
+    refined = dr.refine_directions(G, net, dirs, dr.DirectionRefineOptions(steps=1, batch=2, validate_n=4),
+                                   names=["smile"])
+    M = dr.edit_matrix(G, net, refined, n=4)
+    assert M.shape == (13, 13) and np.isfinite(M).all() and set(report["linear_r2"]) == set(dirs)
+
+
+def test_cli_trains_on_v2_refuses_mismatched_resume_and_install(tmp_path):
+    tiny = ["--out", str(tmp_path), "--renderer", "v2", "--train-size", "16", "--test-size", "8", "--scorer-steps", "2",
+            "--steps", "2", "--stages", "cache,scorer,generator"]
+    threads = torch.get_num_threads()                                   # main() sets torch's thread count
+    try:
+        _cli_checks(tmp_path, tiny)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cli_checks(tmp_path, tiny):
+    from core.common import InvalidInput
+
+    assert train.main(tiny + ["--channels", "4:16,8:16,16:8,32:8,64:8"]) == 0
+    meta = json.loads((tmp_path / "generator_eval.json").read_text())
+    assert meta["renderer"] == "v2" and "renderer_v2" in meta["domain"] and meta["phases"] == ["ckpt.pt"]
+    assert str(np.load(tmp_path / "train.npz")["renderer"]) == "v2"
+    with pytest.raises(InvalidInput, match="channels"):                 # resuming with another architecture
+        train.main(tiny + ["--resume", "--steps", "3", "--channels", "4:16,8:16,16:8,32:8,64:16"])
+    weights = sorted(p.name for p in train.WEIGHTS_DIR.iterdir())
+    assert train.main(tiny + ["--resume", "--stages", "directions", "--install"]) == 2   # core.demo still renders v1
+    assert sorted(p.name for p in train.WEIGHTS_DIR.iterdir()) == weights
+    with pytest.raises(SystemExit):
+        train.main(tiny + ["--channels", "4:x"])
