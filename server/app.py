@@ -306,9 +306,12 @@ async def health(request: web.Request):
 
 @routes.get("/v1/models")
 async def models(request: web.Request):
+    """The models (each with its directions and, from the registry, its ``methods``), the default model, load
+    errors (paths relative to the data folder), and ``methods`` + ``defaults`` for the session options."""
     engine, storage = request.app[ENGINE], request.app[STORAGE]
     return respond(request, {"models": engine.models(), "default_model": engine.default_model(),
-                             "errors": {k: storage.relative(v) for k, v in engine.model_errors().items()}})
+                             "errors": {k: storage.relative(v) for k, v in engine.model_errors().items()},
+                             **protocol.session_catalog()})
 
 
 async def _submit(request: web.Request, kind: str, parse):

@@ -489,6 +489,18 @@ def _wire_value(obj: dict, key: str, path: str, kind: str, limits: Limits):
     return get_str(obj, key, path)
 
 
+def session_catalog() -> dict:
+    """What ``GET /v1/models`` says about sessions, from core.session (the type the protocol validates
+    against): ``methods`` (core.session.method_catalog: name, label, default steps, options used) and
+    ``defaults`` (the SessionOptions defaults a client shows: method, align, feather, blend)."""
+    import core.session as cs
+
+    defaults = {f.name: f.default for f in dataclasses.fields(cs.SessionOptions)}
+    catalog = getattr(cs, "method_catalog", None)
+    return {"methods": catalog() if catalog is not None else [{"name": m} for m in cs.METHODS],
+            "defaults": {k: defaults[k] for k in ("method", "align", "feather", "blend") if k in defaults}}
+
+
 def build_options(fields: dict) -> dict:
     """``SessionOptions(**fields).validate()``; an InvalidInput becomes a 422 naming the field."""
     from core.common import InvalidInput
@@ -596,7 +608,10 @@ def parse_render_request(body: dict, limits: Limits, directions: set, num_ws: Op
                 raise invalid(lpath, f"first ({first}) must not exceed last ({last})")
             edit = edit + ((first, last),)
         edits.append(edit)
-    from core.session import BLENDS  # the compositing modes the engine knows
+    try:  # the compositing modes the engine knows (core.compositing since issue 15, core.chunks before)
+        from core.compositing import BLENDS
+    except ImportError:
+        from core.chunks import BLENDS
 
     return RenderRequest(edits, get_number(body, "feather", "", 0.0, 512.0), get_str(body, "blend", "", choices=BLENDS),
                          get_str(body, "format", "", choices=tuple(LAYER_FORMATS)), get_bool(body, "color_match", ""))

@@ -153,6 +153,19 @@ def test_msgpack_accept_header_for_get(server):
     assert {d["name"] for d in models[0]["directions"]} == {"smile", "age", "light"}
 
 
+def test_models_serve_method_catalog_and_defaults(server):
+    """Plugins read methods and defaults from here (one source: core.session), never from their own tuples."""
+    import dataclasses
+
+    import core.session as cs
+
+    body = server.request("GET", "/v1/models").body
+    names = [m["name"] for m in body["methods"]]
+    assert names == list(cs.METHODS) and all(m.get("label") for m in body["methods"] if hasattr(cs, "method_catalog"))
+    defaults = {f.name: f.default for f in dataclasses.fields(cs.SessionOptions)}
+    assert body["defaults"]["feather"] == defaults["feather"] and body["defaults"]["method"] == defaults["method"]
+
+
 def test_long_poll_answers_at_the_next_change(server):
     """Plugins poll: ``?after=VERSION&wait=S`` returns as soon as the job changes, at once when it is finished."""
     import time
