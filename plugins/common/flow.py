@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from . import client as cl
+from . import pixels as px
 
 GROUP_PREFIX = "Latent Edit"
 SEP = " · "
@@ -195,6 +196,7 @@ class EditOptions:
     tune_steps: Optional[int] = None
     seed: Optional[int] = None
     use_selection: bool = True
+    each_region: bool = False  # every separate selected region is one face: all inverted in one batch job
 
     def session_options(self) -> dict:
         out = {}
@@ -303,6 +305,46 @@ def job_fraction(job: dict) -> float:
         return 0.0
 
 
+FACE_PAD = 0.5  # context around each selected region (x its larger side), so the face detector sees the head
+
+
+def split_regions(item: Item, pad: float = FACE_PAD) -> list:
+    """One Item per separate selected region of ``item`` (cropped to the region plus ``pad`` context, clipped to
+    the layer) and the region's box in layer pixels: ``[(Item, (x0, y0, x1, y1))]``. Regions under 8 px are left out."""
+    data, w, h, fmt, lx, ly = px.unpack_layer(item.layer)
+    sel = bytes(item.selection["data"])
+    bpp = 4 * px.LAYER_FORMATS[fmt]
+    out = []
+    for box in px.selection_regions(sel, w, h):
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        if min(bw, bh) < 8:
+            continue
+        m = int(round(pad * max(bw, bh)))
+        crop = (max(0, box[0] - m), max(0, box[1] - m), min(w, box[2] + m), min(h, box[3] + m))
+        cw, ch = crop[2] - crop[0], crop[3] - crop[1]
+        layer = px.pack_layer(px.crop_rows(data, w, bpp, crop), cw, ch, fmt, lx + crop[0], ly + crop[1],
+                              item.layer.get("name"))
+        out.append((Item(layer, px.pack_selection(px.crop_rows(sel, w, 1, crop), cw, ch, lx + crop[0], ly + crop[1])),
+                    box))
+    if not out:
+        raise FlowError("No selected region is large enough to hold a face (at least 8×8 pixels).")
+    return out
+
+
+def merge_regions(item: Item, parts: list, results: list) -> dict:
+    """One result layer over ``item``'s rect: each region's render pasted over its region box (transparent
+    elsewhere). ``parts`` is :func:`split_regions`' list, ``results`` the rendered layer maps in that order."""
+    lay = item.layer
+    fmt = results[0]["format"]
+    bpp = 4 * px.LAYER_FORMATS[fmt]
+    full = bytearray(lay["width"] * lay["height"] * bpp)
+    for (part, box), res in zip(parts, results):
+        data, cw, _ch, _f, cx, cy = px.unpack_layer(res)
+        ox, oy = cx - lay.get("x", 0), cy - lay.get("y", 0)
+        px.paste_rows(full, lay["width"], bpp, data, cw, (box[0] - ox, box[1] - oy, box[2] - ox, box[3] - oy), box[:2])
+    return px.pack_layer(bytes(full), lay["width"], lay["height"], fmt, lay.get("x", 0), lay.get("y", 0), lay.get("name"))
+
+
 @dataclass
 class Outcome:
     layers: list  # result layer maps, one per item, in order (empty when render=False)
@@ -318,11 +360,24 @@ def run_edit(client, items, options: EditOptions, cache: SessionCache,
              should_cancel: Optional[Callable[[], bool]] = None, render: bool = True) -> Outcome:
     """Check the request against the server's catalog (a mistyped edit costs no inversion), invert the items
     the cache does not know (one job: a session, or a batch for several), then render ``options.edits`` for
-    every item. A session the server forgot (restart, eviction) is inverted again once. Raises FlowError or
+    every item. A session the server forgot (restart, eviction) is inverted again once. With
+    ``options.each_region`` a single item whose selection has several separate regions is a group photo: each
+    region is cropped (with context), aligned and inverted as its own batch item, and the renders are merged
+    back into one result layer over the item (Outcome.layers has one entry). Raises FlowError or
     client errors (JobFailed, JobCancelled, ServerNotRunning...) whose ``str()`` is for the user."""
     items = list(items)
     report = on_progress or (lambda p: None)
     check_request(fetch_catalog(client), options)
+    if options.each_region and len(items) == 1 and items[0].selection is not None:
+        parts = split_regions(items[0])
+        if len(parts) > 1:  # a group photo: one batch job, one result layer
+            out = _run_items(client, [p for p, _b in parts], options, cache, report, should_cancel, render)
+            merged = [merge_regions(items[0], parts, out.layers)] if render else []
+            return Outcome(merged, out.session_ids, out.reused)
+    return _run_items(client, items, options, cache, report, should_cancel, render)
+
+
+def _run_items(client, items, options, cache, report, should_cancel, render) -> Outcome:
     keys = [item_key(client.url, it, options) for it in items]
     for attempt in (0, 1):
         sessions = [cache.get(k) for k in keys]

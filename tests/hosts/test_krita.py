@@ -398,3 +398,34 @@ def test_krita_closing_the_dialog_during_a_job_cancels_it(krita, latent_server, 
     record = Client(latent_server.url, token_file=str(latent_server.token_file)).job(d["job_id"])
     assert record["state"] == "cancelled"
     assert not [c for c in res.result["tree"]["children"] if c["name"].startswith(GROUP_PREFIX)]
+
+
+def test_krita_two_faces_in_one_layer_in_one_job(krita, latent_server, tmp_path):
+    """A group photo: two faces side by side in one layer, one selected region each, "each region is a face":
+    one batch job, one result layer, both faces edited, nothing outside the selection."""
+    global SIZE
+    SIZE = 128
+    direction = "smile" if "smile" in latent_server.directions() else latent_server.directions()[0]
+    w, h = 320, SIZE
+    faces = [face_image(3), face_image(11)]
+    img = np.full((h, w, 3), 128, np.uint8)
+    img[:, :SIZE], img[:, w - SIZE:] = faces
+    png = tmp_path / "two.png"
+    Image.fromarray(img).save(png)
+    yy, xx = np.mgrid[:h, :w]
+    sel = np.zeros((h, w), np.uint8)
+    for cx in (SIZE * 0.5, w - SIZE * 0.5):
+        sel[(((xx - cx) / (SIZE * 0.3)) ** 2 + ((yy - SIZE * 0.62) / (SIZE * 0.2)) ** 2) <= 1] = 255
+    (tmp_path / "sel.raw").write_bytes(sel.tobytes())
+    job = base_job(tmp_path, latent_server, png, tmp_path / "sel.raw", direction)
+    job["options"].update(align="auto", each_region=True, edits=[[direction, 3.0]])
+    res = run_ok(krita, job, tmp_path, latent_server)
+    out, r = res.out_dir, res.result
+    assert r["runs"][0]["groups"] == [GROUP_PREFIX + direction + " +3"]  # one result for the whole photo
+    assert "POST /v1/batch" in latent_server.log_tail(200000)
+    result = np.fromfile(out / "run0_result0.raw", np.uint8).reshape(h, w, 4)
+    assert (result[..., 3][sel == 0] == 0).all()
+    changed = np.abs(result[..., [2, 1, 0]].astype(int) - img.astype(int)).max(axis=2)
+    for half in (xx < w / 2, xx >= w / 2):  # each face got its own edit
+        region = (sel == 255) & half & (result[..., 3] > 0)
+        assert region.any() and (changed[region] > 8).mean() > 0.05, (changed[region] > 8).mean()

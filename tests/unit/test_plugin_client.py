@@ -482,3 +482,56 @@ def test_latest_only_runs_one_at_a_time_and_the_last_request_wins():
             break
         threading.Event().wait(0.01)
     assert ran == [1, 4] and got[-1] == (4, 40, None)
+
+
+def test_selection_regions_are_8_connected_and_largest_first():
+    m = np.zeros((10, 12), np.uint8)
+    m[1:3, 1:3] = 255  # small square
+    m[5:9, 4:10] = 128  # large block
+    m[3, 3] = 9  # touches the small square diagonally: the same region
+    assert P.selection_regions(m.tobytes(), 12, 10) == [(4, 5, 10, 9), (1, 1, 4, 4)]
+    assert P.selection_regions(bytes(120), 12, 10) == []
+
+
+def test_each_region_is_one_batch_item_and_the_renders_merge_into_one_layer():
+    w, h = 40, 20
+    rgba = np.random.default_rng(0).integers(0, 256, (h, w, 4), np.uint8)
+    sel = np.zeros((h, w), np.uint8)
+    sel[4:14, 2:12] = 255  # face 1
+    sel[6:16, 26:36] = 255  # face 2
+    item = F.Item(P.pack_layer(rgba.tobytes(), w, h, "rgba8", 100, 50, "group"), P.pack_selection(sel.tobytes(), w, h, 100, 50))
+
+    class Batch(FlowServer):
+        def batch(self, items, **kw):
+            self.calls.append(("batch", [(i["layer"]["x"], i["layer"]["y"], i["layer"]["width"]) for i in items]))
+            ids = ["b%d" % k for k in range(len(items))]
+            self.known.update(ids)
+            self.items.update(zip(ids, items))
+            return {"session_ids": ids, "job_id": "jb"}
+
+        def render(self, sid, edits, feather=None, format=None):  # the crop, inverted in colour, alpha = selection
+            if sid not in self.items:
+                return super().render(sid, edits, feather, format)
+            lay, s = self.items[sid]["layer"], self.items[sid]["selection"]
+            a = np.frombuffer(lay["data"], np.uint8).reshape(lay["height"], lay["width"], 4).copy()
+            a[..., :3] = 255 - a[..., :3]
+            a[..., 3] = np.frombuffer(s["data"], np.uint8).reshape(lay["height"], lay["width"])
+            return {"layer": P.pack_layer(a.tobytes(), lay["width"], lay["height"], "rgba8", lay["x"], lay["y"])}
+
+    server = Batch()
+    server.items = {}
+    opts = F.EditOptions(edits=[("smile", 1)], method="pti", each_region=True)
+    out = F.run_edit(server, [item], opts, F.SessionCache())
+    (kind, crops), = [c for c in server.calls if c[0] == "batch"]
+    assert len(crops) == 2 and all(x >= 100 and y >= 50 for x, y, _w in crops)  # crops placed in the document
+    (layer,) = out.layers
+    data, lw, lh, fmt, x, y = P.unpack_layer(layer)
+    assert (lw, lh, x, y) == (w, h, 100, 50)
+    res = np.frombuffer(data, np.uint8).reshape(h, w, 4)
+    inside = sel == 255
+    assert (res[..., :3][inside] == 255 - rgba[..., :3][inside]).all() and (res[..., 3] == sel).all()
+    # one selected region: the ordinary single-session path
+    sel1 = np.where(np.arange(w)[None, :] < 20, sel, 0).astype(np.uint8)
+    one = F.Item(item.layer, P.pack_selection(sel1.tobytes(), w, h, 100, 50))
+    F.run_edit(server, [one], opts, F.SessionCache())
+    assert server.calls[-2:] == ["create", "render"]

@@ -113,7 +113,8 @@ def _run(procedure, run_mode, image, drawables, config):
     options = le_flow.EditOptions(
         edits=edits, model=config.get_property("model") or None, method=config.get_property("method"),
         align=config.get_property("align"), feather=float(config.get_property("feather")),
-        project_steps=config.get_property("steps") or None, tune_steps=config.get_property("tune-steps") or None)
+        project_steps=config.get_property("steps") or None, tune_steps=config.get_property("tune-steps") or None,
+        each_region=bool(config.get_property("each-region")))
 
     progress = _Progress()
     Gimp.progress_init("Latent Edit")
@@ -182,6 +183,9 @@ class LatentEdit(Gimp.PlugIn):
         p.add_int_argument("steps", "Inversion steps", "0 = the method's default", 0, 5000, 0, rw)
         p.add_int_argument("tune-steps", "Tuning steps", "PTI tuning steps (0 = default)", 0, 5000, 0, rw)
         p.add_boolean_argument("batch", "_Batch over selected layers", "Edit every selected layer", False, rw)
+        p.add_boolean_argument("each-region", "_Each selected region is a face",
+                               "Group photos: every separate selected region is aligned, inverted and pasted back, "
+                               "in one job and one result layer", False, rw)
         p.add_string_argument("server-url", "Server URL", None, le_client.DEFAULT_URL, rw)
         p.add_string_argument("token-file", "Token file", "Empty: the server's default token file", "", rw)
         p.add_string_return_value("result", "Result", "JSON: created groups, sessions, re-used inversions", "", rw)

@@ -25,6 +25,7 @@ class Settings:
     feather: float = -1.0  # < 0: the server's default (GET /v1/models "defaults")
     project_steps: int = 0  # 0: the method's default
     use_selection: bool = True
+    each_region: bool = False  # "Each selected region is a face"
     live_preview: bool = True
 
     def resolved_token_file(self) -> str:

@@ -138,12 +138,14 @@ class LatentEditDialog(QtWidgets.QDialog):
 
         self.use_selection = QtWidgets.QCheckBox("Only inside the selection (whole layer when nothing is selected)")
         self.use_selection.setChecked(self.conf.use_selection)
+        self.each_region = QtWidgets.QCheckBox("Each selected region is a face\n(group photos: one job, one result)")
+        self.each_region.setChecked(self.conf.each_region)
         self.batch = QtWidgets.QCheckBox("Batch over selected layers")
         self.live = QtWidgets.QCheckBox("Live preview (after the layer is inverted)")
         self.live.setChecked(self.conf.live_preview)
         self.live.toggled.connect(lambda _on: self._edits_changed())
         self.use_selection.setText("Only inside the selection\n(whole layer when nothing is selected)")
-        for w in (self.use_selection, self.batch, self.live):
+        for w in (self.use_selection, self.each_region, self.batch, self.live):
             left.addWidget(w)
         left.addStretch(1)
         status = QtWidgets.QHBoxLayout()
@@ -227,6 +229,7 @@ class LatentEditDialog(QtWidgets.QDialog):
         c.project_steps = self.steps.value()
         c.model = self.model_box.currentData() or ""
         c.align, c.use_selection, c.live_preview = self.align.isChecked(), self.use_selection.isChecked(), self.live.isChecked()
+        c.each_region = self.each_region.isChecked()
         settings.save(Krita.instance(), c)
         return c
 
@@ -305,7 +308,8 @@ class LatentEditDialog(QtWidgets.QDialog):
         return model.EditOptions(
             edits=self.edits(), model=conf.model or None, method=conf.method,
             align="auto" if self.align.isChecked() else "none", feather=self.feather.value(),
-            project_steps=conf.project_steps or None, use_selection=self.use_selection.isChecked())
+            project_steps=conf.project_steps or None, use_selection=self.use_selection.isChecked(),
+            each_region=self.each_region.isChecked())
 
     def _update_buttons(self):
         busy = self.ext.busy()
@@ -372,8 +376,8 @@ class LatentEditDialog(QtWidgets.QDialog):
 
     def _set_preview_target(self, run, doc, nodes):
         """After an inversion of one layer: slider moves now re-render its session into the preview layer."""
-        if run is None or len(nodes) != 1 or not run.session_ids:
-            return
+        if run is None or len(nodes) != 1 or len(run.session_ids) != 1:
+            return  # batches and group photos (several sessions) are not previewed
         item = document.read_layer(doc, nodes[0], use_selection=self.use_selection.isChecked(), convert=False)
         if self.preview is not None and self.preview.source is not None and \
                 str(self.preview.source.uniqueId()) != str(nodes[0].uniqueId()):
