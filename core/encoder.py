@@ -104,8 +104,8 @@ class EncoderConfig:
 
 
 def small_config(w_dim: int, num_ws: int, input_size: int = 64, kind: str = "e4e",
-                 depths: Sequence[int] = (32, 48, 64, 96), units: Sequence[int] = (1, 2, 2, 1),
-                 stem: int = 32, fpn: int = 96, style_channels: int = 48) -> EncoderConfig:
+                 depths: Sequence[int] = (24, 48, 64, 96), units: Sequence[int] = (1, 2, 2, 1),
+                 stem: int = 16, fpn: int = 96, style_channels: int = 48) -> EncoderConfig:
     """A small IR-SE encoder (same topology as IR-SE50, fewer/narrower units, narrower style blocks)."""
     body, c = [], stem
     for depth, n in zip(depths, units):

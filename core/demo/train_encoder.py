@@ -53,7 +53,14 @@ class EncoderTrainOptions:
 
     minutes: float = 90.0  # ours: total wall-time budget (2 shared CPU cores, one thread)
     batch: int = 16  # ours (e4e: batch_size=8 on a GPU at 1024 px)
-    render_fraction: float = 0.25  # ours: share of each batch drawn from the renderer (no latent target)
+    render_fraction: float = 0.25  # ours: share of each image-loss batch drawn from the renderer (no latent target)
+    # ours (CPU budget: G costs more than the encoder): pairs come from a replay pool that gets ``fresh_pairs`` new
+    # pairs per step (up to ``pool_size``), and only every ``image_every``-th step renders E's codes through G for
+    # the pixel/LPIPS terms and the rendered faces; the steps between train on the latent L2 (+ delta norm) alone
+    pool_size: int = 4096
+    initial_pool: int = 256
+    fresh_pairs: int = 4
+    image_every: int = 3
     learning_rate: float = 1e-3  # ours: Adam, small encoder from scratch (e4e: Ranger lr 1e-4, pretrained IR-SE50)
     warmup_steps: int = 100  # ours: linear warm-up, then cosine decay over ``minutes``
     latent_weight: float = 1.0  # ours: L2 to the known code (e4e has no code for real photos)
@@ -95,13 +102,17 @@ def rendered_batch(n: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(img.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
 
 
-def encoder_losses(E, G, x: torch.Tensor, ws_true, lpips, o: EncoderTrainOptions, stage=None) -> dict:
-    """Per-batch loss terms for images ``x`` (N,3,R,R) in [-1,1]; ``ws_true`` (N,num_ws,w_dim) or None."""
+def encoder_losses(E, G, x: torch.Tensor, ws_true, lpips, o: EncoderTrainOptions, stage=None,
+                   images: bool = True) -> dict:
+    """Per-batch loss terms for images ``x`` (N,3,R,R) in [-1,1]; ``ws_true`` (N,num_ws,w_dim) or None.
+
+    ``images=False`` skips the generator pass (pixel and LPIPS terms are then 0)."""
     codes = E(x, stage=stage) if E.config.kind == "e4e" else E(x)
     ws = codes + E.latent_avg
-    y = G.synthesis(ws, noise_mode="const")
-    out = {"l2": (y - x).square().mean(), "lpips": lpips(y, x).mean(),
-           "delta": E.deltas(codes).norm(dim=-1).sum(dim=1).mean()}
+    out = {"l2": torch.zeros(()), "lpips": torch.zeros(()), "delta": E.deltas(codes).norm(dim=-1).sum(dim=1).mean()}
+    if images:
+        y = G.synthesis(ws, noise_mode="const")
+        out["l2"], out["lpips"] = (y - x).square().mean(), lpips(y, x).mean()
     out["latent"] = (ws - ws_true).square().mean() if ws_true is not None else torch.zeros(())
     return out
 
@@ -182,22 +193,33 @@ def train(out: pathlib.Path, model_path: pathlib.Path, o: EncoderTrainOptions, r
         save_encoder(E.eval(), out / "snapshot.pt", meta=meta())  # the latest weights, loadable while training
         E.train(was)
 
+    @torch.no_grad()
+    def pairs(n):
+        ws_new = G.mapping(torch.randn(n, G.z_dim, generator=gen), truncation_psi=o.truncation_psi)
+        return ws_new, G.synthesis(ws_new, noise_mode="const")
+
     t_run, last_save = time.time(), time.time()
     start_elapsed = state["elapsed"]
+    pool_ws, pool_x = pairs(o.initial_pool)
     n_render = int(round(o.batch * o.render_fraction))
-    n_gen = o.batch - n_render
     while state["elapsed"] < o.minutes * 60:
         step = state["step"]
         frac = state["elapsed"] / (o.minutes * 60)
         for g in opt.param_groups:
             g["lr"] = _lr(step, frac, o)
         stage = _stage(frac, o, G.num_ws)
-        with torch.no_grad():
-            ws_true = G.mapping(torch.randn(n_gen, G.z_dim, generator=gen), truncation_psi=o.truncation_psi)
-            x = G.synthesis(ws_true, noise_mode="const")
-        terms = encoder_losses(E, G, x, ws_true, lpips, o, stage)
+        ws_new, x_new = pairs(o.fresh_pairs)
+        if len(pool_ws) < o.pool_size:
+            pool_ws, pool_x = torch.cat([pool_ws, ws_new]), torch.cat([pool_x, x_new])
+        else:
+            slots = torch.randint(len(pool_ws), (o.fresh_pairs,), generator=gen)
+            pool_ws[slots], pool_x[slots] = ws_new, x_new
+        images = step % o.image_every == 0
+        n_gen = o.batch - n_render if images else o.batch
+        pick = torch.randint(len(pool_ws), (n_gen,), generator=gen)
+        terms = encoder_losses(E, G, pool_x[pick], pool_ws[pick], lpips, o, stage, images=images)
         loss = _total(terms, o, True) * (n_gen / o.batch)
-        if n_render:
+        if images and n_render:
             rterms = encoder_losses(E, G, rendered_batch(n_render, TRAIN_RENDER_SEED0 + step), None, lpips, o, stage)
             loss = loss + _total(rterms, o, False) * (n_render / o.batch)
         opt.zero_grad(set_to_none=True)
@@ -205,7 +227,7 @@ def train(out: pathlib.Path, model_path: pathlib.Path, o: EncoderTrainOptions, r
         opt.step()
         state["step"] = step + 1
         state["elapsed"] = start_elapsed + time.time() - t_run
-        if step % 25 == 0:
+        if step % 24 == 0:
             log(f"step {step} {state['elapsed'] / 60:.1f} min lr {_lr(step, frac, o):.2e} stage {stage} "
                 + " ".join(f"{k} {float(v.detach()):.4f}" for k, v in terms.items()))
         if (step + 1) % o.eval_every == 0:
