@@ -480,6 +480,8 @@ def create_app(config: ServerConfig, engine=None) -> web.Application:
         engine = Engine.from_core(config.models_dir, config.device)
     engine.models()  # load the registry's models now, not on the event loop during a request
     storage = Storage(config.data_dir)
+    if config.models_dir is not None:
+        storage.name_root(config.models_dir, "MODELS_DIR")
     live = LiveSessions(config.live_sessions)
     jobs = JobManager(storage, engine, live, max_queue=config.max_queue, default_timeout_s=config.job_timeout_s,
                       cache_max_bytes=config.cache_max_bytes, retention=config.retention)

@@ -140,6 +140,7 @@ class Storage:
                         tightened)
         self._lock = threading.RLock()
         self.recovered: Optional[Path] = None  # where a damaged database was moved at start-up
+        self.name_root(self.data_dir, "DATA_DIR")
         try:
             self._db = self._open_db()
         except sqlite3.DatabaseError as exc:
@@ -177,10 +178,18 @@ class Storage:
                   "there; delete that folder when you no longer need them)", DB_NAME, exc, dest.name)
         return dest
 
+    def name_root(self, path: Path, name: str) -> None:
+        """Show ``path`` as ``name`` in messages too (the models folder when it lies outside the data folder)."""
+        self._roots = sorted({*getattr(self, "_roots", ()), (str(Path(path).resolve()), name)}, key=lambda r: -len(r[0]))
+
     def relative(self, text: str) -> str:
-        """``text`` with the data folder's absolute path replaced by ``DATA_DIR`` (messages never show server paths)."""
-        root = str(self.data_dir)
-        return str(text).replace(root + os.sep, "DATA_DIR" + os.sep).replace(root, "DATA_DIR")
+        """``text`` with the data folder's absolute path replaced by ``DATA_DIR`` (and other named roots by their
+        names): messages never show server paths."""
+        text = str(text)
+        roots = getattr(self, "_roots", None) or [(str(self.data_dir), "DATA_DIR")]
+        for root, name in roots:
+            text = text.replace(root + os.sep, name + os.sep).replace(root, name)
+        return text
 
     def close(self) -> None:
         with self._lock:

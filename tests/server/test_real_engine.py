@@ -106,6 +106,27 @@ def test_real_cancel_running_within_one_step(real):
     assert t_end - marks["t"] < 0.5 + 2 * step_s, (t_end - marks["t"], step_s)
 
 
+def test_real_corrupt_session_tensors_409_and_marked_damaged(real):
+    """A corrupt tensors file (torch refuses it) is a 409 naming the problem, not a 500, and the session is
+    marked damaged until it is deleted."""
+    from server.app import RENDERER
+
+    _, _, body = session_body(real.model, {"project_steps": 2})
+    r = real.request("POST", "/v1/sessions", dict(body, method="w"))
+    assert wait_job(real, r.body["job_id"], timeout=300)["state"] == "done"
+    sid = r.body["session_id"]
+    real.app[RENDERER].live.drop(sid)
+    files = sorted((real.config.data_dir / "sessions" / sid).glob("*.pt"))
+    assert files, list((real.config.data_dir / "sessions" / sid).iterdir())
+    for f in files:
+        f.write_bytes(b"PK\x03\x04 this is not a torch file")
+    rr = real.request("POST", f"/v1/sessions/{sid}/render", {"edits": []})
+    assert rr.status == 409 and rr.body["error"] == "session_damaged", rr.body
+    assert "damaged" in rr.body["message"] and str(real.config.data_dir) not in rr.body["message"]
+    assert real.request("GET", f"/v1/sessions/{sid}").body["state"] == "damaged"
+    assert real.request("DELETE", f"/v1/sessions/{sid}").status == 200
+
+
 @pytest.mark.slow
 def test_real_sigkill_mid_job_then_restart(real, tmp_path):
     data = tmp_path / "data"
@@ -138,11 +159,12 @@ def test_real_sigkill_mid_job_then_restart(real, tmp_path):
 def test_broken_checkpoint_is_reported_not_fatal(tmp_path):
     models_dir = tiny_models_dir(tmp_path)
     (models_dir / "broken.pt").write_bytes(b"not a checkpoint")
-    srv = LiveServer(tmp_path / "data", Engine.from_core(models_dir, "cpu"))
+    srv = LiveServer(tmp_path / "data", Engine.from_core(models_dir, "cpu"), models_dir=models_dir)
     try:
         body = srv.request("GET", "/v1/models").body
         assert "tiny32" in [m["name"] for m in body["models"]]
         assert "broken" in body["errors"] and body["errors"]["broken"]
+        assert str(tmp_path) not in str(body["errors"])  # paths shown relative to named folders
         r = srv.request("POST", "/v1/sessions", {"layer": layer(make_image(32, 32)), "model": "broken"})
         assert r.status == 422 and r.body["error"] == "unknown_model"
     finally:
