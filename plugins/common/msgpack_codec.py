@@ -59,45 +59,23 @@ def _pack(obj: Any, out: bytearray, single: bool, depth: int) -> None:
             out += struct.pack(">d", obj)
     elif isinstance(obj, str):
         data = obj.encode("utf-8")
-        n = len(data)
-        if n < 32:
-            out.append(0xA0 | n)
-        elif n < 0x100:
-            out += bytes((0xD9, n))
-        elif n < 0x10000:
-            out += b"\xda" + struct.pack(">H", n)
-        elif n < 0x100000000:
-            out += b"\xdb" + struct.pack(">I", n)
+        if len(data) < 32:
+            out.append(0xA0 | len(data))
         else:
-            raise MsgpackError("string too long for msgpack (%d bytes)" % n)
+            _sized_header(len(data), (0xD9, 0xDA, 0xDB), "string", out)
         out += data
     elif isinstance(obj, (bytes, bytearray, memoryview)):
         data = obj.tobytes() if isinstance(obj, memoryview) else obj
-        n = len(data)
-        if n < 0x100:
-            out += bytes((0xC4, n))
-        elif n < 0x10000:
-            out += b"\xc5" + struct.pack(">H", n)
-        elif n < 0x100000000:
-            out += b"\xc6" + struct.pack(">I", n)
-        else:
-            raise MsgpackError("binary too long for msgpack (%d bytes)" % n)
+        _sized_header(len(data), (0xC4, 0xC5, 0xC6), "binary", out)
         out += data
     elif isinstance(obj, ExtType):
         code, data = obj
         if not -128 <= code <= 127:
             raise MsgpackError("ext type code %d outside [-128, 127]" % code)
-        n = len(data)
-        if n in _FIXEXT:
-            out.append(_FIXEXT[n])
-        elif n < 0x100:
-            out += bytes((0xC7, n))
-        elif n < 0x10000:
-            out += b"\xc8" + struct.pack(">H", n)
-        elif n < 0x100000000:
-            out += b"\xc9" + struct.pack(">I", n)
+        if len(data) in _FIXEXT:
+            out.append(_FIXEXT[len(data)])
         else:
-            raise MsgpackError("ext data too long for msgpack (%d bytes)" % n)
+            _sized_header(len(data), (0xC7, 0xC8, 0xC9), "ext data", out)
         out += struct.pack(">b", code)
         out += data
     elif isinstance(obj, (list, tuple)):
@@ -111,6 +89,18 @@ def _pack(obj: Any, out: bytearray, single: bool, depth: int) -> None:
             _pack(value, out, single, depth + 1)
     else:
         raise MsgpackError("cannot encode object of type %s" % type(obj).__name__)
+
+
+def _sized_header(n: int, codes, what: str, out: bytearray) -> None:
+    """The str8/16/32, bin8/16/32 or ext8/16/32 header (``codes``) for a payload of ``n`` bytes."""
+    if n < 0x100:
+        out += bytes((codes[0], n))
+    elif n < 0x10000:
+        out += bytes((codes[1],)) + struct.pack(">H", n)
+    elif n < 0x100000000:
+        out += bytes((codes[2],)) + struct.pack(">I", n)
+    else:
+        raise MsgpackError("%s too long for msgpack (%d bytes)" % (what, n))
 
 
 def _pack_int(v: int, out: bytearray) -> None:

@@ -22,20 +22,21 @@ class PixelError(ValueError):
     """Pixel data whose size or format does not match what it claims."""
 
 
-def _u16(data) -> array:
-    a = array("H")
+def _typed(code: str, data) -> array:
+    """Little-endian wire samples -> an ``array`` of ``code`` ("H" uint16, "f" float32) in native order."""
+    a = array(code)
     a.frombytes(bytes(data))
     if _BIG:
         a.byteswap()
     return a
+
+
+def _u16(data) -> array:
+    return _typed("H", data)
 
 
 def _f32(data) -> array:
-    a = array("f")
-    a.frombytes(bytes(data))
-    if _BIG:
-        a.byteswap()
-    return a
+    return _typed("f", data)
 
 
 def _le_bytes(a: array) -> bytes:
