@@ -3,7 +3,8 @@ the result as a new group with a masked paint layer above the source (which is n
 
 Modules: document (layer/selection access), layers (result insertion, live preview layer), model (worker
 thread and the Apply steps over the shared ``common/flow.py``), settings (kritarc), qt (bindings and event
-loop helpers), extension (the action), ui (the dialog). ``common/`` is ``plugins/common``, copied in at install.
+loop helpers), extension (the action), ui (the dialog), widgets (its edit rows). ``common/`` is
+``plugins/common``, copied in at install.
 """
 try:
     import krita
