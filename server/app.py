@@ -3,6 +3,8 @@
 ``create_app(config, engine=None)`` builds it; ``engine`` defaults to the real one
 (:meth:`server.engine.Engine.from_core`), tests inject a fake that honours the same contract.  Serve it with
 :func:`server.net.start_site` (connection cap, header-read timeout, no transparent decompression).
+About 500 lines on purpose: every route with the middlewares that guard it (errors, Host, auth, headers),
+so what a request may reach is read in one place.
 """
 from __future__ import annotations
 

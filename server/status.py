@@ -40,4 +40,5 @@ def status_page(jobs: list, counts: dict) -> str:
 def unauthorized_page() -> str:
     return ("<!doctype html><html><head><meta charset='utf-8'><title>Latent Edit: token needed</title></head><body>"
             "<h1>Token needed</h1><p>Open <code>/?token=TOKEN</code> once, with TOKEN the contents of the server's "
-            "token file (<code>DATA_DIR/token</code>); the page then remembers it in a cookie.</p></body></html>")
+            "token file (<code>DATA_DIR/token</code>). The server answers with a separate status-page credential, "
+            "valid 12 hours, in a cookie (the token itself is never stored in the browser).</p></body></html>")

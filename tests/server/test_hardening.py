@@ -259,6 +259,23 @@ def test_1100_idle_connections_leave_health_answering(tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, old)
 
 
+def test_accept_errors_are_logged_at_most_once_a_minute(caplog):
+    """The probe's 5,609 'Too many open files' lines: asyncio reports every failed accept; the filter keeps one."""
+    import asyncio
+
+    from server.net import AcceptErrorFilter
+
+    loop = asyncio.new_event_loop()
+    try:
+        filt = AcceptErrorFilter(interval_s=60.0)
+        with caplog.at_level("ERROR", logger="server.net"):
+            for _ in range(5000):
+                filt(loop, {"message": "socket.accept() out of system resource", "exception": OSError(24, "Too many open files")})
+        assert len([r for r in caplog.records if "accept" in r.getMessage()]) == 1 and filt.suppressed == 4999
+    finally:
+        loop.close()
+
+
 def test_connection_cap_evicts_idle_connections_and_header_timeout(tmp_path):
     srv = LiveServer(tmp_path / "data", make_engine(step_s=0.0), max_connections=8, header_timeout_s=0.5)
     try:
