@@ -33,6 +33,7 @@ class FakeOptions:
     feather: float = 8.0
     blend: str = "alpha"
     seed: int = 0
+    locality: bool = False
 
 
 class StepLog:

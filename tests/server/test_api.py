@@ -186,3 +186,20 @@ def test_long_poll_answers_at_the_next_change(server):
         assert e.status == 422 and e.body["field"] == bad.split("=")[0]
     # the job-events WebSocket is gone (plugins poll)
     assert server.request("GET", f"/v1/jobs/{jid}/events").status == 404
+
+
+def test_locality_reaches_the_engine_from_the_protocol(server):
+    """Issue 15: ``options.locality`` is a protocol option; validated by SessionOptions, it reaches the engine."""
+    import dataclasses
+
+    import core.session as cs
+
+    if "locality" not in {f.name for f in dataclasses.fields(cs.SessionOptions)}:
+        pytest.skip("this core.session has no locality option yet")
+    r = server.request("POST", "/v1/sessions", {"layer": layer(make_image(16, 16)), "method": "pti",
+                                                "options": {"project_steps": 1, "tune_steps": 1, "locality": True}})
+    assert r.status == 202, r.body
+    assert wait_job(server, r.body["job_id"])["state"] == "done"
+    assert server.engine.step_log.calls[-1]["options"].locality is True
+    bad = server.request("POST", "/v1/sessions", {"layer": layer(make_image(16, 16)), "options": {"locality": 1}})
+    assert bad.status == 422 and bad.body["field"] == "options.locality"
