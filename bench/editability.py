@@ -17,7 +17,7 @@ target the directions are refined to).  Per (face, method, attribute, strength),
   any part of ``core.demo.ATTRIBUTE_PARTS[attribute]`` touches in the part maps (``core.demo.render_parts`` of
   the unfiltered 4× drawing) of the face before or after the edit; 4× layers use it upsampled;
   ``true_in`` is the share of the true delta's energy inside the region (how well the region holds the edit);
-* ``ecs_lpips`` / ``ecs_mse``: MAGEC's edit-consistency score (Grechka et al. 2021, Eq. 4)
+* ``ecs_lpips`` / ``ecs_mse``: MAGEC's edit-consistency score (Grechka et al. 2021, Eq. 4; ``core.metrics.ecs``)
   ``2·d(p(x), x_cyc) / (d(p(x), x_edit) + d(x_edit, x_cyc))``: ``p(x)`` the unedited result, ``x_edit`` the edited
   result, ``x_cyc`` the edited result inverted again with the same method and edited back (``−s``); ``d`` the
   project's LPIPS (AlexNet; the JSON names the backbone) or MSE; 0 is perfect, > 1 worse than an edit's size;
@@ -170,12 +170,6 @@ def energy_inside(delta: np.ndarray, region: np.ndarray) -> float:
     return float(e[np.asarray(region, bool)].sum() / total) if total > 0 else float("nan")
 
 
-def ecs(d_proj_cyc: float, d_proj_edit: float, d_edit_cyc: float) -> float:
-    """MAGEC Eq. 4: ``2·d(p(x), x_cyc) / (d(p(x), x_edit) + d(x_edit, x_cyc))`` from the three distances."""
-    den = d_proj_edit + d_edit_cyc
-    return 2.0 * d_proj_cyc / den if den > 0 else float("nan")
-
-
 def touched(fine_labels: np.ndarray, ids: Sequence[int], factor: int = FINE) -> np.ndarray:
     """(H,W) bool: output pixels any drawing pixel of the labels ``ids`` touches, from (factor·H, factor·W)."""
     h, w = fine_labels.shape[0] // factor, fine_labels.shape[1] // factor
@@ -261,9 +255,14 @@ class Domain:
 
     def distance(self, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
         """(LPIPS, MSE) of two (H,W,3) images in [-1,1]."""
-        x, y = (torch.from_numpy(np.ascontiguousarray(v)).permute(2, 0, 1)[None].float() for v in (a, b))
+        x, y = _tensor(a), _tensor(b)
         with torch.no_grad():
             return float(self.lpips(x, y)[0]), mse(a, b)
+
+
+def _tensor(img: np.ndarray) -> torch.Tensor:
+    """(H,W,3) -> (1,3,H,W) float."""
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
 
 
 def _upsample(x: np.ndarray, k: int) -> np.ndarray:
@@ -384,6 +383,7 @@ def session_options(fields: dict, steps: dict):
 def inverted(dom: Domain, method: str, opts, face: int, extras: tuple, scale: int, base: dict,
              cases: list, settings: Settings) -> list[dict]:
     """Records of one method on one face at one layer scale (one inversion, one more per ECS request)."""
+    from core.metrics import ecs
     from core.session import create_session
 
     G = dom.G
@@ -406,9 +406,9 @@ def inverted(dom: Domain, method: str, opts, face: int, extras: tuple, scale: in
         if want_ecs and c.strength in settings.ecs_strengths and (
                 settings.ecs_attributes is None or c.attribute in settings.ecs_attributes):
             again = create_session(G, _layer(out), None, opts, directions=dom.directions)
-            cyc = _result(again, [(c.attribute, -c.strength)])
-            d_pc, d_pe, d_ec = dom.distance(unedited, cyc), dom.distance(unedited, out), dom.distance(out, cyc)
-            row["ecs_lpips"], row["ecs_mse"] = ecs(d_pc[0], d_pe[0], d_ec[0]), ecs(d_pc[1], d_pe[1], d_ec[1])
+            x, x_edit, x_cyc = _tensor(unedited), _tensor(out), _tensor(_result(again, [(c.attribute, -c.strength)]))
+            row["ecs_lpips"] = float(ecs(x, x_edit, x_cyc, "lpips", net="alex")[0])
+            row["ecs_mse"] = float(ecs(x, x_edit, x_cyc, "mse")[0])
         records.append(row)
     return records
 

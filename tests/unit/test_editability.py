@@ -84,13 +84,6 @@ def test_touched_pools_fine_labels_with_any():
     assert ed.touched(fine, [2, 3], factor=4).sum() == 2
 
 
-def test_ecs_follows_magec_eq4():
-    assert ed.ecs(0.0, 0.3, 0.3) == 0.0                                 # the cycle returns exactly: perfect
-    assert ed.ecs(0.3, 0.3, 0.3) == pytest.approx(1.0)                  # the cycle misses by one edit's size
-    assert ed.ecs(0.1, 0.2, 0.3) == pytest.approx(0.4)
-    assert np.isnan(ed.ecs(0.1, 0.0, 0.0))                              # no edit at all: undefined
-
-
 def test_summarise_takes_medians_per_group_and_ignores_nan():
     recs = [{"method": "W", "group": "small", "score": 0.1, "ecs_mse": float("nan")},
             {"method": "W", "group": "small", "score": 0.5, "ecs_mse": 2.0},
