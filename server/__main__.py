@@ -122,7 +122,10 @@ async def serve(args: argparse.Namespace) -> None:
     data_dir = (args.data_dir or default_data_dir()).expanduser().resolve()
     if not data_dir.exists():
         data_dir.mkdir(parents=True, mode=0o700)  # it will hold the user's photos and the token
-    os.chmod(data_dir, 0o700)  # whoever created it (install.py, the user): Storage also tightens what is inside
+    try:  # whoever created it (install.py, the user): Storage also tightens what is inside
+        os.chmod(data_dir, 0o700)
+    except OSError as exc:
+        raise SystemExit(f"error: cannot make the data folder {data_dir} private: {exc.strerror or exc}")
     lock = lock_data_dir(data_dir)  # noqa: F841  (held until the process exits)
     token_file = (args.token_file or data_dir / "token").expanduser()
     token = load_or_create_token(token_file)

@@ -92,7 +92,10 @@ def _walk_modes(root: Path):
 
 def private_mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    os.chmod(path, DIR_MODE)
+    try:
+        os.chmod(path, DIR_MODE)
+    except OSError as exc:  # not ours (another user's folder): say so, the server still runs
+        log.warning("cannot make %s private: %s", path.name, exc.strerror or exc)
     return path
 
 

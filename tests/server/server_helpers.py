@@ -113,7 +113,10 @@ def http_request(port: int, method: str, path: str, body=None, *, ctype: Optiona
             h.setdefault("Content-Type", ctype)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request(method, path, body=data, headers=h)
+        try:
+            conn.request(method, path, body=data, headers=h)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server refused the body half-way and closed; its answer is already waiting
         resp = conn.getresponse()
         return Reply(resp.status, resp.headers, resp.read())
     finally:
