@@ -6,7 +6,7 @@ only loaded when one of its names is first used.  Conventions used everywhere in
 * images are float32 tensors ``(N,3,H,W)`` in ``[-1,1]`` unless a docstring says otherwise;
 * masks are float32 tensors ``(N,1,H,W)`` (or ``(H,W)``) in ``[0,1]``, 1 = "this pixel is ours";
 * latents ``ws`` are ``(N, num_ws, w_dim)``;
-* long-running functions take ``progress(step, total, loss, preview=None)`` and ``cancel``
+* long-running functions take ``progress(event: core.common.ProgressEvent)`` and ``cancel``
   (a callable returning bool, or a ``threading.Event``) and raise :class:`core.common.Cancelled`.
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ _EXPORTS = {
     # common
     "Cancelled": "core.common",
     "LatentEditError": "core.common",
+    "InvalidInput": "core.common",
+    "ProgressEvent": "core.common",
     # engine (issue 2)
     "Generator": "core.stylegan2.network",
     "GeneratorConfig": "core.stylegan2.network",
@@ -35,6 +37,8 @@ _EXPORTS = {
     # segments (issue 4)
     "invert_segments": "core.chunks",
     "SegmentSession": "core.chunks",
+    "Inversion": "core.inversion",
+    "LayerGeometry": "core.geometry",
     # edits (issue 5)
     "Direction": "core.edits",
     "edit_inputs": "core.edits",
@@ -57,6 +61,7 @@ _EXPORTS = {
     "SessionOptions": "core.session",
     "create_session": "core.session",
     "EditSession": "core.session",
+    "method_catalog": "core.session",
     "ModelRegistry": "core.models",
     # embedded default (issue 11)
     "default_model_path": "core.demo",

@@ -24,15 +24,16 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from core.blend import color_match as _color_match
-from core.blend import composite, feather_mask, poisson_blend
-from core.common import CancelLike, InvalidInput, ProgressFn, check_cancel
-from core.edits.directions import edit_inputs
-from core.projection import learning_rate
+from core.blend import composite
+from core.common import CancelLike, InvalidInput, ProgressFn, Stages
+from core.compositing import DEFAULT_FEATHER, compose
+from core.geometry import LayerGeometry
+from core.inversion import Inversion
+from core.losses import ImageLoss, perceptual_loss
+from core.optim import Schedule, optimise
 
 SPACES = ("w", "w+")
 PREVIEW_EVERY = 10  # pass the current composite to ``progress`` every this many steps (and at the end)
-BLENDS = ("alpha", "poisson")
 
 
 @dataclasses.dataclass
@@ -58,11 +59,16 @@ class ChunksOptions:
     mask_resolution: int = 16  # low-resolution grid of the refined soft-mask logits; our choice
     mask_lr: float = 0.05  # learning rate of the mask logits; our choice
     tune_lr: float = 3e-4  # PTI hyperparameters pti_learning_rate; Chunkmogrify stylegan_tune.py
-    feather: float = 4.0  # default inward feather (generator pixels) of SegmentSession.render; our choice
+    feather: float = DEFAULT_FEATHER  # SegmentSession.render's inward feather, px (one default with sessions)
     refine_steps: int = 100  # hole-filling refinement steps; our choice (half the inversion budget)
     refine_anchor: float = 0.1  # ‖X' − X_edited‖² weight during hole filling (per element / w variance); our choice
     ring: int = 4  # width (px) of the static ring matched to the input around a correction; our choice
     seed: int = 0
+
+    def schedule(self) -> Schedule:
+        """The lr / latent-noise schedule of the segment inversion (core.optim)."""
+        return Schedule(self.initial_learning_rate, self.lr_rampup_length, self.lr_rampdown_length,
+                        self.initial_noise_factor, self.noise_ramp_length)
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -177,117 +183,62 @@ def seam_contrast(delta: torch.Tensor, masks: torch.Tensor) -> float:
 # -------------------------------------------------------------------------------------------------- session
 
 class SegmentSession:
-    """Inversion state of one image: generator (possibly tuned), codes, masks and cached unedited renders.
+    """A segment inversion (:class:`core.inversion.Inversion`) with ChunkyGAN's render and hole-filling API at
+    the generator's resolution: ``image`` (1,3,r,r) in [-1,1], ``masks`` (n,1,r,r), ``coverage`` (1,1,r,r),
+    ``ws`` (n,num_ws,w_dim) are the inversion's; ``directions`` ({name: Direction}) resolves edit names."""
 
-    ``image`` (1,3,H,W) in [-1,1]; ``masks`` normalised segment weights (n,1,H,W) summing to 1 on the
-    selection; ``coverage`` (1,1,H,W) the soft selection; ``ws`` (n,num_ws,w_dim).
-    """
-
-    def __init__(self, G, image: torch.Tensor, masks: torch.Tensor, coverage: torch.Tensor, ws: torch.Tensor,
-                 options: Optional[ChunksOptions] = None, base_G=None, directions=None, info=None):
-        self.G = G
-        self.base_G = base_G if base_G is not None else G
-        self.image = image
-        self.masks = masks
-        self.coverage = coverage
-        self.ws = ws.detach()
+    def __init__(self, inversion: Inversion, options: Optional[ChunksOptions] = None, directions=None):
+        self.inversion = inversion
         self.options = options or ChunksOptions()
         self.directions = directions
-        self.info = dict(info or {})
-        self._rec: Optional[torch.Tensor] = None  # (n,3,H,W) unedited G(X_i)
-        self._rec_mixed: Optional[torch.Tensor] = None  # (1,3,H,W) their composite
+        self._alpha_cache: dict = {}
 
-    @property
-    def tuned(self) -> bool:
-        return self.G is not self.base_G
+    # the inversion's state, read-only
+    G = property(lambda self: self.inversion.G)
+    base_G = property(lambda self: self.inversion.base_G)
+    image = property(lambda self: self.inversion.image)
+    masks = property(lambda self: self.inversion.masks)
+    coverage = property(lambda self: self.inversion.coverage)
+    ws = property(lambda self: self.inversion.ws)
+    info = property(lambda self: self.inversion.info)
+    tuned = property(lambda self: self.inversion.tuned)
+    support = property(lambda self: self.inversion.support)
 
-    @property
-    def support(self) -> torch.Tensor:
-        """(1,1,H,W) bool: pixels belonging to some segment."""
-        return self.masks.sum(0, keepdim=True) > 0
-
-    @torch.no_grad()
     def synthesize(self, ws: torch.Tensor, style_deltas: Optional[dict] = None) -> torch.Tensor:
-        """One batched generator forward: ws (k,num_ws,w_dim) -> (k,3,H,W)."""
-        if style_deltas:
-            return self.G.synthesis(ws, noise_mode=self.options.noise_mode, style_deltas=style_deltas)
-        return self.G.synthesis(ws, noise_mode=self.options.noise_mode)
+        """One batched generator forward: ws (k,num_ws,w_dim) -> (k,3,r,r)."""
+        return self.inversion.synthesize(ws, style_deltas)
 
     def reconstructions(self) -> torch.Tensor:
-        """Cached unedited renders G(X_i), (n,3,H,W)."""
-        if self._rec is None:
-            self._rec = self.synthesize(self.ws)
-        return self._rec
+        """Cached unedited renders G(X_i), (n,3,r,r)."""
+        return self.inversion.reconstructions()
 
     def edited_codes(self, edits=None, segments: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """Codes with the W-space ``edits`` applied to ``segments`` (all by default). (n,num_ws,w_dim).
-        Raises InvalidInput for StyleSpace edits (they are synthesis inputs, not codes)."""
-        idx = self._segments(segments)
-        if not edits or not idx:
-            return self.ws
-        ws = self.ws.clone()
-        ws[idx], deltas = edit_inputs(self.ws[idx], edits, self.G, self.directions)
-        if deltas:
-            raise InvalidInput("StyleSpace (S) edits cannot be baked into latent codes; use W-space edits here")
-        return ws
-
-    def _segments(self, segments) -> list[int]:
-        n = self.ws.shape[0]
-        if segments is None:
-            return list(range(n))
-        idx = sorted({int(s) for s in segments})
-        if any(i < 0 or i >= n for i in idx):
-            raise InvalidInput(f"segment indices {idx} out of range for {n} segment(s)")
-        return idx
+        """Codes with the W-space ``edits`` applied to ``segments`` (all by default). (n,num_ws,w_dim)."""
+        return self.inversion.edited_codes(edits, self.directions, segments)
 
     def generated(self, edits=None, segments: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """``Σ_i G(X_i)·S_i`` on the selection, the input image elsewhere; (1,3,H,W).
-
-        Only the edited segments' codes are synthesised (one batched forward); the rest come from the cache.
-        """
-        rec = self.reconstructions()
-        idx = self._segments(segments)
-        if not edits or not idx:
-            if self._rec_mixed is None:
-                self._rec_mixed = torch.where(self.support, (rec * self.masks).sum(0, keepdim=True), self.image)
-            return self._rec_mixed
-        outs = rec.clone()
-        ws_e, deltas = edit_inputs(self.ws[idx], edits, self.G, self.directions)
-        outs[idx] = self.synthesize(ws_e, deltas)
-        return torch.where(self.support, (outs * self.masks).sum(0, keepdim=True), self.image)
-
-    def alpha(self, feather: float) -> torch.Tensor:
-        """The feathered soft selection (1,1,H,W), exactly 0 outside it (cached per radius)."""
-        cache = self.__dict__.setdefault("_alpha", {})
-        if feather not in cache:
-            cache.clear()
-            cache[feather] = feather_mask(self.coverage * self.support, feather)
-        return cache[feather]
+        """``Σ_i G(X_i)·S_i`` on the selection, the input image elsewhere; (1,3,r,r)."""
+        return self.inversion.generated(edits, self.directions, segments)
 
     def layers(self, edits=None, feather: Optional[float] = None, blend: str = "alpha",
                segments: Optional[Sequence[int]] = None, color_match: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The overlay (1,3,H,W) and its alpha (1,1,H,W): alpha is the feathered soft selection, exactly 0
-        outside it. ``blend="poisson"`` solves for the overlay in the gradient domain inside alpha > 0;
-        ``color_match`` applies the colour transfer that maps the unedited reconstruction onto the input."""
-        if blend not in BLENDS:
-            raise InvalidInput(f"blend must be one of {BLENDS}; got {blend!r}")
-        feather = self.options.feather if feather is None else float(feather)
-        if not math.isfinite(feather) or feather < 0:
-            raise InvalidInput(f"feather must be a finite radius >= 0; got {feather}")
-        gen = self.generated(edits, segments)
-        if color_match:
-            rec = self.generated()
-            gen = _color_match(rec, self.image, self.coverage, target=gen)
-        alpha = self.alpha(feather)
-        if blend == "poisson":
-            gen = poisson_blend(self.image, gen, alpha > 0)
-        return gen, alpha
+        """The overlay (1,3,r,r) and its alpha (1,1,r,r) (core.compositing, direct geometry): alpha is the
+        soft selection feathered inwards by ``feather`` px (default ``options.feather``), exactly 0 outside it.
+        ``blend="poisson"`` solves for the overlay in the gradient domain inside alpha > 0; ``color_match``
+        applies the colour transfer that maps the unedited reconstruction onto the input."""
+        inv = self.inversion
+        feather = self.options.feather if feather is None else feather
+        r = inv.image.shape[-1]
+        geometry = LayerGeometry("direct", (r, r), r, (0, 0, r, r))
+        overlay, alpha, _ = compose(inv, geometry, inv.image, inv.coverage * inv.support, edits, self.directions,
+                                    feather, blend, color_match, segments, cache=self._alpha_cache)
+        return overlay, alpha
 
     @torch.no_grad()
     def render(self, edits=None, feather: Optional[float] = None, blend: str = "alpha",
                segments: Optional[Sequence[int]] = None, color_match: bool = False) -> torch.Tensor:
-        """The edited image (1,3,H,W) in [-1,1]; bit-identical to the input where the alpha is 0.
+        """The edited image (1,3,r,r) in [-1,1]; bit-identical to the input where the alpha is 0.
 
         ``edits``: [(direction, strength), ...] with direction a tensor (w_dim,) / (num_ws,w_dim), a
         ``core.edits.Direction`` or a name in ``self.directions``; applied to ``segments`` (all by default).
@@ -298,91 +249,86 @@ class SegmentSession:
     def refine(self, correction_mask: torch.Tensor, edits=None, steps: Optional[int] = None,
                segment: Optional[int] = None, segments: Optional[Sequence[int]] = None,
                progress: ProgressFn = None, cancel: CancelLike = None) -> "SegmentSession":
-        """Hole filling (ChunkyGAN §5, Fig. 10): let edited content continue past a segment boundary.
-
-        The correction mask ``C`` (H,W) joins segment ``segment`` (default: the one it touches most). That
-        segment's code is re-fitted starting from its *edited* code: it must keep reproducing the edited render
-        on its old area and the input on a ring of static pixels just outside ``C``; inside ``C`` it is free.
-        Returns a new session whose codes have ``edits`` baked in for ``segments`` (render() with no edits
-        shows the edited, hole-filled result). ``self`` is not modified.
-        """
-        opts = self.options
-        steps = opts.refine_steps if steps is None else int(steps)
-        C = check_masks(correction_mask, tuple(self.image.shape[-2:])).to(self.image.device)
-        if C.shape[0] != 1:
-            raise InvalidInput("refine takes a single correction mask (H,W)")
-        ws_e = self.edited_codes(edits, segments)
-        n = ws_e.shape[0]
-        if segment is None:
-            touch = (self.masks * (dilate(C, 2) > 0)).flatten(1).sum(1)
-            segment = int(touch.argmax())
-        if not 0 <= segment < n:
-            raise InvalidInput(f"segment {segment} out of range for {n} segment(s)")
-        with torch.no_grad():
-            rec_e = self.synthesize(ws_e)
-            target = torch.where(self.support, (rec_e * self.masks).sum(0, keepdim=True), self.image)
-        # new masks: C taken from every segment and given to ``segment``
-        new_masks = self.masks * (1 - C)
-        new_masks[segment] = new_masks[segment] + C[0]
-        total = new_masks.sum(0, keepdim=True)  # a soft C outside the old selection: renormalise to sum 1
-        new_masks = torch.where(total > 0, new_masks / total.clamp(min=1e-12), torch.zeros_like(new_masks))
-        new_cov = torch.maximum(self.coverage, C[0])
-        old_area = self.masks[segment:segment + 1]
-        new_area = (new_masks[segment:segment + 1] > 0).float()
-        ring = (dilate(new_area, opts.ring) > 0).float() * (~self.support).float() * (1 - C[0])
-        weight = torch.clamp(old_area * (1 - C[0]) + ring, 0, 1)
-        _, w_var = w_stats(self.G, opts.w_avg_samples, opts.seed)
-        x0 = ws_e[segment:segment + 1].detach()
-        x = x0.clone().requires_grad_(True)
-        optim = torch.optim.Adam([x], lr=opts.initial_learning_rate)
-        lp = _lpips_for(opts)
-        t0 = time.perf_counter()
-        losses = []
-        for step in range(steps):
-            check_cancel(cancel)
-            optim.param_groups[0]["lr"] = 0.1 * learning_rate(step, steps, opts)  # a gentle re-fit: 1/10 lr
-            img = self.G.synthesis(x, noise_mode=opts.noise_mode)
-            loss = _image_loss(img, target, weight, lp, opts).sum()
-            loss = loss + opts.refine_anchor * (x - x0).square().mean() / w_var
-            (x.grad,) = torch.autograd.grad(loss, [x])  # G's parameters and their .grad stay untouched
-            optim.step()
-            losses.append(float(loss.detach()))
-            if progress is not None:
-                progress(step + 1, steps, losses[-1])
-        ws_new = ws_e.clone()
-        ws_new[segment] = x.detach()[0]
-        info = dict(self.info, refine_steps=steps, refine_seconds=time.perf_counter() - t0, refine_losses=losses)
-        return SegmentSession(self.G, self.image, new_masks, new_cov, ws_new, opts, base_G=self.base_G,
-                              directions=self.directions, info=info)
+        """Hole filling (:func:`refine`): a new session with ``edits`` baked in; ``self`` is not modified."""
+        inv = refine(self.inversion, correction_mask, edits, self.directions, steps, segment, segments,
+                     self.options, progress, cancel)
+        return SegmentSession(inv, self.options, self.directions)
 
     # ---- persistence (plain tensors; the generator is saved by the caller) ----
     def state_dict(self) -> dict:
-        return {"image": self.image, "masks": self.masks, "coverage": self.coverage, "ws": self.ws}
+        return self.inversion.state_dict()
 
     @classmethod
     def from_state(cls, G, state: dict, options: Optional[ChunksOptions] = None, base_G=None,
                    directions=None, info=None) -> "SegmentSession":
-        return cls(G, state["image"], state["masks"], state["coverage"], state["ws"], options,
-                   base_G=base_G, directions=directions, info=info)
+        opts = options or ChunksOptions()
+        return cls(Inversion.from_state("chunks", G, state, base_G, opts.noise_mode, info), opts, directions)
+
+
+def refine(inv: Inversion, correction_mask: torch.Tensor, edits=None, directions=None, steps: Optional[int] = None,
+           segment: Optional[int] = None, segments: Optional[Sequence[int]] = None,
+           options: Optional[ChunksOptions] = None, progress: ProgressFn = None,
+           cancel: CancelLike = None) -> Inversion:
+    """Hole filling (ChunkyGAN §5, Fig. 10): let edited content continue past a segment boundary.
+
+    The correction mask ``C`` (r,r) in [0,1] joins segment ``segment`` (default: the one it touches most). That
+    segment's code is re-fitted starting from its *edited* code: it must keep reproducing the edited render
+    on its old area and the input on a ring of static pixels just outside ``C``; inside ``C`` it is free.
+    Returns a new :class:`Inversion` whose codes have ``edits`` baked in for ``segments`` (its unedited render
+    shows the edited, hole-filled result).  ``progress(ProgressEvent)`` stage "refine"; ``inv`` is unchanged.
+    """
+    opts = options or ChunksOptions()
+    steps = opts.refine_steps if steps is None else int(steps)
+    C = check_masks(correction_mask, tuple(inv.image.shape[-2:])).to(inv.image.device)
+    if C.shape[0] != 1:
+        raise InvalidInput("refine takes a single correction mask (H,W)")
+    ws_e = inv.edited_codes(edits, directions, segments)
+    n = ws_e.shape[0]
+    if segment is None:
+        touch = (inv.masks * (dilate(C, 2) > 0)).flatten(1).sum(1)
+        segment = int(touch.argmax())
+    if not 0 <= segment < n:
+        raise InvalidInput(f"segment {segment} out of range for {n} segment(s)")
+    support = inv.support
+    with torch.no_grad():
+        rec_e = inv.synthesize(ws_e)
+        target = torch.where(support, (rec_e * inv.masks).sum(0, keepdim=True), inv.image)
+    # new masks: C taken from every segment and given to ``segment``
+    new_masks = inv.masks * (1 - C)
+    new_masks[segment] = new_masks[segment] + C[0]
+    total = new_masks.sum(0, keepdim=True)  # a soft C outside the old selection: renormalise to sum 1
+    new_masks = torch.where(total > 0, new_masks / total.clamp(min=1e-12), torch.zeros_like(new_masks))
+    new_cov = torch.maximum(inv.coverage, C[0])
+    old_area = inv.masks[segment:segment + 1]
+    new_area = (new_masks[segment:segment + 1] > 0).float()
+    ring = (dilate(new_area, opts.ring) > 0).float() * (~support).float() * (1 - C[0])
+    weight = torch.clamp(old_area * (1 - C[0]) + ring, 0, 1)
+    _, w_var = w_stats(inv.G, opts.w_avg_samples, opts.seed)
+    x0 = ws_e[segment:segment + 1].detach()
+    x = x0.clone().requires_grad_(True)
+    loss_fn = ImageLoss(target, weight, _lpips_for(opts, target.device), lpips_weight=opts.lpips_weight,
+                        l2_weight=opts.l2_weight, max_size=opts.lpips_size, crop=True, crop_pad=opts.crop_pad)
+    t0 = time.perf_counter()
+
+    def objective(_noise_scale: float):
+        img = inv.G.synthesis(x, noise_mode=opts.noise_mode)
+        loss = loss_fn(img)[0].sum() + opts.refine_anchor * (x - x0).square().mean() / w_var
+        return loss, loss.detach(), img
+
+    # a gentle re-fit without latent noise: the segment schedule at 1/10 of its learning rate
+    sched = dataclasses.replace(opts.schedule(), initial_noise_factor=0.0)
+    losses = optimise(objective, [x], steps, sched, lr_scale=0.1, progress=progress, cancel=cancel,
+                      stage="refine", preview_every=PREVIEW_EVERY)
+    ws_new = ws_e.clone()
+    ws_new[segment] = x.detach()[0]
+    info = dict(inv.info, refine_steps=steps, refine_seconds=time.perf_counter() - t0, refine_losses=losses)
+    return inv.replace(ws=ws_new, masks=new_masks, coverage=new_cov, info=info)
 
 
 # ------------------------------------------------------------------------------------------------ inversion
 
-def _lpips_for(opts: ChunksOptions):
-    if not opts.lpips_weight:
-        return None
-    from core.losses import perceptual_loss
-
-    return perceptual_loss(opts.net)
-
-
-def _image_loss(x, y, mask, lp, opts: ChunksOptions) -> torch.Tensor:
-    """Masked LPIPS + λ_L2·MSE on the mask's bounding box, per image (N,)."""
-    from core.losses import image_loss
-
-    total, _, _ = image_loss(x, y, mask, lp, lpips_weight=opts.lpips_weight, l2_weight=opts.l2_weight,
-                             max_size=opts.lpips_size, crop=True, crop_pad=opts.crop_pad)
-    return total
+def _lpips_for(opts: ChunksOptions, device):
+    return perceptual_loss(opts.net, device) if opts.lpips_weight else None
 
 
 def invert_segments(G, image: torch.Tensor, masks: torch.Tensor, steps: Optional[int] = None, space: str = "w+",
@@ -397,8 +343,10 @@ def invert_segments(G, image: torch.Tensor, masks: torch.Tensor, steps: Optional
     ``options.reg``). ``tune_steps`` > 0 then tunes a copy of G on the masked loss only (segment-restricted PTI;
     ``G`` itself is never modified). ``init_ws`` (1|n,num_ws,w_dim) starts from given codes instead of w_avg.
     ``directions`` ({name: Direction}) resolves edit names in ``render``.
-    ``progress(step, total, loss, preview)`` is called after every step (``preview`` the current composite
-    (1,3,H,W) every ``PREVIEW_EVERY`` steps, else None); ``cancel`` is checked before every step.
+    ``progress(ProgressEvent)`` after every step: stage "project" for the codes, then "tune" for the tuning
+    (each with its own step/total; ``fraction`` spans both, the tuning weighted by its n·tune_steps updates);
+    ``preview`` the current composite ``(H,W,3)`` uint8 every ``PREVIEW_EVERY`` steps; ``cancel`` is checked
+    before every step.
     """
     opts = dataclasses.replace(options) if options is not None else ChunksOptions()
     if steps is not None:
@@ -424,21 +372,17 @@ def invert_segments(G, image: torch.Tensor, masks: torch.Tensor, steps: Optional
     else:
         start = w_avg.view(1, 1, -1).expand(n, num_ws, -1).clone()
     x = (start[:, :1] if space == "w" else start).clone().requires_grad_(True)
-    params = [x]
     logits = None
     refine = opts.refine_masks and n > 1
     if refine:
         r = max(4, min(opts.mask_resolution, image.shape[-1]))
         low = F.adaptive_avg_pool2d(S[:, 0][None], r)[0]  # (n,r,r)
         logits = torch.log(low.clamp(min=1e-3)).requires_grad_(True)
-        params.append(logits)
-    optim = torch.optim.Adam([{"params": [x], "lr": opts.initial_learning_rate}] +
-                             ([{"params": [logits], "lr": opts.mask_lr}] if refine else []),
-                             betas=(0.9, 0.999))
-    lp = _lpips_for(opts)
+    # the image term: masked LPIPS + λ_L2·MSE on the dilated selection's bounding box, target features built once
+    loss_fn = ImageLoss(image, loss_mask, _lpips_for(opts, image.device), lpips_weight=opts.lpips_weight,
+                        l2_weight=opts.l2_weight, max_size=opts.lpips_size, crop=True, crop_pad=opts.crop_pad)
     noise_gen = torch.Generator().manual_seed(opts.seed)
-    total_steps = opts.steps + int(tune_steps)
-    losses: list[float] = []
+    stages = Stages(progress, {"project": opts.steps, "tune": int(tune_steps) * n})
     t0 = time.perf_counter()
 
     def segment_weights() -> torch.Tensor:
@@ -447,29 +391,22 @@ def invert_segments(G, image: torch.Tensor, masks: torch.Tensor, steps: Optional
         up = F.interpolate(logits[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
         return torch.softmax(up, 0)[:, None] * support
 
-    for step in range(opts.steps):
-        check_cancel(cancel)
-        t = step / max(opts.steps, 1)
-        optim.param_groups[0]["lr"] = learning_rate(step, opts.steps, opts)
-        noise_scale = w_std * opts.initial_noise_factor * max(0.0, 1.0 - t / opts.noise_ramp_length) ** 2
+    def objective(noise_scale: float):
         codes = x.expand(n, num_ws, -1) if space == "w" else x
         if noise_scale > 0:
             codes = codes + noise_scale * torch.randn(codes.shape, generator=noise_gen).to(codes)
         imgs = G.synthesis(codes, noise_mode=opts.noise_mode)
-        Sw = segment_weights()
-        out = (imgs * Sw).sum(0, keepdim=True) * support + image * (1 - support)
-        loss = _image_loss(out, image, loss_mask, lp, opts).sum()
+        out = (imgs * segment_weights()).sum(0, keepdim=True) * support + image * (1 - support)
+        loss = loss_fn(out)[0].sum()
         if opts.reg and n > 1:
             xs = x.expand(n, num_ws, -1) if space == "w" else x
             loss = loss + opts.reg * (xs - xs.mean(0, keepdim=True)).square().mean(dim=(1, 2)).sum() / w_var
-        grads = torch.autograd.grad(loss, params)  # G's parameters and their .grad stay untouched
-        for p, g in zip(params, grads):
-            p.grad = g
-        optim.step()
-        losses.append(float(loss.detach()))
-        if progress is not None:
-            show = step % PREVIEW_EVERY == 0 or step == opts.steps - 1
-            progress(step + 1, total_steps, losses[-1], out.detach() if show else None)
+        return loss, loss.detach(), out
+
+    losses = optimise(objective, [x], opts.steps, opts.schedule(), w_std=w_std,
+                      extra_groups=[{"params": [logits], "lr": opts.mask_lr}] if refine else (),
+                      progress=stages.callback("project"), cancel=cancel, stage="project",
+                      preview_every=PREVIEW_EVERY)
 
     ws = (x.expand(n, num_ws, -1) if space == "w" else x).detach().clone()
     with torch.no_grad():
@@ -479,20 +416,21 @@ def invert_segments(G, image: torch.Tensor, masks: torch.Tensor, steps: Optional
             "code_spread": code_spread(ws), "segments": n}
     G_out = G
     if tune_steps:
-        G_out = tune_segments(G, ws, image, S_final, int(tune_steps), opts,
-                              progress=None if progress is None else
-                              (lambda s, tot, loss=None, *a, **k: progress(opts.steps + s, total_steps, loss)),
+        G_out = tune_segments(G, ws, image, S_final, int(tune_steps), opts, progress=stages.callback("tune"),
                               cancel=cancel)
         info["tune_steps"] = int(tune_steps)
         info["seconds"] = time.perf_counter() - t0
-    return SegmentSession(G_out, image, S_final, coverage, ws, opts, base_G=G, directions=directions, info=info)
+    inv = Inversion("chunks", image, ws, S_final, coverage, G_out, G, opts.noise_mode, info)
+    return SegmentSession(inv, opts, directions)
 
 
 def tune_segments(G, ws: torch.Tensor, image: torch.Tensor, masks: torch.Tensor, steps: int,
                   opts: Optional[ChunksOptions] = None, progress: ProgressFn = None,
                   cancel: CancelLike = None):
     """Segment-restricted PTI: a tuned copy of ``G`` such that ``G(X_i)`` matches ``image`` on segment i's
-    dilated area only (multi-pivot pivotal tuning, core.pti). ws (n,num_ws,w_dim), masks (n,1,H,W)."""
+    dilated area only (multi-pivot pivotal tuning, core.pti: each iteration takes one optimiser step per
+    segment, each on its own masked loss, as PTI's multi-ID coach does per image). ws (n,num_ws,w_dim),
+    masks (n,1,H,W)."""
     opts = opts or ChunksOptions()
     from core.pti import PTIOptions, pivotal_tune
 

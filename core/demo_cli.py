@@ -98,10 +98,10 @@ def main(args: argparse.Namespace) -> int:
         opts = SessionOptions(method=args.method, align=align, project_steps=args.steps, tune_steps=args.tune_steps)
         last = [-1]
 
-        def progress(stage, fraction, message="", preview=None):
-            pct = int(fraction * 100)
+        def progress(event):
+            pct = int(event.fraction * 100)
             if pct // 10 != last[0] // 10:
-                print(f"  {stage:8s} {pct:3d}%  {message}", flush=True)
+                print(f"  {pct:3d}%  {event.message}", flush=True)
                 last[0] = pct
 
         print(f"model {model_path} ({G.resolution}px, {len(directions)} directions); method {args.method}, align {align}")
@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
         session = create_session(G, layer, None, opts, progress=progress, directions=directions)
         t_invert = time.perf_counter() - t0
         # what the generator itself reproduces (at its own resolution): the inversion's honest quality
-        rec = session.segments.generated()[0].permute(1, 2, 0).clamp(-1, 1).add(1).mul(127.5).round()
+        rec = session.inversion.generated()[0].permute(1, 2, 0).clamp(-1, 1).add(1).mul(127.5).round()
         tiles = [(rgb, "input"), (rec.byte().numpy(), f"inversion ({G.resolution} px)")]
         t1 = time.perf_counter()
         for name in names:

@@ -51,10 +51,18 @@ class LoadedModel:
             "style_layers": len(G.style_layers()),
             "spaces": list(SPACES),
             "directions": [d.info() for d in self.directions.values()],
+            "methods": _methods(),
         }
         if self.directions_error:
             out["directions_error"] = self.directions_error
         return out
+
+
+def _methods() -> list:
+    """The inversion methods every StyleGAN2 model supports (core.session.method_catalog)."""
+    from core.session import method_catalog
+
+    return method_catalog()
 
 
 def _is_direction_file(path: pathlib.Path) -> bool:
@@ -154,7 +162,8 @@ class ModelRegistry:
 
     def list(self) -> list:
         """One JSON-able dict per loadable model (name, file, default, resolution, num_ws, w_dim, z_dim,
-        style_layers, spaces, directions [{name, space, layers, default_strength, range, description, source}])."""
+        style_layers, spaces, directions [{name, space, layers, default_strength, range, description, source}],
+        methods [{name, label, project_steps, tune_steps, options}] from core.session.method_catalog)."""
         out = []
         for name in self.names():
             try:

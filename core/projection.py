@@ -24,14 +24,15 @@ blind to some colour shifts; a small L2 term fixes that without losing the struc
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from core.common import CancelLike, InvalidInput, ProgressFn, check_cancel
+from core.common import CancelLike, InvalidInput, ProgressFn
 from core.losses import ImageLoss, as_mask, noise_regularization, normalize_noise_, perceptual_loss
+from core.optim import Schedule, optimise
+from core.optim import learning_rate as _scheduled_lr
 
 
 FALLBACK_L2_WEIGHT = 0.1  # ours, measured (module docstring): pixel term added when LPIPS has no ImageNet backbone
@@ -61,6 +62,11 @@ class ProjectOptions:
     preview_every: int = 10  # ours: pass a preview image to ``progress`` every this many steps (and at the end)
     weights_dir: Optional[str] = None  # ours: where to look for ImageNet backbone files (see core.lpips_nets)
 
+    def schedule(self) -> Schedule:
+        """The lr / latent-noise schedule these options describe (core.optim)."""
+        return Schedule(self.initial_learning_rate, self.lr_rampup_length, self.lr_rampdown_length,
+                        self.initial_noise_factor, self.noise_ramp_length)
+
 
 def effective_l2_weight(o: ProjectOptions, lpips=None) -> float:
     """The pixel-loss weight a projection uses: ``o.l2_weight``, or the automatic choice when it is None."""
@@ -74,12 +80,8 @@ def effective_l2_weight(o: ProjectOptions, lpips=None) -> float:
 
 
 def learning_rate(step: int, total: int, o: ProjectOptions) -> float:
-    """The projector's lr schedule at ``step`` of ``total``: linear ramp-up, cosine ramp-down."""
-    t = step / max(total, 1)
-    ramp = min(1.0, (1.0 - t) / o.lr_rampdown_length)
-    ramp = 0.5 - 0.5 * math.cos(ramp * math.pi)
-    ramp = ramp * min(1.0, t / o.lr_rampup_length) if o.lr_rampup_length > 0 else ramp
-    return o.initial_learning_rate * ramp
+    """The projector's lr schedule at ``step`` of ``total`` (core.optim.learning_rate of ``o.schedule()``)."""
+    return _scheduled_lr(step, total, o.schedule())
 
 
 def w_statistics(G, samples: int, seed: int = 0) -> tuple[torch.Tensor, float]:
@@ -107,10 +109,6 @@ def check_target(G, target: torch.Tensor, name: str = "target") -> torch.Tensor:
     return target.detach().to(G.w_avg.device, torch.float32)
 
 
-def noise_count(G) -> int:
-    return len(G.convs)
-
-
 def initial_noise(G, n: int, gen: torch.Generator) -> list[torch.Tensor]:
     """Fresh N(0,1) noise maps ``(n,1,R,R)`` per conv (the projector re-randomises the noise at start)."""
     out = []
@@ -126,8 +124,8 @@ def project(G, target: torch.Tensor, space: str = "w", steps: int = 450, mask: O
     """Invert ``target`` ``(N,3,R,R)`` in [-1,1] into ``ws`` ``(N,num_ws,w_dim)`` (N=1 in the public contract).
 
     ``space``: "w" (one code repeated over the layers) or "w+" (one code per layer).  ``mask`` ``(N|1,1,R,R)``
-    or ``(R,R)`` in [0,1] restricts the loss.  ``progress(step, total, loss, preview)`` is called after every
-    step (``preview`` is the current ``(N,3,R,R)`` image every ``options.preview_every`` steps, else None);
+    or ``(R,R)`` in [0,1] restricts the loss.  ``progress(ProgressEvent)`` after every step (stage "project",
+    ``preview`` the first current image ``(R,R,3)`` uint8 every ``options.preview_every`` steps and at the last);
     ``cancel`` is checked before every step and raises :class:`core.common.Cancelled`.  ``G`` is not modified.
     """
     o = options or ProjectOptions()
@@ -150,32 +148,21 @@ def project(G, target: torch.Tensor, space: str = "w", steps: int = 450, mask: O
     rows = 1 if space == "w" else G.num_ws
     w_opt = w_avg.repeat(n, rows, 1).to(device).requires_grad_(True)
     noises = initial_noise(G, n, gen) if o.optimize_noise else None
-    params = [w_opt] + ([nz.requires_grad_(True) for nz in noises] if noises else [])
-    opt = torch.optim.Adam(params, betas=(0.9, 0.999), lr=o.initial_learning_rate)
-    for step in range(steps):
-        check_cancel(cancel)
-        t = step / steps
-        w_noise_scale = w_std * o.initial_noise_factor * max(0.0, 1.0 - t / o.noise_ramp_length) ** 2
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, steps, o)
-        w_noise = torch.randn(w_opt.shape, generator=gen).to(device) * w_noise_scale
+    params = [w_opt] + ([nz.requires_grad_(True) for nz in noises] if noises else [])  # G itself gets no gradient
+
+    def objective(noise_scale: float):
+        w_noise = torch.randn(w_opt.shape, generator=gen).to(device) * noise_scale
         ws = (w_opt + w_noise).expand(n, G.num_ws, -1) if space == "w" else w_opt + w_noise
         synth = G.synthesis(ws, noise_mode="const", noise=noises)
         total, _, _ = loss_fn(synth)
         loss = total.sum()
         if noises:
             loss = loss + o.regularize_noise_weight * noise_regularization(noises)
-        # gradients for the code and noise copies only: G's parameters and their .grad stay untouched
-        grads = torch.autograd.grad(loss, params)
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-        if noises:
-            normalize_noise_(noises)
-        if progress is not None:
-            last = step == steps - 1
-            preview = synth.detach() if (last or (o.preview_every and step % o.preview_every == 0)) else None
-            progress(step + 1, steps, float(total.detach().mean()), preview)
+        return loss, total.detach().mean(), synth
+
+    optimise(objective, params, steps, o.schedule(), w_std=w_std,
+             after_step=(lambda: normalize_noise_(noises)) if noises else None, progress=progress, cancel=cancel,
+             stage="project", preview_every=o.preview_every)
     w = w_opt.detach()
     return w.expand(n, G.num_ws, -1).clone() if space == "w" else w.clone()
 

@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 import torch
 
-from core.common import CancelLike, InvalidInput, ProgressFn, check_cancel
+from core.common import CancelLike, InvalidInput, ProgressFn, check_cancel, report_step
 from core.losses import ImageLoss, as_mask, locality_codes, locality_loss, perceptual_loss
 from core.projection import check_target
 
@@ -69,12 +69,14 @@ class PTIOptions:
 class PTIResult:
     """What :func:`pivotal_tune_report` returns besides the generator (``final_lpips``: the worst image's)."""
 
-    steps_run: int
+    steps_run: int  # iterations run (each takes one optimiser step per target image)
     stopped_early: bool
     final_lpips: float
     final_mse: float
     lpips_backbone: str
     threshold_applied: bool
+    optimizer_steps: int = 0  # Adam steps taken: steps_run × the number of target images
+    locality_terms: int = 0  # steps whose loss included the §3.3 locality regulariser
 
 
 def _check_ws(G, ws: torch.Tensor, n: int) -> torch.Tensor:
@@ -104,11 +106,14 @@ def pivotal_tune(G, ws: torch.Tensor, target: torch.Tensor, steps: int = 350, ma
     """Tune a deep copy of ``G`` so ``G_tuned.synthesis(ws) ≈ target``; returns ``G_tuned``.
 
     ``ws`` ``(N,num_ws,w_dim)`` pivots (from :func:`core.projection.project`), ``target`` ``(N,3,R,R)`` in [-1,1];
-    N > 1 tunes one generator for all images (PTI's multi-ID coach, here one batched step per iteration; it stops
-    early only when every image's LPIPS is under the threshold).  ``steps``: at most this many (PTI: 350).
+    N > 1 tunes one generator for all images as PTI's multi-ID coach does (PTI@da94d59 multi_id_coach.py): every
+    iteration takes one optimiser step per image, in order, so N images get N× the updates of one and the time
+    grows linearly with N (PTI §4.5); it stops early only when every image's latest LPIPS is under the threshold.  ``steps``: at most this many (PTI: 350).
     ``mask`` ``(N|1,1,R,R)`` / ``(R,R)`` in [0,1] restricts the reconstruction loss.  ``locality``: True for PTI's
-    §3.3 regulariser with the paper's settings, or a :class:`LocalityOptions`.  ``progress(step, total, loss,
-    preview)`` after each step; ``cancel`` checked before each step (raises Cancelled; ``G`` is untouched).
+    §3.3 regulariser with the paper's settings, or a :class:`LocalityOptions` (it acts every ``interval`` optimiser
+    steps, around the pivot of the image being stepped, as in the coach).  ``progress(ProgressEvent)`` (stage
+    "tune") after each iteration; ``cancel`` checked before each optimiser step (raises Cancelled; ``G`` is
+    untouched).
     """
     return pivotal_tune_report(G, ws, target, steps, mask, locality, progress, cancel, options)[0]
 
@@ -130,50 +135,64 @@ def pivotal_tune_report(G, ws, target, steps: int = 350, mask=None, locality=Fal
     lpips = perceptual_loss(o.lpips_net, device, o.weights_dir)
     threshold = o.lpips_threshold if (lpips.pretrained or o.threshold_with_fallback) else None
 
-    loss_fn = ImageLoss(target, mask, lpips, lpips_weight=o.lpips_weight, l2_weight=o.l2_weight,
-                        max_size=o.lpips_size, crop=o.crop_to_mask, crop_pad=o.crop_pad)
+    # one loss per image, each with its own mask (and bounding-box crop); target features are built once here
+    n = ws.shape[0]
+    masks = [None if mask is None else mask[i:i + 1] if mask.shape[0] == n else mask for i in range(n)]
+    loss_fns = [ImageLoss(target[i:i + 1], masks[i], lpips, lpips_weight=o.lpips_weight, l2_weight=o.l2_weight,
+                          max_size=o.lpips_size, crop=o.crop_to_mask, crop_pad=o.crop_pad) for i in range(n)]
     check_cancel(cancel)
     G_tuned = copy.deepcopy(G)
     G_tuned.train(G.training).requires_grad_(True)
     params = [p for p in G_tuned.parameters()]
     opt = torch.optim.Adam(params, lr=o.learning_rate)
     gen = torch.Generator().manual_seed(loc.seed) if loc is not None else None
-    n = ws.shape[0]
 
-    lp_val, mse_val, stopped, step = float("nan"), float("nan"), False, 0
+    lps = [float("nan")] * n  # each image's LPIPS, measured just before its own latest step
+    mses = [float("nan")] * n
+    stopped, step, updates, loc_terms = False, 0, 0, 0
+
+    def done() -> bool:
+        return threshold is not None and all(v <= threshold for v in lps)
+
     for step in range(steps + 1):
-        # the last pass only measures the result (and allows the early stop), it takes no optimiser step
-        if step < steps:
-            check_cancel(cancel)
-            img = G_tuned.synthesis(ws, noise_mode=o.noise_mode)
-        else:
-            with torch.no_grad():
-                img = G_tuned.synthesis(ws, noise_mode=o.noise_mode)
-        total, lp, mse = loss_fn(img)
-        lp_val, mse_val = float(lp.detach().max()), float(mse.detach().mean())
-        if threshold is not None and lp_val <= threshold:
+        preview = None
+        for i in range(n):
+            # the last pass only measures the result (and allows the early stop), it takes no optimiser step
+            if step < steps:
+                check_cancel(cancel)
+                img = G_tuned.synthesis(ws[i:i + 1], noise_mode=o.noise_mode)
+            else:
+                with torch.no_grad():
+                    img = G_tuned.synthesis(ws[i:i + 1], noise_mode=o.noise_mode)
+            total, lp, mse = loss_fns[i](img)
+            lps[i], mses[i] = float(lp.detach().max()), float(mse.detach().mean())
+            preview = img.detach() if preview is None else preview
+            if step == steps or done():
+                continue
+            loss = total.mean()
+            if loc is not None and updates % loc.interval == 0:
+                codes = torch.cat([locality_codes(G, ws[i:i + 1], 1, loc.alpha, loc.psi, gen)
+                                   for _ in range(loc.num_samples)])
+                loss = loss + loc.weight * locality_loss(G_tuned, G, codes, lpips, loc.l2_weight, loc.lpips_weight,
+                                                         max_size=o.lpips_size, noise_mode=loc.noise_mode)
+                loc_terms += 1
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            updates += 1
+        if done():
             stopped = step < steps
-            if stopped and progress is not None:
-                progress(steps, steps, float(total.detach().mean()), img.detach())  # done early: report 100 %
+            if stopped:
+                report_step(progress, "tune", steps, steps, sum(mses) / n, preview)  # done early: report 100 %
             break
         if step == steps:
             break
-        loss = total.mean()
-        if loc is not None and step % loc.interval == 0:
-            pivots = torch.stack([ws[(step * loc.num_samples + j) % n] for j in range(loc.num_samples)])
-            codes = torch.cat([locality_codes(G, p[None], 1, loc.alpha, loc.psi, gen) for p in pivots])
-            loss = loss + loc.weight * locality_loss(G_tuned, G, codes, lpips, loc.l2_weight, loc.lpips_weight,
-                                                     max_size=o.lpips_size, noise_mode=loc.noise_mode)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress is not None:
-            last = step == steps - 1
-            preview = img.detach() if (last or (o.preview_every and step % o.preview_every == 0)) else None
-            progress(step + 1, steps, float(total.detach().mean()), preview)
+        show = step == steps - 1 or (o.preview_every and step % o.preview_every == 0)
+        report_step(progress, "tune", step + 1, steps, float(total.detach().mean()), preview if show else None)
     for p in params:
         p.grad = None
     G_tuned.requires_grad_(False).eval()
-    report = PTIResult(steps_run=step, stopped_early=stopped, final_lpips=lp_val, final_mse=mse_val,
-                       lpips_backbone=lpips.backbone_name, threshold_applied=threshold is not None)
+    report = PTIResult(steps_run=step, stopped_early=stopped, final_lpips=max(lps), final_mse=sum(mses) / n,
+                       lpips_backbone=lpips.backbone_name, threshold_applied=threshold is not None,
+                       optimizer_steps=updates, locality_terms=loc_terms)
     return G_tuned, report

@@ -6,13 +6,11 @@ The server's view of the engine. ``create_session`` inverts the layer once (meth
 input elsewhere, alpha = composite mask × input alpha (0 outside the selection, so those pixels of the result
 layer are transparent and its RGB there is the input's, bit for bit).
 
-Geometry (``SessionOptions.align``):
-
-* ``"none"``: the layer must be square and ``k`` times the generator's resolution. ``k = 1``: the generator's
-  render is composited directly. ``k > 1``: inversion runs on the area-downsampled layer and the *edit delta*
-  (edited render − unedited render) is upsampled and added to the full-resolution layer, which keeps its detail.
-* ``"auto"``: core.align finds the face overlapping the selection most, the aligned crop is inverted, and the
-  edit delta is warped back into the layer (STIT-style paste-back, alpha = selection ∩ crop).
+Pieces: every method returns a :class:`core.inversion.Inversion` (codes, segment masks, tuned generator); a
+:class:`core.geometry.LayerGeometry` maps the layer onto the generator square (``SessionOptions.align``:
+"none" -> direct, or upsampled for a layer ``k`` times the generator size; "auto" -> the FFHQ-aligned face
+crop); ``core.compositing.compose`` is the one path from an edited render to overlay + alpha (feather in
+layer pixels).
 
 Selection: ``None`` or all ones means the whole layer (documented: the static region is empty, every pixel may
 change; with ``align="auto"`` the face crop still bounds the change).
@@ -28,22 +26,36 @@ from typing import Mapping, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from core.blend import color_match as _color_match
-from core.blend import feather_mask, poisson_blend
-from core.chunks import BLENDS, ChunksOptions, SegmentSession, dilate, invert_segments, normalize_masks
-from core.common import CancelLike, InvalidInput, LatentEditError, NoFace, check_cancel
+from core.chunks import ChunksOptions, dilate, invert_segments, normalize_masks
+from core.chunks import refine as refine_inversion
+from core.common import CancelLike, InvalidInput, ProgressFn, Stages, check_cancel
+from core.compositing import DEFAULT_FEATHER, check_render_options, compose
+from core.geometry import LayerGeometry, aligned_geometry, plain_geometry, to_numpy, to_tensor
+from core.inversion import Inversion
 
-METHODS = ("pti", "chunks", "w", "wplus")
 ALIGNS = ("auto", "none")
-# (projection steps, tuning steps) when SessionOptions leaves them None
-METHOD_STEPS = {
-    "w": (450, 0),  # PTI §4.5: 450 W projection steps
-    "wplus": (450, 0),  # the same budget in W+
-    "pti": (450, 350),  # PTI §4.5: 450 projection steps, then up to 350 tuning steps (early stop at LPIPS 0.06)
-    "chunks": (200, 0),  # Chunkmogrify README: "100 or 200 is ok"; its PTI is optional ("30–50 iterations")
-}
+# The inversion methods, their defaults and the SessionOptions fields each uses: the one source the server's
+# GET /v1/models and the plugins read (method_catalog()).  Steps = (projection, tuning) when left None.
+_CATALOG = (
+    # PTI §4.5: 450 projection steps, then up to 350 tuning steps (early stop at LPIPS 0.06)
+    ("pti", "Pivotal tuning (closest likeness)", 450, 350, ("project_steps", "tune_steps", "locality", "seed")),
+    # Chunkmogrify README: "100 or 200 is ok"; its PTI is optional ("30–50 iterations")
+    ("chunks", "Segments (ChunkyGAN)", 200, 0, ("project_steps", "tune_steps", "space", "reg", "seed")),
+    ("w", "Latent code only (W)", 450, 0, ("project_steps", "seed")),  # PTI §4.5: 450 W projection steps
+    ("wplus", "Latent code per layer (W+)", 450, 0, ("project_steps", "seed")),  # the same budget in W+
+)
+METHODS = tuple(m[0] for m in _CATALOG)
+METHOD_STEPS = {m[0]: (m[2], m[3]) for m in _CATALOG}
+
+
+def method_catalog() -> list[dict]:
+    """``[{name, label, project_steps, tune_steps, options}]`` for every method, the default first; ``label``
+    in user words, steps the defaults used when ``SessionOptions`` leaves them None, ``options`` the
+    SessionOptions fields the method reads (besides align, feather, blend, color_match, which all use)."""
+    return [{"name": name, "label": label, "project_steps": p, "tune_steps": t, "options": list(fields)}
+            for name, label, p, t, fields in _CATALOG]
+
 SESSION_FORMAT = "latent-edit-session"
 SESSION_VERSION = 1
 
@@ -56,13 +68,14 @@ class SessionOptions:
     align: str = "auto"  # FFHQ-aligned faces are what face generators know (ffhq-dataset recreate_aligned_images)
     project_steps: Optional[int] = None
     tune_steps: Optional[int] = None
-    feather: float = 8.0  # inward feather radius in layer pixels; krita-ai-diffusion uses selection_feather 10
+    feather: float = DEFAULT_FEATHER  # inward feather radius, layer px (core.compositing.DEFAULT_FEATHER)
     blend: str = "alpha"  # "alpha" | "poisson" (Chunkmogrify's "blended" output mode is Poisson cloning)
     seed: int = 0
     color_match: bool = False  # krita-ai-diffusion color_match; off: edits may change colour on purpose
     space: str = "w+"  # chunks: ChunkyGAN's default space
     reg: float = 1.0  # chunks: ChunkyGAN λ_reg = 1 (only acts with several segments)
     min_face: int = 32  # align="auto": smallest face (eye-to-mouth box side, layer px) accepted; our choice
+    locality: bool = False  # pti: PTI §3.3 locality regulariser (PTI@da94d59 ships it off) with its settings
 
     def resolved_steps(self) -> tuple[int, int]:
         p, t = METHOD_STEPS[self.method]
@@ -77,10 +90,9 @@ class SessionOptions:
             raise InvalidInput(f"method must be one of {METHODS}; got {self.method!r}")
         if self.align not in ALIGNS:
             raise InvalidInput(f"align must be one of {ALIGNS}; got {self.align!r}")
-        if self.blend not in BLENDS:
-            raise InvalidInput(f"blend must be one of {BLENDS}; got {self.blend!r}")
-        if not (isinstance(self.feather, (int, float)) and math.isfinite(self.feather) and self.feather >= 0):
-            raise InvalidInput(f"feather must be a finite radius >= 0; got {self.feather!r}")
+        check_render_options(self.feather, self.blend)
+        if not isinstance(self.locality, (bool, np.bool_)):
+            raise InvalidInput(f"locality must be true or false; got {self.locality!r}")
         for name in ("project_steps", "tune_steps"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0):
@@ -145,201 +157,83 @@ def check_selection(selection, shape: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(selection, dtype=np.float32)
 
 
-def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """(H,W,3) [0,1] -> (1,3,H,W) [-1,1]."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() * 2 - 1
-
-
-def _to_numpy(x: torch.Tensor) -> np.ndarray:
-    """(1,3,H,W) [-1,1] -> (H,W,3) [0,1] float32, clamped."""
-    return ((x[0].permute(1, 2, 0) + 1) / 2).clamp(0, 1).detach().cpu().numpy().astype(np.float32)
-
-
-class _Progress:
-    """Maps each stage's own progress onto one overall fraction (stages weighted by their step counts)."""
-
-    def __init__(self, fn, weights: dict):
-        self.fn = fn
-        self.weights = {k: float(v) for k, v in weights.items() if v > 0}
-        self.total = sum(self.weights.values()) or 1.0
-
-    def __call__(self, stage: str, fraction: float, message: str = "", preview=None):
-        if self.fn is None:
-            return
-        done = 0.0
-        for name, w in self.weights.items():
-            if name == stage:
-                done += w * min(max(fraction, 0.0), 1.0)
-                break
-            done += w
-        self.fn(stage, done / self.total, message, preview)
-
-
-def _preview(img) -> Optional[np.ndarray]:
-    if img is None or not torch.is_tensor(img):
-        return None
-    return _to_numpy(img[:1])
-
-
 # --------------------------------------------------------------------------------------------------- session
 
 class EditSession:
-    """Inversion state of one layer and the recipe to turn edits into a result layer (see module docstring)."""
+    """One layer's inversion (:class:`core.inversion.Inversion`), its :class:`core.geometry.LayerGeometry` and
+    the recipe to turn edits into a result layer (see the module docstring).  Never modified after creation:
+    :meth:`refine` returns a new session."""
 
-    def __init__(self, G, image: np.ndarray, selection: np.ndarray, segments: SegmentSession,
-                 options: SessionOptions, geometry: dict, directions: Optional[Mapping] = None,
-                 info: Optional[dict] = None, reference: Optional[torch.Tensor] = None):
+    def __init__(self, G, image: np.ndarray, selection: np.ndarray, inversion: Inversion, options: SessionOptions,
+                 geometry: LayerGeometry, directions: Optional[Mapping] = None, info: Optional[dict] = None,
+                 reference: Optional[torch.Tensor] = None):
         self.G = G
         self.image = image
         self.selection = selection
-        self.segments = segments
+        self.inversion = inversion
         self.options = options
         self.geometry = geometry
         self.directions = dict(directions or {})
-        self.segments.directions = self.directions
         self.info = dict(info or {})
-        self._base = _to_tensor(image[..., :3])
+        self._base = to_tensor(image[..., :3])
+        self._selection = torch.from_numpy(selection)[None, None]
+        self._alpha_cache: dict = {}
         # the "unedited" generator-resolution image an edit delta is measured against (None: the reconstruction;
         # a hole-filled session keeps its parent's, so its baked-in edit shows)
         self.reference = reference
 
     @property
     def tuned(self) -> bool:
-        return self.segments.tuned
+        return self.inversion.tuned
+
+    @property
+    def segments(self) -> Inversion:
+        """The inversion (the name this attribute had before issue 15; use :attr:`inversion`)."""
+        return self.inversion
 
     def render(self, edits=None, feather: Optional[float] = None, blend: Optional[str] = None,
                color_match: Optional[bool] = None) -> np.ndarray:
         """The result layer ``(H,W,4)`` float32 RGBA in [0,1] for ``edits`` = [(name | Direction | W tensor,
         strength[, (first, last)]), ...] (names resolved through the session's directions).
 
-        One generator forward (none for no edits) plus compositing. Where the composite alpha is 0 the RGB is
-        the input's, bit for bit, and alpha is 0.
+        One generator forward (none for no edits) plus compositing (core.compositing; on the CPU, next to the
+        numpy layer, while the generator may live on a GPU). Where the composite alpha is 0 the RGB is the
+        input's, bit for bit, and alpha is 0.
         """
         o = self.options
-        feather = o.feather if feather is None else feather
-        blend = o.blend if blend is None else blend
-        color_match = o.color_match if color_match is None else bool(color_match)
-        if blend not in BLENDS:
-            raise InvalidInput(f"blend must be one of {BLENDS}; got {blend!r}")
-        if not (isinstance(feather, (int, float)) and math.isfinite(feather) and feather >= 0):
-            raise InvalidInput(f"feather must be a finite radius >= 0; got {feather!r}")
-        edits = list(edits or [])
-        seg = self.segments
-        with torch.no_grad():
-            # compositing runs on the CPU, next to the numpy layer (the generator may live on a GPU)
-            gen = seg.generated(edits).cpu()
-            rec = (seg.generated() if self.reference is None else self.reference).cpu()
-            image, support = seg.image.cpu(), seg.support.cpu()
-            if color_match:
-                gen = _color_match(rec, image, seg.coverage.cpu(), target=gen)
-            kind = self.geometry["kind"]
-            if kind == "identity":
-                window = (0, 0, self.image.shape[1], self.image.shape[0])
-                alpha = self._alpha(feather, window)
-                overlay = gen
-                if blend == "poisson":
-                    overlay = poisson_blend(image, overlay, alpha > 0)
-            else:
-                # the edit delta at generator resolution (made seamless there when asked), lifted to the layer
-                res_overlay = torch.where(support, image + (gen - rec), image)
-                if blend == "poisson":
-                    res_overlay = poisson_blend(image, res_overlay, support)
-                window = self._window(feather)
-                x0, y0, x1, y1 = window
-                delta = self._lift(res_overlay - image, window)
-                alpha = self._alpha(feather, window)
-                overlay = self._base[..., y0:y1, x0:x1] + delta
+        overlay, alpha, window = compose(
+            self.inversion, self.geometry, self._base, self._selection, list(edits or []), self.directions,
+            o.feather if feather is None else feather, o.blend if blend is None else blend,
+            o.color_match if color_match is None else bool(color_match), reference=self.reference, device="cpu",
+            cache=self._alpha_cache)
         x0, y0, x1, y1 = window
         a = alpha[0, 0].numpy().astype(np.float32)
         src = self.image[y0:y1, x0:x1]
         out = self.image.copy()
         out[..., 3] = 0
-        out[y0:y1, x0:x1, :3] = np.where(a[..., None] > 0, _to_numpy(overlay), src[..., :3])
+        out[y0:y1, x0:x1, :3] = np.where(a[..., None] > 0, to_numpy(overlay), src[..., :3])
         out[y0:y1, x0:x1, 3] = np.where(a > 0, a * src[..., 3], np.float32(0))
         return out
 
-    def _alpha(self, feather: float, window) -> torch.Tensor:
-        """Feathered (selection × generator footprint) over ``window``, cached per radius."""
-        key = (float(feather), tuple(window))
-        cache = self.__dict__.setdefault("_alpha_cache", {})
-        if key not in cache:
-            x0, y0, x1, y1 = window
-            sel = torch.from_numpy(self.selection[y0:y1, x0:x1])[None, None]
-            cache.clear()
-            cache[key] = feather_mask(self._valid(window) * sel, feather)
-        return cache[key]
-
-    def _window(self, feather: float) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1): the region that can change (selection ∩ generator footprint) grown by the feather."""
-        x0, y0, x1, y1 = self.geometry["window"]
-        H, W = self.image.shape[:2]
-        pad = int(math.ceil(feather)) + 2
-        return max(x0 - pad, 0), max(y0 - pad, 0), min(x1 + pad, W), min(y1 + pad, H)
-
-    def _lift(self, delta: torch.Tensor, window) -> torch.Tensor:
-        """Generator-resolution delta (1,3,r,r) -> the delta over the layer ``window`` (1,3,h,w)."""
-        g = self.geometry
-        x0, y0, x1, y1 = window
-        if g["kind"] == "scale":
-            # upsample only the low-resolution pixels the window needs (+1 px so no clamped border is used)
-            k, r = int(g["scale"]), delta.shape[-1]
-            lx0, ly0 = max(x0 // k - 1, 0), max(y0 // k - 1, 0)
-            lx1, ly1 = min(-(-x1 // k) + 1, r), min(-(-y1 // k) + 1, r)
-            up = F.interpolate(delta[..., ly0:ly1, lx0:lx1], scale_factor=k, mode="bilinear", align_corners=False)
-            return up[..., y0 - ly0 * k:y1 - ly0 * k, x0 - lx0 * k:x1 - lx0 * k]
-        if g["kind"] == "align":
-            from core.align import warp_back
-
-            d = warp_back(delta[0].permute(1, 2, 0).numpy().astype(np.float32), self._transform(), window)
-            return torch.from_numpy(np.ascontiguousarray(d)).permute(2, 0, 1)[None].float()
-        raise LatentEditError(f"unknown session geometry {g['kind']!r}")
-
-    def _valid(self, window) -> torch.Tensor:
-        """Where the generator's footprint covers the layer ``window`` (1,1,h,w): all of it when scaled,
-        the aligned face square (eroded, hard edge: the feather comes after) for faces."""
-        x0, y0, x1, y1 = window
-        if self.geometry["kind"] != "align":
-            return torch.ones(1, 1, y1 - y0, x1 - x0)  # identity / scale: the generator covers the layer
-        from core.align import face_alpha
-
-        return torch.from_numpy(face_alpha(self._transform(), window, feather=0.0))[None, None]
-
-    def _transform(self):
-        if getattr(self, "_align_transform", None) is None:
-            from core.align import AlignTransform
-
-            self._align_transform = AlignTransform.from_json(self.geometry["transform"])
-        return self._align_transform
-
-    def refine(self, correction, edits, steps: Optional[int] = None, progress=None,
+    def refine(self, correction, edits, steps: Optional[int] = None, progress: ProgressFn = None,
                cancel: CancelLike = None) -> "EditSession":
         """Hole filling (ChunkyGAN §5): a new session where ``edits`` are baked in and the edited content may
         continue into ``correction`` ((H,W) float in [0,1], layer coordinates, e.g. where glasses should reach
-        past the selection). The selection grows to include the correction; ``self`` is unchanged."""
+        past the selection). The selection grows to include the correction; ``self`` is unchanged.
+        ``progress(ProgressEvent)`` with stage "refine"."""
         H, W = self.image.shape[:2]
         corr = check_selection(correction, (H, W))
-        kind, res = self.geometry["kind"], self.segments.image.shape[-1]
-        if kind == "identity":
-            c_res = corr
-        elif kind == "scale":
-            c_res = F.interpolate(torch.from_numpy(corr)[None, None], size=(res, res), mode="area")[0, 0].numpy()
-        else:
-            from core.align import warp_crop
-
-            c_res = np.clip(warp_crop(corr[..., None], self._transform())[..., 0], 0, 1)
+        c_res = self.geometry.to_generator(corr)
         if not (c_res > 0).any():
             raise InvalidInput("the correction mask lies outside the region the generator covers")
-        C = torch.from_numpy(np.ascontiguousarray(c_res, dtype=np.float32)).to(self.segments.image.device)
-        prog = None if progress is None else (lambda s, t, loss=None, *a: progress("refine", s / max(t, 1),
-                                                                                 f"refine step {s}/{t}", None))
-        seg = self.segments.refine(C, edits=list(edits or []), steps=steps, progress=prog, cancel=cancel)
-        selection = np.maximum(self.selection, corr)
-        geometry = dict(self.geometry)
-        geometry["window"] = [min(a, b) if i < 2 else max(a, b)
-                              for i, (a, b) in enumerate(zip(self.geometry["window"], _bbox(corr > 0)))]
-        reference = self.segments.generated() if self.reference is None else self.reference
-        return EditSession(self.G, self.image, selection, seg, self.options, geometry, self.directions,
-                           dict(self.info, refined=True), reference=reference.detach().cpu())
+        inv = self.inversion
+        C = torch.from_numpy(np.ascontiguousarray(c_res, dtype=np.float32)).to(inv.image.device)
+        refined = refine_inversion(inv, C, list(edits or []), self.directions, steps,
+                                   options=ChunksOptions(seed=self.options.seed), progress=progress, cancel=cancel)
+        reference = inv.generated() if self.reference is None else self.reference
+        return EditSession(self.G, self.image, np.maximum(self.selection, corr), refined, self.options,
+                           self.geometry.including(corr > 0), self.directions, dict(self.info, refined=True),
+                           reference=reference.detach().cpu())
 
     # ---- persistence ----
     def save(self, directory) -> pathlib.Path:
@@ -347,25 +241,24 @@ class EditSession:
         ``generator_delta.pt`` (core.stylegan2.formats delta against the base generator)."""
         d = pathlib.Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        seg = self.segments
+        inv = self.inversion
         tensors = {"image": torch.from_numpy(self.image), "selection": torch.from_numpy(self.selection)}
-        tensors.update({f"seg_{k}": v.detach().cpu() for k, v in seg.state_dict().items()})
+        tensors.update({f"seg_{k}": v.detach().cpu() for k, v in inv.state_dict().items()})
         if self.reference is not None:
             tensors["reference"] = self.reference.detach().cpu()
-        geometry = {k: v for k, v in self.geometry.items() if not torch.is_tensor(v)}
-        tensors.update({f"geom_{k}": v.detach().cpu() for k, v in self.geometry.items() if torch.is_tensor(v)})
         torch.save(tensors, d / "tensors.pt")
-        if seg.tuned:
+        if inv.tuned:
             from core.stylegan2.formats import save_generator
 
-            save_generator(seg.G, d / "generator_delta.pt", base=seg.base_G)
+            save_generator(inv.G, d / "generator_delta.pt", base=inv.base_G)
         meta = {
             "format": SESSION_FORMAT,
             "version": SESSION_VERSION,
             "options": dataclasses.asdict(self.options),
-            "chunks_options": dataclasses.asdict(seg.options),
-            "geometry": geometry,
-            "tuned": seg.tuned,
+            "method": inv.method,
+            "noise_mode": inv.noise_mode,
+            "geometry": self.geometry.to_json(),
+            "tuned": inv.tuned,
             "base_fingerprint": _fingerprint(self.G),
             "info": {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool))},
         }
@@ -389,20 +282,20 @@ class EditSession:
             raise InvalidInput(f"the session in {d} was created with a different model than the one given")
         try:
             options = SessionOptions(**meta["options"])
-            chunks_options = ChunksOptions(**meta["chunks_options"])
-            image, selection, geometry = tensors["image"].numpy(), tensors["selection"].numpy(), dict(meta["geometry"])
-        except (KeyError, TypeError, AttributeError) as err:
+            image, selection = tensors["image"].numpy(), tensors["selection"].numpy()
+            geometry = LayerGeometry.from_json(meta["geometry"], image.shape[:2], int(G.resolution))
+            noise_mode = meta.get("noise_mode") or meta.get("chunks_options", {}).get("noise_mode", "const")
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise InvalidInput(f"the saved session in {d} is incomplete or damaged: {err!r}") from err
-        G_seg = G
+        G_inv = G
         if meta.get("tuned"):
             from core.stylegan2.formats import load_generator
 
-            G_seg = load_generator(d / "generator_delta.pt", base=G)
+            G_inv = load_generator(d / "generator_delta.pt", base=G)
         device = G.w_avg.device
         state = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("seg_")}
-        seg = SegmentSession.from_state(G_seg, state, chunks_options, base_G=G)
-        geometry.update({k[5:]: v for k, v in tensors.items() if k.startswith("geom_")})
-        return cls(G, image, selection, seg, options, geometry, directions=directions, info=meta.get("info"),
+        inv = Inversion.from_state(meta.get("method", options.method), G_inv, state, base_G=G, noise_mode=noise_mode)
+        return cls(G, image, selection, inv, options, geometry, directions=directions, info=meta.get("info"),
                    reference=tensors.get("reference"))
 
 
@@ -415,13 +308,13 @@ def _fingerprint(G) -> str:
 
 # ---------------------------------------------------------------------------------------------------- create
 
-def create_session(G, image, selection=None, options: Optional[SessionOptions] = None, progress=None,
+def create_session(G, image, selection=None, options: Optional[SessionOptions] = None, progress: ProgressFn = None,
                    cancel: CancelLike = None, directions: Optional[Mapping] = None) -> EditSession:
     """Invert ``image`` (numpy ``(H,W,4)`` float32 RGBA in [0,1]) inside ``selection`` (``(H,W)`` in [0,1] or
     None = all) with ``options.method`` and return the :class:`EditSession`.
 
-    ``progress(stage, fraction, message, preview)``: stages "align", "project", "tune", "render"; ``fraction`` of
-    the whole job in [0,1]; ``preview`` None or ``(r,r,3)`` float32 in [0,1]. ``cancel`` raises Cancelled.
+    ``progress(ProgressEvent)``: stages "align", "project", "tune", "render"; ``fraction`` of the whole job in
+    [0,1] (non-decreasing, 1 at the end); ``preview`` None or ``(r,r,3)`` uint8. ``cancel`` raises Cancelled.
     ``G`` is never modified (tuning works on a copy).
     """
     opts = dataclasses.replace(options) if options is not None else SessionOptions()
@@ -430,114 +323,60 @@ def create_session(G, image, selection=None, options: Optional[SessionOptions] =
     H, W = layer.shape[:2]
     sel = check_selection(selection, (H, W))
     p_steps, t_steps = opts.resolved_steps()
-    report = _Progress(progress, {"align": 0.02 * (p_steps + t_steps) + 1 if opts.align == "auto" else 0,
-                                  "project": p_steps, "tune": t_steps, "render": 1})
+    stages = Stages(progress, {"align": 0.02 * (p_steps + t_steps) + 1 if opts.align == "auto" else 0,
+                               "project": p_steps, "tune": t_steps, "render": 1})
     t0 = time.perf_counter()
     res = int(G.resolution)
     check_cancel(cancel)
     if opts.align == "none":
-        target, mask, geometry = _plain_geometry(layer, sel, res)
+        target, mask, geometry = plain_geometry(layer, sel, res)
     else:
-        report("align", 0.0, "finding the face")
-        target, mask, geometry = _align_geometry(layer, sel, res, min_face=opts.min_face)
-        report("align", 1.0, f"face at {geometry.get('box')}")
+        stages.say("align", 0.0, "Finding the face")
+        target, mask, geometry = aligned_geometry(layer, sel, res, min_face=opts.min_face)
+        stages.say("align", 1.0, "Found the face")
     check_cancel(cancel)
     device = G.w_avg.device
-    seg = _invert(G, target.to(device), mask.to(device), opts, p_steps, t_steps, report, cancel)
-    report("render", 0.0, "rendering")
-    seg.reconstructions()  # cache the unedited render: later renders are one forward
+    inv = invert(G, target.to(device), mask.to(device), opts, p_steps, t_steps, stages, cancel)
+    stages.say("render", 0.0, "Rendering")
+    inv.reconstructions()  # cache the unedited render: later renders are one forward
     info = {"method": opts.method, "project_steps": p_steps, "tune_steps": t_steps,
             "seconds": time.perf_counter() - t0, "resolution": res}
-    session = EditSession(G, layer, sel, seg, opts, geometry, directions, info)
-    report("render", 1.0, "ready")
+    session = EditSession(G, layer, sel, inv, opts, geometry, directions, info)
+    stages.say("render", 1.0, "Ready")
     return session
 
 
-def _plain_geometry(layer: np.ndarray, sel: np.ndarray, res: int):
-    H, W = layer.shape[:2]
-    if H != W or H % res:
-        raise InvalidInput(f"the layer is {W}×{H}; with align='none' it must be square and a multiple of the "
-                           f"generator's {res}×{res} (crop or scale it, or use align='auto' for faces)")
-    k = H // res
-    rgb = _to_tensor(layer[..., :3])
-    m = torch.from_numpy(sel)[None, None]
-    window = list(_bbox(sel > 0))
-    if k == 1:
-        return rgb, m[0], {"kind": "identity", "scale": 1, "window": window}
-    target = F.interpolate(rgb, size=(res, res), mode="area")
-    mask = F.interpolate(m, size=(res, res), mode="area")[0].clamp(0, 1)
-    return target, mask, {"kind": "scale", "scale": k, "window": window}
+def invert(G, target, mask, opts: SessionOptions, p_steps: int, t_steps: int, stages: Optional[Stages] = None,
+           cancel: CancelLike = None) -> Inversion:
+    """Run ``opts.method`` on ``target`` (1,3,r,r) in [-1,1] with the selection ``mask`` (1,r,r) in [0,1].
 
-
-def _bbox(region: np.ndarray) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) of the True pixels of ``region`` (H,W)."""
-    rows, cols = np.nonzero(region.any(axis=1))[0], np.nonzero(region.any(axis=0))[0]
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
-def _invert(G, target, mask, opts: SessionOptions, p_steps: int, t_steps: int, report, cancel) -> SegmentSession:
-    """Run the chosen method on ``target`` (1,3,r,r) with the selection ``mask`` (1,r,r)."""
+    "w"/"wplus": global projection of the whole crop, composited inside the selection; "pti": a W pivot fitted
+    (like the tuning) to the selection's dilated region when there is a selection, then pivotal tuning (with
+    PTI's locality regulariser when ``opts.locality``); "chunks": core.chunks segment inversion (the selection
+    is one segment) with optional segment-restricted tuning."""
+    stages = stages or Stages(None, {"project": p_steps, "tune": t_steps})
     chunks_opts = ChunksOptions(seed=opts.seed)
     if opts.method == "chunks":
-        def prog(step, total, loss=None, preview=None, *rest):
-            stage = "project" if step <= p_steps else "tune"
-            frac = step / max(p_steps, 1) if stage == "project" else (step - p_steps) / max(t_steps, 1)
-            report(stage, frac, f"{stage} step {step}/{total}" + ("" if loss is None else f" loss {loss:.4f}"),
-                   _preview(preview))
-
-        return invert_segments(G, target, mask, steps=p_steps, space=opts.space, reg=opts.reg,
-                               tune_steps=t_steps, progress=prog, cancel=cancel, options=chunks_opts)
+        # one segment: invert_segments' own fraction spans its projection and tuning, as the session's do
+        return invert_segments(G, target, mask, steps=p_steps, space=opts.space, reg=opts.reg, tune_steps=t_steps,
+                               progress=stages.span("project", "tune"), cancel=cancel,
+                               options=chunks_opts).inversion
 
     from core.projection import ProjectOptions, project
 
     S, coverage = normalize_masks(mask[:, None] if mask.ndim == 3 else mask)
     whole = bool((mask >= 1).all())
     region = None if whole else dilate((S.sum(0, keepdim=True) > 0).float(), chunks_opts.dilate)
-
-    def prog_stage(stage, total):
-        def prog(step, tot, loss=None, preview=None, *rest):
-            msg = f"{stage} step {step}/{tot}" + ("" if loss is None else f" loss {loss:.4f}")
-            report(stage, step / max(tot, 1), msg, _preview(preview))
-        return prog
-
     space = "w+" if opts.method == "wplus" else "w"
-    # "w"/"wplus": global projection of the whole crop, composited inside the selection;
-    # "pti": W pivot, fitted (like the tuning) to the selection's dilated region when there is a selection.
     proj_mask = region if opts.method == "pti" else None
-    ws = project(G, target, space=space, steps=p_steps, mask=proj_mask, progress=prog_stage("project", p_steps),
+    ws = project(G, target, space=space, steps=p_steps, mask=proj_mask, progress=stages.callback("project"),
                  cancel=cancel, options=ProjectOptions(seed=opts.seed))
-    G_seg = G
+    G_inv, info = G, {"space": space}
     if opts.method == "pti" and t_steps > 0:
-        from core.pti import pivotal_tune
+        from core.pti import pivotal_tune_report
 
-        G_seg = pivotal_tune(G, ws, target, steps=t_steps, mask=region, progress=prog_stage("tune", t_steps),
-                             cancel=cancel)
-    return SegmentSession(G_seg, target, S, coverage, ws, chunks_opts, base_G=G,
-                          info={"method": opts.method, "space": space})
-
-
-# ----------------------------------------------------------------------------------------------------- faces
-
-def _align_geometry(layer: np.ndarray, sel: np.ndarray, res: int, min_face: int):
-    """Detect faces, take the one the selection covers most, FFHQ-align it to a ``res``² crop.
-
-    Returns the crop (1,3,r,r) in [-1,1], the selection in crop coordinates (1,r,r) (0 where the crop lies
-    outside the layer) and the geometry (transform JSON, face box, window of the layer that can change)."""
-    from core.align import align_face, face_alpha, find_face, warp_crop
-
-    face = find_face(layer, sel, min_size=min_face)
-    crop, transform = align_face(layer[..., :3], face, res)
-    sel_crop = warp_crop(sel[..., None], transform)[..., 0]
-    # crop pixels whose centre falls outside the layer hold mirrored padding, not selected content
-    ij = np.stack(np.meshgrid(np.arange(res), np.arange(res), indexing="xy"), -1).reshape(-1, 2)
-    xy = transform.crop_to_image(ij).reshape(res, res, 2)
-    H, W = layer.shape[:2]
-    inside = (xy[..., 0] > -0.5) & (xy[..., 0] < W - 0.5) & (xy[..., 1] > -0.5) & (xy[..., 1] < H - 0.5)
-    sel_crop = np.clip(sel_crop, 0, 1) * inside
-    region = (face_alpha(transform, feather=0.0) > 0) & (sel > 0)
-    if not (sel_crop > 0).any() or not region.any():
-        raise NoFace("the selection does not overlap the aligned face region; select (part of) a face")
-    geometry = {"kind": "align", "transform": transform.to_json(), "box": [float(v) for v in face.box],
-                "window": list(_bbox(region))}
-    target = _to_tensor(np.clip(crop, 0, 1))
-    return target, torch.from_numpy(sel_crop.astype(np.float32))[None], geometry
+        G_inv, report = pivotal_tune_report(G, ws, target, steps=t_steps, mask=region, locality=opts.locality,
+                                            progress=stages.callback("tune"), cancel=cancel)
+        info.update(tune_steps_run=report.steps_run, locality=bool(opts.locality),
+                    locality_terms=report.locality_terms)
+    return Inversion(opts.method, target, ws, S, coverage, G_inv, G, "const", info)

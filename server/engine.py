@@ -2,6 +2,12 @@
 
 :class:`Engine` is deliberately thin; tests build it from an in-test fake registry and session API that
 honour the same contract (docs/architecture.md, "core.session" and "core.models").
+
+Progress contract (engine -> jobs): :meth:`Engine.create` passes the job's ``on_progress`` straight to
+``core.session.create_session``, which calls ``on_progress(event)`` with a ``core.common.ProgressEvent``
+(``stage``, ``step``, ``total``, ``fraction`` of the whole session in [0,1], ``message`` in user words,
+``loss``, ``preview`` ``(h,w,3)`` uint8 or None) — nothing is translated here.  ``on_progress`` may raise
+``core.common.Cancelled`` to stop the work between steps.
 """
 from __future__ import annotations
 
@@ -104,6 +110,7 @@ class Engine:
         return cls(**{k: v for k, v in fields.items() if k in names})
 
     def create(self, model: str, image, selection, options: dict, progress, cancel) -> Any:
+        """A new session; ``progress(event: ProgressEvent)`` (see the module docstring), ``cancel`` an Event."""
         lm = self.loaded(model)
         return self.api.create_session(lm.generator, image, selection, options=self.options(options),
                                        progress=progress, cancel=cancel, directions=lm.directions)

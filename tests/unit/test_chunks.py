@@ -211,7 +211,7 @@ def test_all_selected_is_global_inversion(G, photo):
 def test_generator_untouched_and_progress_cancel(G, photo, two_segments):
     before = {k: v.clone() for k, v in G.state_dict().items()}
     calls = []
-    invert_segments(G, photo, two_segments, steps=4, options=FAST, progress=lambda s, t, l, *a: calls.append((s, t)))
+    invert_segments(G, photo, two_segments, steps=4, options=FAST, progress=lambda e: calls.append((e.step, e.total)))
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert all(torch.equal(before[k], v) for k, v in G.state_dict().items())
     assert all(p.grad is None for p in G.parameters())
@@ -222,7 +222,7 @@ def test_generator_untouched_and_progress_cancel(G, photo, two_segments):
     n = []
     with pytest.raises(Cancelled):
         invert_segments(G, photo, two_segments, steps=10, options=FAST,
-                        progress=lambda s, *a: n.append(s), cancel=lambda: len(n) >= 2)
+                        progress=lambda e: n.append(e.step), cancel=lambda: len(n) >= 2)
     assert n == [1, 2]
 
 
@@ -311,10 +311,12 @@ def test_segment_restricted_pti(G, photo, two_segments):
     plain = invert_segments(G, photo, two_segments, steps=10, options=FAST)
     calls = []
     tuned = invert_segments(G, photo, two_segments, steps=10, tune_steps=15, options=FAST,
-                            progress=lambda s, t, *a: calls.append((s, t)))
+                            progress=calls.append)
     assert tuned.tuned and tuned.G is not G and tuned.base_G is G
     assert all(torch.equal(before[k], v) for k, v in G.state_dict().items())  # G untouched
-    assert calls[-1] == (25, 25) and calls[9] == (10, 25)
+    # 10 projection steps, then 15 tuning iterations of one update per segment: the fraction spans both
+    assert [(c.stage, c.step, c.total) for c in (calls[9], calls[-1])] == [("project", 10, 10), ("tune", 15, 15)]
+    assert calls[9].fraction == pytest.approx(10 / (10 + 2 * 15)) and calls[-1].fraction == 1.0 and len(calls) == 25
     assert torch.equal(tuned.ws, plain.ws)  # same pivots (deterministic), only the weights moved
     sel = two_segments.sum(0)
     assert float(masked_mse(tuned.generated(), photo, sel)) < 0.9 * float(masked_mse(plain.generated(), photo, sel))

@@ -46,6 +46,10 @@ def test_lists_default_and_folder_models(models_dir):
     assert (by_name["alpha"]["resolution"], by_name["alpha"]["num_ws"], by_name["alpha"]["w_dim"]) == (32, 8, 32)
     assert (by_name["beta"]["resolution"], by_name["beta"]["num_ws"], by_name["beta"]["w_dim"]) == (16, 6, 16)
     assert by_name["alpha"]["spaces"] == ["w", "w+", "s"]
+    from core.session import method_catalog
+
+    assert all(m["methods"] == method_catalog() for m in listing)  # one source for methods and their defaults
+    assert [m["name"] for m in by_name["alpha"]["methods"]][0] == "pti"
     alpha_dirs = {d["name"]: d for d in by_name["alpha"]["directions"]}
     assert list(alpha_dirs)[:2] == ["smile", "gaze"]  # files first, then SeFa
     assert alpha_dirs["smile"] == {"name": "smile", "space": "w", "layers": [0, 3], "default_strength": 1.5,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,22 +81,23 @@ def test_progress_and_cancel_within_one_step(G, known):
     _, target, _ = known
     calls = []
 
-    def progress(step, total, loss, preview):
-        calls.append((step, total, loss, preview))
+    def progress(e):
+        calls.append((e.step, e.total, e.loss, e.preview))
 
     project(G, target, steps=12, progress=progress, options=ProjectOptions(lpips_net="alex", preview_every=5,
                                                                           w_avg_samples=50))
     assert [c[0] for c in calls] == list(range(1, 13)) and all(c[1] == 12 for c in calls)
     assert all(math.isfinite(c[2]) for c in calls)
     with_preview = [c[0] for c in calls if c[3] is not None]
-    assert with_preview == [1, 6, 11, 12] and calls[-1][3].shape == target.shape
+    assert with_preview == [1, 6, 11, 12]
+    assert calls[-1][3].shape == (G.resolution, G.resolution, 3) and calls[-1][3].dtype == np.uint8
 
     event = threading.Event()
     seen = []
 
-    def stop_after_three(step, total, loss, preview):
-        seen.append(step)
-        if step == 3:
+    def stop_after_three(e):
+        seen.append(e.step)
+        if e.step == 3:
             event.set()
 
     before = {k: v.clone() for k, v in G.state_dict().items()}

@@ -8,6 +8,8 @@ that the drift is measured on; measured: drift ratio ~2.0-2.1 with α=30, N_r=2;
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -107,9 +109,9 @@ def test_cancel_within_one_step_leaves_G_untouched(setup):
     seen = []
     stop = {"now": False}
 
-    def progress(step, total, loss, preview):
-        seen.append(step)
-        stop["now"] = step == 2
+    def progress(e):
+        seen.append(e.step)
+        stop["now"] = e.step == 2
 
     with pytest.raises(Cancelled):
         pivotal_tune(G, pivot, target, steps=50, locality=True, progress=progress, cancel=lambda: stop["now"],
@@ -139,9 +141,9 @@ def test_early_stop_threshold_and_its_fallback_rule(setup):
     forced = PTIOptions(learning_rate=3e-3, lpips_threshold=1e9, threshold_with_fallback=True)
     calls = []
     G_same, rep = pivotal_tune_report(G, pivot, target, steps=3, options=forced,
-                                      progress=lambda *a: calls.append(a))
+                                      progress=calls.append)
     assert rep.stopped_early and rep.steps_run == 0 and _same(G_same, setup["state"])
-    assert [c[:2] for c in calls] == [(3, 3)], "an early stop reports completion once"
+    assert [(c.step, c.total, c.fraction) for c in calls] == [(3, 3, 1.0)], "an early stop reports completion once"
 
 
 def test_delta_round_trip_reproduces_tuned_outputs(setup, tmp_path):
@@ -157,3 +159,33 @@ def test_delta_round_trip_reproduces_tuned_outputs(setup, tmp_path):
     with torch.no_grad():
         assert torch.equal(G_back.synthesis(pivot, noise_mode="const"), G_tuned.synthesis(pivot, noise_mode="const"))
     assert _same(G, setup["state"])
+
+
+def test_n_targets_take_n_times_the_updates_of_one(setup):
+    """PTI's multi-ID coach: one optimiser step per image per iteration (counted by a global optimiser hook)."""
+    G, target, pivot = setup["G"], setup["target"], setup["pivot"]
+    no_stop = PTIOptions(learning_rate=3e-3, lpips_threshold=None)
+    stepped = []
+    hook = torch.optim.optimizer.register_optimizer_step_post_hook(lambda opt, args, kwargs: stepped.append(opt))
+    try:
+        _, one = pivotal_tune_report(G, pivot, target, steps=3, options=no_stop)
+        after_one = len(stepped)
+        targets, pivots = torch.cat([target, target.flip(-1), -target]), pivot.expand(3, -1, -1)
+        events = []
+        _, three = pivotal_tune_report(G, pivots, targets, steps=3, options=no_stop, progress=events.append)
+        after_three = len(stepped) - after_one
+    finally:
+        hook.remove()
+    assert after_one == 3 and one.optimizer_steps == 3 and one.steps_run == 3
+    assert after_three == 9 and three.optimizer_steps == 9 and three.steps_run == 3
+    assert [(e.step, e.total) for e in events] == [(1, 3), (2, 3), (3, 3)]  # progress counts iterations
+    assert _same(G, setup["state"])
+
+
+def test_locality_acts_around_each_images_own_pivot(setup):
+    G, target, pivot = setup["G"], setup["target"], setup["pivot"]
+    opts = PTIOptions(learning_rate=3e-3, lpips_threshold=None)
+    _, plain = pivotal_tune_report(G, pivot.expand(2, -1, -1), target.expand(2, -1, -1, -1), steps=2, options=opts)
+    _, reg = pivotal_tune_report(G, pivot.expand(2, -1, -1), target.expand(2, -1, -1, -1), steps=2, options=opts,
+                                 locality=dataclasses.replace(LOCALITY, interval=1))
+    assert plain.locality_terms == 0 and reg.locality_terms == reg.optimizer_steps == 4

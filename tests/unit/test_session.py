@@ -3,6 +3,7 @@ progress/cancel, save/load round trips, one-forward re-edits, named edits and fa
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from tests.conftest import make_tiny_generator
 from core.common import Cancelled, InvalidInput, NoFace
 from core.edits import Direction
-from core.session import EditSession, SessionOptions, create_session
+from core.session import METHOD_STEPS, METHODS, EditSession, SessionOptions, create_session, method_catalog
 
 FAST = dict(align="none", project_steps=3, tune_steps=2)
 
@@ -143,7 +144,7 @@ def test_edits_by_name_direction_and_tensor(G):
 def test_reedit_costs_one_forward(G):
     img, sel = layer(64), random_selection(64, 7)
     sess = create_session(G, img, sel, SessionOptions(method="pti", **FAST))
-    Gs = sess.segments.G
+    Gs = sess.inversion.G
     calls = []
     orig = Gs.synthesis
 
@@ -164,19 +165,25 @@ def test_reedit_costs_one_forward(G):
 def test_progress_stages_and_cancel(G):
     img = layer(32)
     events = []
-    create_session(G, img, None, SessionOptions(method="pti", **FAST), progress=lambda *e: events.append(e))
-    stages = [e[0] for e in events]
-    fracs = [e[1] for e in events]
+    create_session(G, img, None, SessionOptions(method="pti", **FAST), progress=events.append)
+    stages = [e.stage for e in events]
+    fracs = [e.fraction for e in events]
     assert stages[0] == "project" and "tune" in stages and stages[-1] == "render"
     assert fracs == sorted(fracs) and fracs[-1] == 1.0 and 0 < fracs[0] < 1
-    assert all(isinstance(e[2], str) for e in events)
-    previews = [e[3] for e in events if e[3] is not None]
-    assert previews and previews[0].shape == (32, 32, 3)
+    assert all(isinstance(e.message, str) and e.message for e in events)
+    previews = [e.preview for e in events if e.preview is not None]
+    assert previews and previews[0].shape == (32, 32, 3) and previews[0].dtype == np.uint8
+    # user words: "Projecting 1/2", "Tuning the generator 2/2"; never a doubled word or a raw long float
+    assert events[0].message == f"Projecting 1/{events[0].total}"
+    assert any(e.message == f"Tuning the generator {e.step}/{e.total}" for e in events if e.stage == "tune")
+    for e in events:
+        words = e.message.lower().split()
+        assert all(a != b for a, b in zip(words, words[1:])) and not re.search(r"\d\.\d{5,}", e.message), e.message
     before = {k: v.clone() for k, v in G.state_dict().items()}
     n = []
     with pytest.raises(Cancelled):
         create_session(G, img, None, SessionOptions(method="pti", align="none", project_steps=3, tune_steps=5),
-                       progress=lambda *e: n.append(e), cancel=lambda: len(n) >= 4)
+                       progress=n.append, cancel=lambda: len(n) >= 4)
     assert all(torch.equal(before[k], v) for k, v in G.state_dict().items())
 
 
@@ -213,8 +220,8 @@ def test_align_auto_face(G, astronaut):
     sel[60:180, 70:190] = 1  # around the face
     events = []
     sess = create_session(G, astronaut, sel, SessionOptions(method="w", align="auto", project_steps=3),
-                          progress=lambda *e: events.append(e[0]))
-    assert events[0] == "align" and sess.geometry["kind"] == "align"
+                          progress=lambda e: events.append(e.stage))
+    assert events[0] == "align" and sess.geometry.kind == "aligned"
     d = torch.randn(32, generator=torch.Generator().manual_seed(2))
     for blend in ("alpha", "poisson"):
         out = sess.render([(d, 3.0)], blend=blend)
@@ -259,3 +266,49 @@ def test_hole_filling_refine(G, size, tmp_path):
     refined.save(tmp_path / "refined")
     again = EditSession.load(tmp_path / "refined", G)
     assert np.array_equal(again.render([(d, 0.5)]), refined.render([(d, 0.5)]))
+
+
+def test_locality_option_reaches_the_tuning(G, monkeypatch):
+    import core.pti
+
+    calls = []
+    real = core.pti.locality_loss
+    monkeypatch.setattr(core.pti, "locality_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    img = layer(32)
+    off = create_session(G, img, None, SessionOptions(method="pti", **FAST))
+    assert calls == [] and off.inversion.info["locality_terms"] == 0
+    on = create_session(G, img, None, SessionOptions(method="pti", locality=True, **FAST))
+    assert len(calls) == on.inversion.info["locality_terms"] == on.inversion.info["tune_steps_run"] >= 1
+    with pytest.raises(InvalidInput, match="locality"):
+        SessionOptions(locality="yes").validate()
+
+
+def test_method_catalog_is_the_one_source():
+    cat = method_catalog()
+    fields = {f.name for f in dataclasses.fields(SessionOptions)}
+    assert [m["name"] for m in cat] == list(METHODS) and cat[0]["name"] == SessionOptions().method
+    for m in cat:
+        assert (m["project_steps"], m["tune_steps"]) == METHOD_STEPS[m["name"]]
+        assert m["label"] and set(m["options"]) <= fields
+        p, t = SessionOptions(method=m["name"]).validate().resolved_steps()
+        assert (p, t) == (m["project_steps"], m["tune_steps"])
+    assert "locality" in {o for m in cat if m["name"] == "pti" for o in m["options"]}
+
+
+def test_layer_geometry_json_round_trip_and_pre_issue_15_names():
+    import json
+
+    from core.common import LatentEditError
+    from core.geometry import LayerGeometry
+
+    g = LayerGeometry("upsampled", (64, 64), 32, (3, 4, 40, 50), scale=2)
+    assert LayerGeometry.from_json(json.loads(json.dumps(g.to_json())), (1, 1), 1) == g
+    assert LayerGeometry.from_json({"kind": "scale", "scale": 2, "window": [3, 4, 40, 50]}, (64, 64), 32) == g
+    assert LayerGeometry.from_json({"kind": "identity", "window": [0, 0, 8, 8]}, (32, 32), 32).kind == "direct"
+    mask = np.zeros((64, 64), np.float32)
+    mask[10:20, 30:40] = 1
+    small = g.to_generator(mask)
+    assert small.shape == (32, 32) and small[5:10, 15:20].min() == 1 and small.sum() == 25
+    assert g.grown_window(8.0) == (0, 0, 50, 60) and g.including(mask > 0).window == (3, 4, 40, 50)
+    with pytest.raises(LatentEditError):
+        LayerGeometry("sideways", (64, 64), 32, (0, 0, 1, 1))
