@@ -74,16 +74,6 @@ def mask_bbox(mask: torch.Tensor, pad: int = 0, multiple: int = 1) -> tuple[int,
     return box[0], box[1], box[2], box[3]
 
 
-def crop_to_mask_bbox(mask: torch.Tensor, *images: torch.Tensor, pad: int = 8, multiple: int = 1):
-    """Crop ``mask`` and every image to the mask's bounding box (grown by ``pad``).
-
-    Returns ``(mask_crop, *image_crops)``; pixels outside the box have mask 0, so a masked loss on the crop
-    equals the masked loss on the full image up to the network's border effects (and costs less).
-    """
-    y0, y1, x0, x1 = mask_bbox(mask, pad=pad, multiple=multiple)
-    return (mask[..., y0:y1, x0:x1], *(im[..., y0:y1, x0:x1] for im in images))
-
-
 def masked_mse(x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean squared error per image ``(N,)``; with a mask, the mask-weighted mean over pixels and channels."""
     d = (x - y).square()
@@ -139,13 +129,6 @@ class ImageLoss:
         return self.lpips_weight * lp + self.l2_weight * mse, lp, mse
 
 
-def image_loss(x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor], lpips: Optional[LPIPS],
-               lpips_weight: float = 1.0, l2_weight: float = 0.0, max_size: Optional[int] = None,
-               crop: bool = False, crop_pad: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One-off :class:`ImageLoss`: ``(total (N,), lpips (N,), mse (N,))``; gradients flow to ``x`` (and ``y``)."""
-    return ImageLoss(y, mask, lpips, lpips_weight, l2_weight, max_size, crop, crop_pad)(x)
-
-
 # --- noise (Karras et al. 2020, "Analyzing and Improving the Image Quality of StyleGAN", projector) -------------
 
 def noise_regularization(noises: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -196,5 +179,5 @@ def locality_loss(G_new, G_orig, ws_r: torch.Tensor, lpips: Optional[LPIPS], l2_
     new = G_new.synthesis(ws_r, noise_mode=noise_mode)
     with torch.no_grad():
         old = G_orig.synthesis(ws_r, noise_mode=noise_mode)
-    total, _, _ = image_loss(new, old, None, lpips, lpips_weight=lpips_weight, l2_weight=l2_weight, max_size=max_size)
+    total, _, _ = ImageLoss(old, None, lpips, lpips_weight=lpips_weight, l2_weight=l2_weight, max_size=max_size)(new)
     return total.mean()

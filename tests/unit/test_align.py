@@ -11,7 +11,7 @@ from skimage import data
 
 import core
 from core.align import (AlignTransform, Face, align_face, as_uint8_rgb, choose_face, detect_faces, face_transform,
-                        ffhq_quad, find_face, layer_selection, paste_back, warp_crop, whole_image_transform)
+                        ffhq_quad, find_face, layer_selection, paste_back, warp_crop)
 from core.common import InvalidInput
 
 
@@ -256,22 +256,6 @@ def test_padding_changes_only_pixels_outside_the_image():
     assert np.abs(crop - crop_big)[inside].max() < 1e-4
     # outside, the mirrored padding is blurred: smoother than the noise it replaced
     assert np.isfinite(crop).all() and np.abs(crop - crop_big)[~inside].mean() > 0.05
-
-
-def test_whole_image_transform_for_aligned_layers():
-    rng = np.random.default_rng(2)
-    layer = rng.uniform(0, 1, (128, 128, 3)).astype(np.float32)
-    t = whole_image_transform(layer.shape, 64)
-    crop = warp_crop(layer, t)
-    assert crop.shape == (64, 64, 3)
-    t1 = whole_image_transform(layer.shape, 128)
-    np.testing.assert_allclose(warp_crop(layer, t1), layer, atol=5e-5)  # same size: identity
-    edited = crop + 0.1
-    out = paste_back(layer, edited, t, None)
-    assert np.abs(out - layer).mean() > 0.05  # the whole layer, edges included, is replaced
-    assert np.abs(out[0] - layer[0]).mean() > 0.05
-    with pytest.raises(InvalidInput, match="square"):
-        whole_image_transform((100, 120), 64)
 
 
 # ----------------------------------------------------------------------------------------------- paste back

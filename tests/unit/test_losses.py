@@ -6,7 +6,7 @@ import torch
 
 from core.common import InvalidInput
 from core.lpips_nets import HUB_FILES, LPIPS, AlexNetFeatures, VGG16Features, find_backbone_file, lpips_heads_file
-from core.losses import (crop_to_mask_bbox, image_loss, locality_codes, mask_bbox, masked_mse,
+from core.losses import (ImageLoss, locality_codes, mask_bbox, masked_mse,
                          noise_regularization, normalize_noise_, perceptual_loss)
 
 # torchvision.models.vgg16 / alexnet conv positions inside ``features`` (what the hub files contain)
@@ -114,8 +114,8 @@ def test_pixels_outside_the_mask_do_not_influence_the_losses(net):
     y2[outside] = -1.0
     assert torch.allclose(loss(x, y, mask), loss(x2, y2, mask), atol=1e-6)
     assert torch.allclose(masked_mse(x, y, mask), masked_mse(x2, y2, mask), atol=1e-7)
-    full_a, _, _ = image_loss(x, y, mask, loss, 1.0, 1.0, crop=True)
-    full_b, _, _ = image_loss(x2, y2, mask, loss, 1.0, 1.0, crop=True)
+    full_a, _, _ = ImageLoss(y, mask, loss, 1.0, 1.0, crop=True)(x)
+    full_b, _, _ = ImageLoss(y2, mask, loss, 1.0, 1.0, crop=True)(x2)
     assert torch.allclose(full_a, full_b, atol=1e-6)
     # ... while pixels inside do: matching the target inside the mask (only) gives a zero distance
     x3 = torch.where(mask > 0, y, x)
@@ -130,7 +130,7 @@ def test_gradient_vanishes_outside_the_mask():
     x.requires_grad_(True)
     mask = torch.zeros(32, 32)
     mask[4:16, 4:16] = 1
-    total, _, _ = image_loss(x, y, mask, perceptual_loss("alex"), 1.0, 1.0, crop=True)
+    total, _, _ = ImageLoss(y, mask, perceptual_loss("alex"), 1.0, 1.0, crop=True)(x)
     total.sum().backward()
     assert x.grad[..., 20:, :].abs().max() == 0 and x.grad[..., 4:16, 4:16].abs().max() > 0
 
@@ -164,9 +164,10 @@ def test_mask_bbox_and_crop():
     assert (y1 - y0) % 8 == 0 and (x1 - x0) % 8 == 0 and y0 <= 4 and y1 >= 10 and x0 <= 9 and x1 >= 13
     x, y = _imgs(2, 20)
     x, y = x[..., :20, :20].repeat(1, 1, 1, 2)[..., :30], y.repeat(1, 1, 1, 2)[..., :30]
-    mc, xc, yc = crop_to_mask_bbox(m, x, y, pad=2)
-    assert mc.shape[-2:] == xc.shape[-2:] == (8, 6)
-    assert torch.allclose(masked_mse(xc, yc, mc), masked_mse(x, y, m))
+    # ImageLoss's crop to the padded box: the same masked MSE as on the whole image
+    cropped = ImageLoss(y, m, None, lpips_weight=0.0, l2_weight=1.0, crop=True, crop_pad=2)
+    assert cropped.box == (3, 11, 8, 14) and cropped.target.shape[-2:] == (8, 6)
+    assert torch.allclose(cropped(x)[2], masked_mse(x, y, m))
 
 
 def test_noise_regularisation_prefers_white_noise_and_renormalises():
@@ -193,7 +194,7 @@ def test_image_loss_keeps_gradients_to_both_inputs_and_matches_the_prepared_path
     x.requires_grad_(True)
     y.requires_grad_(True)
     lp = perceptual_loss("alex")
-    total, a, m = image_loss(x, y, None, lp, 1.0, 1.0)
+    total, a, m = ImageLoss(y, None, lp, 1.0, 1.0)(x)
     total.sum().backward()
     assert x.grad.abs().sum() > 0 and y.grad.abs().sum() > 0
     ref = lp.prepare(y.detach())
