@@ -183,7 +183,7 @@ def pivotal_tune_report(G, ws, target, steps: int = 350, mask=None, locality=Fal
         if done():
             stopped = step < steps
             if stopped:
-                report_step(progress, "tune", steps, steps, sum(mses) / n, preview)  # done early: report 100 %
+                report_step(progress, "tune", steps, steps, float(total.detach().mean()), preview)  # done early: 100 %
             break
         if step == steps:
             break

@@ -11,7 +11,7 @@ from core.edits.directions import (DEFAULT_RANGE, Direction, DirectionError, app
 from core.edits.fitting import (InterfaceGANOptions, condition, fit_attribute_directions, fit_interfacegan,
                                 ganspace, latent_sample_digest, s_in_std_units, sample_w, sefa, style_std)
 from core.edits.formats import (MANIFEST_FORMAT, MANIFEST_SUFFIX, MANIFEST_VERSION, PTI_GANSPACE_PRESETS,
-                                load_directions, manifest_path_for, read_ganspace, read_manifest, read_vector,
+                                load_directions, main, manifest_path_for, read_ganspace, read_manifest, read_vector,
                                 save_manifest, validate)
 
 __all__ = [
@@ -19,5 +19,5 @@ __all__ = [
     "InterfaceGANOptions", "condition", "fit_attribute_directions", "fit_interfacegan", "ganspace",
     "latent_sample_digest", "s_in_std_units", "sample_w", "sefa", "style_std",
     "MANIFEST_FORMAT", "MANIFEST_SUFFIX", "MANIFEST_VERSION", "PTI_GANSPACE_PRESETS", "load_directions",
-    "manifest_path_for", "read_ganspace", "read_manifest", "read_vector", "save_manifest", "validate",
+    "main", "manifest_path_for", "read_ganspace", "read_manifest", "read_vector", "save_manifest", "validate",
 ]
