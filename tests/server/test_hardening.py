@@ -1,5 +1,6 @@
 """Issue 18: bounded memory on hostile bodies, private data on disk, damaged state handled, hostile browsers
-kept out, connection exhaustion, leftovers and retention.  Each test failed against the server before the fix."""
+kept out, connection exhaustion, leftovers and retention.  Each test failed against the server before the fix
+(commit 8becfc5), except test_loopback_hosts_allowed, which keeps the Host allow-list from refusing too much."""
 from __future__ import annotations
 
 import gzip
