@@ -67,7 +67,7 @@ def test_linknet_fit_recovers_a_known_linear_map(rows):
         x = (w - ws[:, 0].mean(0)).flatten(1) if rows == "flat" else (w - ws[:, 0].mean(0)).mean(1)
         return torch.sigmoid(x @ A.T + b)
 
-    net = M.train_linknet(ws, truth(ws), "l1", rows=rows, squash=True, steps=100)
+    net = M.train_linknet(ws, truth(ws), "l1", rows=rows, output="sigmoid", steps=100)
     held = torch.randn(500, L, D, generator=g)
     err = (net(held) - truth(held)).abs().mean()
     assert err < 0.01
@@ -288,3 +288,15 @@ def test_ecs_formula_on_constructed_images():
     assert torch.isnan(ecs(x, x, x, "mse")).all()
     with pytest.raises(InvalidInput, match="distance"):
         ecs(x, x_edit, x_cyc, "l1")
+
+
+def test_linknet_outputs_stay_in_the_descriptor_range():
+    ws = torch.randn(50, 3, 4) * 10
+    for output in ("sigmoid", "clamp"):
+        net = M.LinkNet(3, 4, 2, output=output, output_range=(0.0, 1.0))
+        torch.nn.init.normal_(net.linear.weight)
+        y = net(ws)
+        assert ((y >= 0) & (y <= 1)).all() and (y.max() - y.min()) > 0.5
+    assert M.LinkNet(3, 4, 2, output="clamp", output_range=None).output == "linear"  # unbounded descriptor
+    with pytest.raises(InvalidInput, match="output"):
+        M.LinkNet(3, 4, 2, output="relu")
