@@ -389,10 +389,10 @@ def inverted(dom: Domain, method: str, opts, face: int, extras: tuple, scale: in
     G = dom.G
     session = create_session(G, _layer(base[scale]), None, opts, directions=dom.directions)
     seconds = float(session.info["seconds"])
-    seg = session.segments
+    inv = session.inversion
     with torch.no_grad():
-        rec_img = seg.generated().clamp(-1, 1)[0].permute(1, 2, 0).cpu().numpy()
-        target = seg.image[0].permute(1, 2, 0).cpu().numpy()
+        rec_img = inv.generated().clamp(-1, 1)[0].permute(1, 2, 0).cpu().numpy()
+        target = inv.image[0].permute(1, 2, 0).cpu().numpy()
     rec = dom.distance(rec_img, target)
     unedited = _result(session, [])
     outs = [_result(session, [(c.attribute, c.strength)]) for c in cases]
@@ -421,6 +421,8 @@ def _extra_args(parser):
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is ~10x faster than 2 on a shared, oversubscribed 2-core machine)")
     parser.add_argument("--true-faces", type=int, default=None, help="faces of the true-latent rows (0: none)")
+    parser.add_argument("--faces", type=int, default=None, help="in-domain faces of the inverted rows")
+    parser.add_argument("--extra-faces", type=int, default=None, help="faces per extra of the inverted rows")
     parser.add_argument("--records", action="store_true", help="also write every per-case record to the JSON")
 
 
@@ -430,8 +432,9 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     name = "quick" if args.quick else "medium" if args.medium else "full"
     st = SETTINGS[name]
-    if args.true_faces is not None:
-        st = dataclasses.replace(st, true_faces=args.true_faces)
+    for key in ("true_faces", "faces", "extra_faces"):
+        if getattr(args, key) is not None:
+            st = dataclasses.replace(st, **{key: getattr(args, key)})
     t_start = time.perf_counter()
     dom = Domain.load()
     from core.demo.data import params_from_z
