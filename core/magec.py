@@ -33,6 +33,7 @@ the scorer's reading of the edited image; so the sigmoid is also the most consis
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -468,8 +469,6 @@ class MagecOptions:
 
     def with_steps(self, steps: Optional[int]) -> "MagecOptions":
         """A copy whose two phases split ``steps`` as the paper's 100 + 100 (phase 1 gets the odd step)."""
-        import dataclasses
-
         if steps is None:
             return self
         steps = int(steps)
@@ -480,8 +479,6 @@ class MagecOptions:
 
     def without_magec(self) -> "MagecOptions":
         """The paper's "w/o MAGEC" ablation: the same schedule and image losses, λ_MAGEC = 0."""
-        import dataclasses
-
         return dataclasses.replace(self, phase1=dataclasses.replace(self.phase1, magec=0.0),
                                    phase2=dataclasses.replace(self.phase2, magec=0.0))
 
