@@ -481,7 +481,7 @@ def main() -> int:
     per_method = []
     for a in dom.attributes:
         line = {"attribute": a}
-        for m in ["true latent"] + list(options):
+        for m in (["true latent"] if st.true_faces else []) + list(options):
             line[m] = median(x["score"] for x in records if x["method"] == m and x["scale"] == 1
                              and x["domain"] == "in-domain" and x["attribute"] == a)
         per_method.append(line)
@@ -494,9 +494,10 @@ def main() -> int:
         print("note:", note)
     print_table(rows, ["method", "scale", "domain_kind", "group", "n", *SUMMARY_COLUMNS],
                 title="\nmedians per method × layer scale × domain × attribute group")
-    print_table(per_true, ["scale", "attribute", "n", "score", "score_all", "hit", "leak", "total_mse", "err_in",
-                           "err_out"],
-                title=f"\ntrue latent per attribute (score: strength ±2, {st.true_faces} faces; score_all: every strength)")
+    if per_true:
+        print_table(per_true, ["scale", "attribute", "n", "score", "score_all", "hit", "leak", "total_mse", "err_in",
+                               "err_out"], title=f"\ntrue latent per attribute (score: strength ±2, {st.true_faces} "
+                                                 f"faces; score_all: every strength)")
     print_table(per_method, title="\nedit-delta score per attribute and method (in-domain, 64 px, every strength)")
     meta = dict(setting=name, settings=dataclasses.asdict(st), held_out_seed=HELD_OUT_SEED,
                 lpips_backbone=dom.lpips.backbone_name, skipped=skipped, notes=notes, seconds=seconds,
