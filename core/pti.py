@@ -57,6 +57,14 @@ class PTIOptions:
     # The threshold is calibrated for ImageNet AlexNet-LPIPS; with the random-backbone fallback its scale means
     # nothing, so it is ignored there unless this is True (then it applies to the fallback's distance as is).
     threshold_with_fallback: bool = False
+    # The random-backbone fallback's early stop (scale-free; issue 22): stop once every image's L2 term (the
+    # tuning loss's backbone-independent part) fell by less than ``plateau_gain`` (relative) over the last
+    # ``plateau_window`` iterations: stop at the first k with mse(k) > (1 − gain)·mse(k − window).  The window
+    # and gain are bench/speed.py's PLATEAU_WINDOW = 10 / PLATEAU_GAIN = 0.02 (issue 22's encoder study), fixed
+    # here, never tuned per image; measured by ``python bench/early_stop.py`` (see PLATEAU_MEASURED below).
+    plateau_window: Optional[int] = 10  # bench/speed.py PLATEAU_WINDOW; None: no plateau rule
+    plateau_gain: float = 0.02  # bench/speed.py PLATEAU_GAIN (2 % relative fall of the L2 term per window)
+    plateau_with_pretrained: bool = False  # the ImageNet backbone keeps PTI's own rule (LPIPS ≤ 0.06) alone
     lpips_size: Optional[int] = None  # PTI computes the tuning LPIPS at full resolution
     noise_mode: str = "const"  # base_coach.py forward: noise_mode='const'
     crop_to_mask: bool = True  # ours: with a mask, compute the loss on its bounding box only
@@ -77,6 +85,28 @@ class PTIResult:
     threshold_applied: bool
     optimizer_steps: int = 0  # Adam steps taken: steps_run × the number of target images
     locality_terms: int = 0  # steps whose loss included the §3.3 locality regulariser
+    stop_rule: str = "none"  # the early-stop rule in force (:func:`stop_rule`)
+    mse_history: tuple = ()  # the worst image's L2 term after 0, 1, … iterations (the curve the plateau reads)
+
+
+def stop_rule(o: PTIOptions, pretrained: bool) -> str:
+    """The early-stop rule :func:`pivotal_tune_report` applies: ``"lpips<=T"`` (PTI's, ImageNet backbone),
+    ``"plateau W/G"`` (relative L2 plateau, the random-backbone fallback), both joined by ``" or "``, or
+    ``"none"``."""
+    rules = []
+    if o.lpips_threshold is not None and (pretrained or o.threshold_with_fallback):
+        rules.append(f"lpips<={o.lpips_threshold:g}")
+    if o.plateau_window and (not pretrained or o.plateau_with_pretrained):
+        rules.append(f"plateau {int(o.plateau_window)}/{o.plateau_gain:g}")
+    return " or ".join(rules) or "none"
+
+
+def plateaued(history, window: Optional[int], gain: float) -> bool:
+    """True when the last value of ``history`` (an L2 curve, one value per iteration) is above
+    ``(1 − gain)`` × the value ``window`` iterations earlier (bench/speed.py's ``plateau_stop`` rule)."""
+    if not window or len(history) <= int(window):
+        return False
+    return history[-1] > (1.0 - float(gain)) * history[-1 - int(window)]
 
 
 def _check_ws(G, ws: torch.Tensor, n: int) -> torch.Tensor:
@@ -134,6 +164,10 @@ def pivotal_tune_report(G, ws, target, steps: int = 350, mask=None, locality=Fal
     device = target.device
     lpips = perceptual_loss(o.lpips_net, device, o.weights_dir)
     threshold = o.lpips_threshold if (lpips.pretrained or o.threshold_with_fallback) else None
+    window = o.plateau_window if (o.plateau_window and (not lpips.pretrained or o.plateau_with_pretrained)) else None
+    if window is not None and (int(window) < 1 or not 0 <= float(o.plateau_gain) < 1):
+        raise InvalidInput(f"plateau_window must be >= 1 and plateau_gain in [0, 1); got {o.plateau_window}, "
+                           f"{o.plateau_gain}")
 
     # one loss per image, each with its own mask (and bounding-box crop); target features are built once here
     n = ws.shape[0]
@@ -149,10 +183,13 @@ def pivotal_tune_report(G, ws, target, steps: int = 350, mask=None, locality=Fal
 
     lps = [float("nan")] * n  # each image's LPIPS, measured just before its own latest step
     mses = [float("nan")] * n
+    history = [[] for _ in range(n)]  # each image's L2 term after 0, 1, … iterations
     stopped, step, updates, loc_terms = False, 0, 0, 0
 
     def done() -> bool:
-        return threshold is not None and all(v <= threshold for v in lps)
+        if threshold is not None and all(v <= threshold for v in lps):
+            return True
+        return window is not None and all(plateaued(h, window, o.plateau_gain) for h in history)
 
     for step in range(steps + 1):
         preview = None
@@ -166,6 +203,7 @@ def pivotal_tune_report(G, ws, target, steps: int = 350, mask=None, locality=Fal
                     img = G_tuned.synthesis(ws[i:i + 1], noise_mode=o.noise_mode)
             total, lp, mse = loss_fns[i](img)
             lps[i], mses[i] = float(lp.detach().max()), float(mse.detach().mean())
+            history[i].append(mses[i])
             preview = img.detach() if preview is None else preview
             if step == steps or done():
                 continue
@@ -194,5 +232,7 @@ def pivotal_tune_report(G, ws, target, steps: int = 350, mask=None, locality=Fal
     G_tuned.requires_grad_(False).eval()
     report = PTIResult(steps_run=step, stopped_early=stopped, final_lpips=max(lps), final_mse=sum(mses) / n,
                        lpips_backbone=lpips.backbone_name, threshold_applied=threshold is not None,
-                       optimizer_steps=updates, locality_terms=loc_terms)
+                       optimizer_steps=updates, locality_terms=loc_terms,
+                       stop_rule=stop_rule(o, lpips.pretrained),
+                       mse_history=tuple(max(v) for v in zip(*history)))
     return G_tuned, report

@@ -38,23 +38,64 @@ ALIGNS = ("auto", "none")
 # The inversion methods, their defaults and the SessionOptions fields each uses: the one source the server's
 # GET /v1/models and the plugins read (method_catalog()).  Steps = (projection, tuning) when left None.
 _CATALOG = (
-    # PTI §4.5: 450 projection steps, then up to 350 tuning steps (early stop at LPIPS 0.06)
-    ("pti", "Pivotal tuning (closest likeness)", 450, 350, ("project_steps", "tune_steps", "locality", "seed")),
+    # PTI §4.5: 450 projection steps, then up to 350 tuning steps (early stop: core.pti.PTIOptions)
+    ("pti", "Pivotal tuning (closest likeness)", 450, 350, ("project_steps", "tune_steps", "pivot", "locality",
+                                                            "seed")),
     # Chunkmogrify README: "100 or 200 is ok"; its PTI is optional ("30–50 iterations")
     ("chunks", "Segments (ChunkyGAN)", 200, 0, ("project_steps", "tune_steps", "space", "reg", "seed")),
     ("w", "Latent code only (W)", 450, 0, ("project_steps", "seed")),  # PTI §4.5: 450 W projection steps
     ("wplus", "Latent code per layer (W+)", 450, 0, ("project_steps", "seed")),  # the same budget in W+
+    # MAGEC §4: two phases of 100 steps; project_steps is the total, split 100 + 100
+    ("magec", "Editability-aware (MAGEC)", 200, 0, ("project_steps", "seed")),
+    ("encoder", "Fast (encoder)", 0, 0, ()),  # e4e/pSp: one forward pass, no optimisation
 )
 METHODS = tuple(m[0] for m in _CATALOG)
 METHOD_STEPS = {m[0]: (m[2], m[3]) for m in _CATALOG}
+# PTI's pivot ("Start from"): the W projection (PTI's own), a MAGEC W+ code, or the encoder's W+ code; each
+# with its projection budget (project_steps when left None) and the capability a model needs for it.
+_PIVOTS = (
+    ("w", "The latent code (W)", 450, None),  # PTI §4.5: 450 W projection steps
+    ("magec", "The editability-aware code (MAGEC)", 200, "magec"),  # MAGEC §4: 100 + 100 steps
+    ("encoder", "The encoder's code (fast)", 0, "encoder"),  # PTI's repository can start from e4e's code
+)
+PIVOTS = tuple(p[0] for p in _PIVOTS)
+PIVOT_STEPS = {p[0]: p[2] for p in _PIVOTS}
+# what a model must offer for a method (or a pivot) beyond a generator: a descriptor + LinkNet, an encoder
+NEEDS = {"magec": "magec", "encoder": "encoder"}
+CAPABILITIES = ("magec", "encoder")
 
 
-def method_catalog() -> list[dict]:
-    """``[{name, label, project_steps, tune_steps, options}]`` for every method, the default first; ``label``
-    in user words, steps the defaults used when ``SessionOptions`` leaves them None, ``options`` the
-    SessionOptions fields the method reads (besides align, feather, blend, color_match, which all use)."""
-    return [{"name": name, "label": label, "project_steps": p, "tune_steps": t, "options": list(fields)}
-            for name, label, p, t, fields in _CATALOG]
+def method_catalog(capabilities=CAPABILITIES) -> list[dict]:
+    """``[{name, label, project_steps, tune_steps, options[, pivots]}]`` for the methods a model with
+    ``capabilities`` (a subset of :data:`CAPABILITIES`: "magec" = a descriptor for MAGEC, "encoder" = an
+    encoder) supports, the default first; ``label`` in user words, steps the defaults used when
+    ``SessionOptions`` leaves them None, ``options`` the SessionOptions fields the method reads (besides align,
+    feather, blend, color_match, which all use); "pti" also lists ``pivots`` [{name, label, project_steps}]
+    (``options.pivot``, "w" first: PTI's own)."""
+    caps = set(capabilities)
+    out = []
+    for name, label, p, t, fields in _CATALOG:
+        if NEEDS.get(name, "") and NEEDS[name] not in caps:
+            continue
+        entry = {"name": name, "label": label, "project_steps": p, "tune_steps": t, "options": list(fields)}
+        if name == "pti":
+            entry["pivots"] = [{"name": v, "label": lab, "project_steps": steps}
+                               for v, lab, steps, need in _PIVOTS if need is None or need in caps]
+        out.append(entry)
+    return out
+
+
+@dataclasses.dataclass
+class MethodAssets:
+    """What methods beyond a generator need: MAGEC's ``descriptor`` (core.magec.Descriptor) and ``linknet``
+    (core.magec.LinkNet fitted for this generator), an e4e/pSp ``encoder`` (core.encoder.Encoder) for it;
+    None where the model has none (``core.models.LoadedModel.method_assets`` builds them)."""
+
+    descriptor: object = None
+    linknet: object = None
+    encoder: object = None
+    missing: dict = dataclasses.field(default_factory=dict)  # {"magec"|"encoder": why it is unavailable}
+
 
 SESSION_FORMAT = "latent-edit-session"
 SESSION_VERSION = 1
@@ -76,13 +117,27 @@ class SessionOptions:
     reg: float = 1.0  # chunks: ChunkyGAN λ_reg = 1 (only acts with several segments)
     min_face: int = 32  # align="auto": smallest face (eye-to-mouth box side, layer px) accepted; our choice
     locality: bool = False  # pti: PTI §3.3 locality regulariser (PTI@da94d59 ships it off) with its settings
+    pivot: str = "w"  # pti: PTI's own pivot is the W projection (PTI §3.1); "magec" | "encoder" (PIVOTS)
+
+    def needs(self) -> set:
+        """The model capabilities (:data:`CAPABILITIES`) these options use."""
+        out = {NEEDS[self.method]} if self.method in NEEDS else set()
+        if self.method == "pti" and self.pivot in NEEDS:
+            out.add(NEEDS[self.pivot])
+        return out
 
     def resolved_steps(self) -> tuple[int, int]:
+        """(projection, tuning) steps; for "magec" (and the MAGEC pivot) the projection is MAGEC's total of both
+        phases; the encoder (and its pivot) projects nothing."""
         p, t = METHOD_STEPS[self.method]
+        if self.method == "pti":
+            p = PIVOT_STEPS.get(self.pivot, p)
         p = p if self.project_steps is None else int(self.project_steps)
         t = t if self.tune_steps is None else int(self.tune_steps)
-        if self.method in ("w", "wplus"):
+        if self.method in ("w", "wplus", "magec", "encoder"):
             t = 0
+        if self.method == "encoder" or (self.method == "pti" and self.pivot == "encoder"):
+            p = 0
         return p, t
 
     def validate(self) -> "SessionOptions":
@@ -97,7 +152,16 @@ class SessionOptions:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0):
                 raise InvalidInput(f"{name} must be an integer >= 0 or None; got {v!r}")
-        if self.resolved_steps()[0] < 1:
+        if self.pivot not in PIVOTS:
+            raise InvalidInput(f"pivot must be one of {PIVOTS}; got {self.pivot!r}")
+        if self.pivot != "w" and self.method != "pti":
+            raise InvalidInput(f"pivot {self.pivot!r} is for method 'pti' (its starting code); method "
+                               f"{self.method!r} takes no pivot")
+        p = self.resolved_steps()[0]
+        magec = self.method == "magec" or (self.method == "pti" and self.pivot == "magec")
+        if magec and p < 2:
+            raise InvalidInput("project_steps must be at least 2 for MAGEC (its two phases)")
+        if p < 1 and "encoder" not in self.needs():
             raise InvalidInput("project_steps must be at least 1")
         from core.chunks import SPACES  # server protocol checks: validity lives here, once
 
@@ -308,23 +372,41 @@ def _fingerprint(G) -> str:
 
 # ---------------------------------------------------------------------------------------------------- create
 
+def check_assets(opts: SessionOptions, assets: Optional[MethodAssets]) -> MethodAssets:
+    """``assets`` (or empty ones) after checking they hold what ``opts`` needs; InvalidInput saying why not
+    (the reason the model gave in ``assets.missing``, e.g. the descriptor file to add)."""
+    assets = assets if assets is not None else MethodAssets()
+    have = {"magec": assets.linknet is not None and assets.descriptor is not None, "encoder": assets.encoder is not None}
+    for need in sorted(opts.needs()):
+        if not have[need]:
+            what = {"magec": "MAGEC", "encoder": "the encoder"}[need]
+            why = assets.missing.get(need) or (
+                f"{what} needs model assets: pass assets=core.models.LoadedModel.method_assets(...)")
+            raise InvalidInput(f"{what} is not available for this model: {why}")
+    return assets
+
+
 def create_session(G, image, selection=None, options: Optional[SessionOptions] = None, progress: ProgressFn = None,
-                   cancel: CancelLike = None, directions: Optional[Mapping] = None) -> EditSession:
+                   cancel: CancelLike = None, directions: Optional[Mapping] = None,
+                   assets: Optional[MethodAssets] = None) -> EditSession:
     """Invert ``image`` (numpy ``(H,W,4)`` float32 RGBA in [0,1]) inside ``selection`` (``(H,W)`` in [0,1] or
     None = all) with ``options.method`` and return the :class:`EditSession`.
 
     ``progress(ProgressEvent)``: stages "align", "project", "tune", "render"; ``fraction`` of the whole job in
     [0,1] (non-decreasing, 1 at the end); ``preview`` None or ``(r,r,3)`` uint8. ``cancel`` raises Cancelled.
-    ``G`` is never modified (tuning works on a copy).
+    ``G`` is never modified (tuning works on a copy).  ``assets``: what "magec" / "encoder" (and those pivots)
+    need (:class:`MethodAssets`); without them those options raise InvalidInput before any work.
     """
     opts = dataclasses.replace(options) if options is not None else SessionOptions()
     opts.validate()
+    assets = check_assets(opts, assets)
     layer = check_layer(image)
     H, W = layer.shape[:2]
     sel = check_selection(selection, (H, W))
     p_steps, t_steps = opts.resolved_steps()
+    encode = "encoder" in opts.needs()  # one encoder forward, weighed like a projection step
     stages = Stages(progress, {"align": 0.02 * (p_steps + t_steps) + 1 if opts.align == "auto" else 0,
-                               "project": p_steps, "tune": t_steps, "render": 1})
+                               "encode": 1 if encode else 0, "project": p_steps, "tune": t_steps, "render": 1})
     t0 = time.perf_counter()
     res = int(G.resolution)
     check_cancel(cancel)
@@ -336,25 +418,37 @@ def create_session(G, image, selection=None, options: Optional[SessionOptions] =
         stages.say("align", 1.0, "Found the face")
     check_cancel(cancel)
     device = G.w_avg.device
-    inv = invert(G, target.to(device), mask.to(device), opts, p_steps, t_steps, stages, cancel)
+    inv = invert(G, target.to(device), mask.to(device), opts, p_steps, t_steps, stages, cancel, directions, assets)
     stages.say("render", 0.0, "Rendering")
     inv.reconstructions()  # cache the unedited render: later renders are one forward
     info = {"method": opts.method, "project_steps": p_steps, "tune_steps": t_steps,
             "seconds": time.perf_counter() - t0, "resolution": res}
+    if opts.method == "pti":
+        info["pivot"] = opts.pivot
+    info.update({k: inv.info[k] for k in _REPORTED if k in inv.info})
     session = EditSession(G, layer, sel, inv, opts, geometry, directions, info)
     stages.say("render", 1.0, "Ready")
     return session
 
 
+# Inversion.info entries create_session copies into the session info (scalars: they are saved with it)
+_REPORTED = ("steps_run", "early_stopped", "stop_rule", "lpips_backbone", "magec_edits", "descriptor", "id_term")
+
+
 def invert(G, target, mask, opts: SessionOptions, p_steps: int, t_steps: int, stages: Optional[Stages] = None,
-           cancel: CancelLike = None) -> Inversion:
+           cancel: CancelLike = None, directions: Optional[Mapping] = None,
+           assets: Optional[MethodAssets] = None) -> Inversion:
     """Run ``opts.method`` on ``target`` (1,3,r,r) in [-1,1] with the selection ``mask`` (1,r,r) in [0,1].
 
-    "w"/"wplus": global projection of the whole crop, composited inside the selection; "pti": a W pivot fitted
-    (like the tuning) to the selection's dilated region when there is a selection, then pivotal tuning (with
-    PTI's locality regulariser when ``opts.locality``); "chunks": core.chunks segment inversion (the selection
-    is one segment) with optional segment-restricted tuning."""
-    stages = stages or Stages(None, {"project": p_steps, "tune": t_steps})
+    "w"/"wplus": global projection of the whole crop, composited inside the selection; "magec": core.magec's
+    W+ inversion of the whole crop (``p_steps`` split over its two phases, edits from ``directions``);
+    "encoder": the encoder's W+ code (one forward); "pti": a pivot — ``opts.pivot`` "w" is PTI's W projection
+    fitted (like the tuning) to the selection's dilated region when there is a selection, "magec" / "encoder"
+    the whole-crop codes above — then pivotal tuning on the region (with PTI's locality regulariser when
+    ``opts.locality``); "chunks": core.chunks segment inversion (the selection is one segment) with optional
+    segment-restricted tuning.  ``assets`` (:class:`MethodAssets`) as checked by :func:`check_assets`."""
+    stages = stages or Stages(None, {"encode": 1, "project": p_steps, "tune": t_steps})
+    assets = assets if assets is not None else MethodAssets()
     chunks_opts = ChunksOptions(seed=opts.seed)
     if opts.method == "chunks":
         # one segment: invert_segments' own fraction spans its projection and tuning, as the session's do
@@ -362,21 +456,44 @@ def invert(G, target, mask, opts: SessionOptions, p_steps: int, t_steps: int, st
                                progress=stages.span("project", "tune"), cancel=cancel,
                                options=chunks_opts).inversion
 
-    from core.projection import ProjectOptions, project
-
     S, coverage = normalize_masks(mask[:, None] if mask.ndim == 3 else mask)
     whole = bool((mask >= 1).all())
     region = None if whole else dilate((S.sum(0, keepdim=True) > 0).float(), chunks_opts.dilate)
-    space = "w+" if opts.method == "wplus" else "w"
-    proj_mask = region if opts.method == "pti" else None
-    ws = project(G, target, space=space, steps=p_steps, mask=proj_mask, progress=stages.callback("project"),
-                 cancel=cancel, options=ProjectOptions(seed=opts.seed))
-    G_inv, info = G, {"space": space}
+    source = opts.pivot if opts.method == "pti" else opts.method
+    info: dict = {}
+    if source == "encoder":
+        from core.encoder import check_compatible, encoder_pivot
+
+        check_compatible(assets.encoder, G)
+        check_cancel(cancel)
+        stages.say("encode", 0.0, "Encoding the face")
+        ws = encoder_pivot(assets.encoder, target).to(target.device)
+        stages.say("encode", 1.0, "Encoded")
+        info["space"] = "w+"
+    elif source == "magec":
+        from core.magec import MagecOptions, invert_magec_report
+
+        res = invert_magec_report(G, target, assets.linknet, assets.descriptor, directions, steps=p_steps,
+                                  options=MagecOptions(seed=opts.seed), progress=stages.callback("project"),
+                                  cancel=cancel)
+        ws = res.ws
+        info.update(space="w+", magec_edits=res.edits, descriptor=res.descriptor, id_term=res.id_term)
+    else:
+        from core.projection import ProjectOptions, project
+
+        space = "w+" if opts.method == "wplus" else "w"
+        proj_mask = region if opts.method == "pti" else None
+        ws = project(G, target, space=space, steps=p_steps, mask=proj_mask, progress=stages.callback("project"),
+                     cancel=cancel, options=ProjectOptions(seed=opts.seed))
+        info["space"] = space
+    G_inv = G
     if opts.method == "pti" and t_steps > 0:
         from core.pti import pivotal_tune_report
 
         G_inv, report = pivotal_tune_report(G, ws, target, steps=t_steps, mask=region, locality=opts.locality,
                                             progress=stages.callback("tune"), cancel=cancel)
-        info.update(tune_steps_run=report.steps_run, locality=bool(opts.locality),
+        info.update(tune_steps_run=report.steps_run, steps_run=report.steps_run,
+                    early_stopped=report.stopped_early, stop_rule=report.stop_rule,
+                    lpips_backbone=report.lpips_backbone, locality=bool(opts.locality),
                     locality_terms=report.locality_terms)
     return Inversion(opts.method, target, ws, S, coverage, G_inv, G, "const", info)

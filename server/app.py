@@ -322,6 +322,10 @@ async def _submit(request: web.Request, kind: str, parse):
     req = await run_io(request, lambda: parse(protocol.decode_body(raw, request.content_type, cfg.limits), cfg.limits))
     del raw
     model = resolve_model(request.app[ENGINE], req.model)
+    refusal = getattr(request.app[ENGINE], "method_refusal", None)
+    why = refusal(model, req.options) if refusal is not None else None
+    if why:  # e.g. MAGEC without a descriptor beside the checkpoint: say which file to add, before queueing
+        raise ProtocolError(422, "method_unavailable", why, "method")
     jobs = request.app[JOBS]
     try:
         jobs.reserve()

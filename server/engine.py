@@ -81,6 +81,24 @@ class Engine:
                 return m["num_ws"]
         return None
 
+    def method_refusal(self, model: str, options: dict) -> Optional[str]:
+        """Why ``model`` cannot run ``options``' method (or PTI pivot), from its listed ``methods`` and
+        ``unavailable`` reasons (core.models); None when it can (or the registry lists no methods)."""
+        info = next((m for m in self.models() if m["name"] == model), None)
+        methods = {str(x.get("name")): x for x in (info or {}).get("methods") or [] if isinstance(x, dict)}
+        if not methods:
+            return None
+        reasons = info.get("unavailable") or {}
+        method, pivot = options.get("method", "pti"), options.get("pivot", "w")
+        if method not in methods:
+            why = reasons.get(method)
+            return f"model {model!r} does not offer method {method!r}" + (f": {why}" if why else "")
+        pivots = methods[method].get("pivots")
+        if pivots is not None and pivot not in {p.get("name") for p in pivots}:
+            why = reasons.get(pivot)
+            return f"model {model!r} cannot start PTI from pivot {pivot!r}" + (f": {why}" if why else "")
+        return None
+
     def backbone(self) -> str:
         """The active perceptual backbone, ``"loading"`` until :meth:`warm_up` has run."""
         if self._backbone_fn is None:
@@ -112,8 +130,13 @@ class Engine:
     def create(self, model: str, image, selection, options: dict, progress, cancel) -> Any:
         """A new session; ``progress(event: ProgressEvent)`` (see the module docstring), ``cancel`` an Event."""
         lm = self.loaded(model)
-        return self.api.create_session(lm.generator, image, selection, options=self.options(options),
-                                       progress=progress, cancel=cancel, directions=lm.directions)
+        opts = self.options(options)
+        kwargs = {}
+        needs = opts.needs() if hasattr(opts, "needs") else set()
+        if needs and hasattr(lm, "method_assets"):  # MAGEC's descriptor + LinkNet, the encoder (loaded once)
+            kwargs["assets"] = lm.method_assets(tuple(sorted(needs)))
+        return self.api.create_session(lm.generator, image, selection, options=opts, progress=progress,
+                                       cancel=cancel, directions=lm.directions, **kwargs)
 
     def load(self, directory, model: str) -> Any:
         lm = self.loaded(model)

@@ -29,7 +29,22 @@ _FALLBACK_METHODS = (
     {"name": "w", "label": "W (fast)"},
     {"name": "wplus", "label": "W+ (fast, more detail)"},
 )
+# Hosts that register their choices before any server is reachable (GIMP) list these: the fallback plus the
+# methods only some models offer (a model lacking one is refused by check_request, naming those it offers).
+STATIC_METHODS = _FALLBACK_METHODS + (
+    {"name": "magec", "label": "Editability-aware (MAGEC)"},
+    {"name": "encoder", "label": "Fast (encoder)"},
+    {"name": "pti:magec", "label": "Pivotal tuning, starting from the editability-aware code (MAGEC)"},
+    {"name": "pti:encoder", "label": "Pivotal tuning, starting from the encoder's code (fast)"},
+)
 _FALLBACK_FEATHER = 8.0  # core.session.SessionOptions.feather (layer pixels)
+PIVOT_SEP = ":"  # a method choice "pti:magec" = method "pti" with options.pivot "magec"
+
+
+def split_method(choice: str) -> tuple:
+    """"pti:magec" -> ("pti", "magec"); "w" -> ("w", None)."""
+    name, _, pivot = str(choice).partition(PIVOT_SEP)
+    return name, (pivot or None)
 
 
 class FlowError(Exception):
@@ -138,12 +153,32 @@ def _method(entry) -> Method:
                   as_int(steps.get("project_steps")), as_int(steps.get("tune_steps")))
 
 
+def _methods(entries) -> list:
+    """[Method] from a ``methods`` list; a "pti" entry's non-default ``pivots`` follow it as "pti:<pivot>"
+    choices labelled in the same words ("Pivotal tuning, starting from …")."""
+    out = []
+    for e in entries or []:
+        m = _method(e)
+        out.append(m)
+        for p in (e.get("pivots") or [])[1:] if isinstance(e, dict) else []:
+            if isinstance(p, dict) and p.get("name"):
+                label = str(p.get("label") or p["name"])
+                out.append(Method(m.name + PIVOT_SEP + str(p["name"]), "%s, starting from %s" % (
+                    m.label.split(" (")[0], label[:1].lower() + label[1:]), _as_int(p.get("project_steps")),
+                    m.tune_steps))
+    return out
+
+
+def _as_int(v):
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
 def read_catalog(body) -> Catalog:
     """Build a Catalog from the ``GET /v1/models`` answer (a map, or a bare list from old servers)."""
     body = body if isinstance(body, dict) else {"models": list(body or [])}
     models = [m for m in body.get("models") or [] if isinstance(m, dict) and m.get("name")]
-    top = [_method(e) for e in body.get("methods") or []]
-    methods = {m["name"]: ([_method(e) for e in m.get("methods") or []] or top) for m in models}
+    top = _methods(body.get("methods"))
+    methods = {m["name"]: (_methods(m.get("methods")) or top) for m in models}
     defaults = body.get("defaults") if isinstance(body.get("defaults"), dict) else {}
     feather = defaults.get("feather")
     return Catalog(models, body.get("default_model"), float(feather) if feather is not None else _FALLBACK_FEATHER,
@@ -204,7 +239,15 @@ class EditOptions:
             v = getattr(self, key)
             if v is not None:
                 out[key] = int(v)
+        pivot = split_method(self.method)[1]
+        if pivot:
+            out["pivot"] = pivot
         return out
+
+    @property
+    def wire_method(self) -> str:
+        """The protocol's ``method`` ("pti" for the choice "pti:magec"; its pivot is in session_options)."""
+        return split_method(self.method)[0]
 
     def inversion_key(self) -> tuple:
         """Everything that changes the inversion (not the edits or the feather)."""
@@ -403,13 +446,13 @@ def _invert_missing(client, items, options, keys, sessions, cache, report, shoul
     report(Progress(0.0, "Sending %s" % ("the layer" if len(todo) == 1 else "%d layers" % len(todo))))
     if len(todo) == 1:
         it = items[todo[0]]
-        out = client.create_session(it.layer, it.selection, model=options.model, method=options.method,
+        out = client.create_session(it.layer, it.selection, model=options.model, method=options.wire_method,
                                     align=options.align, options=options.session_options())
         new_ids = [out["session_id"]]
     else:
         wire = [dict({"layer": items[i].layer}, **({"selection": items[i].selection} if items[i].selection else {}))
                 for i in todo]
-        out = client.batch(wire, model=options.model, method=options.method, align=options.align,
+        out = client.batch(wire, model=options.model, method=options.wire_method, align=options.align,
                            options=options.session_options())
         new_ids = list(out.get("session_ids") or [])
         if len(new_ids) != len(todo):

@@ -48,7 +48,9 @@ def test_lists_default_and_folder_models(models_dir):
     assert by_name["alpha"]["spaces"] == ["w", "w+", "s"]
     from core.session import method_catalog
 
-    assert all(m["methods"] == method_catalog() for m in listing)  # one source for methods and their defaults
+    # one source for methods and their defaults; no descriptor or encoder beside these files: neither method
+    assert all(m["methods"] == method_catalog(()) for m in listing)
+    assert {"magec", "encoder"} <= set(by_name["alpha"]["unavailable"])
     assert [m["name"] for m in by_name["alpha"]["methods"]][0] == "pti"
     alpha_dirs = {d["name"]: d for d in by_name["alpha"]["directions"]}
     assert list(alpha_dirs)[:2] == ["smile", "gaze"]  # files first, then SeFa
@@ -124,3 +126,66 @@ def test_bad_manifest_keeps_model_with_error(tmp_path):
     info = reg.list()[0]
     assert "32-dimensional but the model's W is 16-dimensional" in info["directions_error"]
     assert [d["name"] for d in info["directions"]] == ["sefa_0", "sefa_1"]
+
+
+# --- methods beyond a generator: MAGEC (a descriptor) and the encoder ---------------------------------------
+
+def _names(info):
+    return [m["name"] for m in info["methods"]]
+
+
+def _pivots(info):
+    return [p["name"] for m in info["methods"] if m["name"] == "pti" for p in m["pivots"]]
+
+
+def test_capabilities_follow_the_files_beside_the_checkpoint(tmp_path):
+    from core.encoder import Encoder, save_encoder, small_config
+    from core.stylegan2.formats import save_generator
+
+    G = make_tiny_generator(resolution=32, w_dim=32, seed=1)
+    save_generator(G, tmp_path / "plain.pt")
+    save_generator(G, tmp_path / "rich.pt")
+    cfg = small_config(G.w_dim, G.num_ws, input_size=32, depths=(8, 12, 16, 20), units=(1, 1, 1, 1), stem=8,
+                       fpn=20, style_channels=8)
+    save_encoder(Encoder(cfg), tmp_path / "rich.encoder.pt")
+    net = torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                               torch.nn.Sigmoid()))
+    net.save(str(tmp_path / "rich.attributes.pt"))
+    (tmp_path / "rich.attributes.json").write_text(json.dumps({"names": ["red", "green", "blue"]}))
+    reg = ModelRegistry(tmp_path, include_default=False)
+    by = {m["name"]: m for m in reg.list()}
+    assert _names(by["plain"]) == ["pti", "chunks", "w", "wplus"] and _pivots(by["plain"]) == ["w"]
+    assert _names(by["rich"]) == ["pti", "chunks", "w", "wplus", "magec", "encoder"]
+    assert _pivots(by["rich"]) == ["w", "magec", "encoder"]
+    assert "plain.attributes.pt" in by["plain"]["unavailable"]["magec"]
+    assert "plain.encoder.pt" in by["plain"]["unavailable"]["encoder"]
+    labels = {m["name"]: m["label"] for m in by["rich"]["methods"]}
+    assert labels["encoder"] == "Fast (encoder)" and labels["magec"] == "Editability-aware (MAGEC)"
+    # the assets load once and fit this generator; the plain model's reasons travel with its (empty) assets
+    rich = reg.get("rich")
+    E = rich.method_assets(("encoder",)).encoder
+    assert E is rich.method_assets(("encoder",)).encoder and (E.num_ws, E.w_dim) == (G.num_ws, G.w_dim)
+    plain = reg.get("plain").method_assets()
+    assert plain.encoder is None and plain.linknet is None and set(plain.missing) == {"magec", "encoder"}
+
+
+def test_linknet_cache_goes_beside_the_checkpoint_or_to_the_cache_dir(tmp_path, monkeypatch):
+    import core.models as cm
+
+    ckpt = tmp_path / "g.pt"
+    ckpt.write_bytes(b"x")
+    assert cm.linknet_cache_path(ckpt) == tmp_path / "g.linknet.pt"
+    monkeypatch.setattr(cm.os, "access", lambda path, mode: False)  # an installed, read-only models folder
+    assert cm.linknet_cache_path(ckpt) is None  # no cache folder given: the fit stays in memory
+    assert cm.linknet_cache_path(ckpt, tmp_path / "cache") == tmp_path / "cache" / "g.linknet.pt"
+    (tmp_path / "g.linknet.pt").write_bytes(b"shipped")  # a read-only shipped fit is still read
+    assert cm.linknet_cache_path(ckpt) == tmp_path / "g.linknet.pt"
+
+
+def test_embedded_model_offers_magec_with_the_shipped_scorer():
+    from core.demo import default_encoder_path
+
+    reg = ModelRegistry()
+    info = reg.list()[0]
+    assert info["default"] and "magec" in _names(info) and "magec" in _pivots(info)
+    assert ("encoder" in _names(info)) == default_encoder_path().is_file()

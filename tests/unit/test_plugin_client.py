@@ -385,6 +385,24 @@ def test_catalog_takes_methods_and_defaults_from_the_server_and_falls_back_only_
         cat.model("x")
 
 
+def test_pti_pivots_become_method_choices_and_travel_as_options_pivot():
+    pti = {"name": "pti", "label": "Pivotal tuning (closest likeness)", "project_steps": 450, "tune_steps": 350,
+           "pivots": [{"name": "w", "label": "The latent code (W)", "project_steps": 450},
+                      {"name": "magec", "label": "The editability-aware code (MAGEC)", "project_steps": 200}]}
+    cat = F.read_catalog({"models": [{"name": "m", "directions": ["smile"], "methods": [pti, {"name": "w"}]}]})
+    got = [(m.name, m.label, m.project_steps, m.tune_steps) for m in cat.methods_for()]
+    assert got == [("pti", "Pivotal tuning (closest likeness)", 450, 350),
+                   ("pti:magec", "Pivotal tuning, starting from the editability-aware code (MAGEC)", 200, 350),
+                   ("w", "w", None, None)]
+    o = F.EditOptions(method="pti:magec", project_steps=4)
+    assert o.wire_method == "pti" and o.session_options() == {"project_steps": 4, "pivot": "magec"}
+    assert F.EditOptions(method="w").session_options() == {} and F.EditOptions(method="w").wire_method == "w"
+    F.check_request(cat, F.EditOptions(method="pti:magec", model="m"))
+    with pytest.raises(F.FlowError, match="Unknown method \"pti:encoder\""):
+        F.check_request(cat, F.EditOptions(method="pti:encoder", model="m"))
+    assert {"magec", "encoder", "pti:magec", "pti:encoder"} <= {m["name"] for m in F.STATIC_METHODS}
+
+
 def test_check_request_refuses_a_mistyped_edit_or_method_before_any_work():
     cat = F.read_catalog({"models": [{"name": "m", "directions": ["smile", "age"]}], "default_model": "m"})
     assert F.check_request(cat, F.EditOptions(edits=[("smile", 1)], method="w"))["name"] == "m"

@@ -166,7 +166,9 @@ def test_n_targets_take_n_times_the_updates_of_one(setup):
     G, target, pivot = setup["G"], setup["target"], setup["pivot"]
     no_stop = PTIOptions(learning_rate=3e-3, lpips_threshold=None)
     stepped = []
-    hook = torch.optim.optimizer.register_optimizer_step_post_hook(lambda opt, args, kwargs: stepped.append(opt))
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    hook = register_optimizer_step_post_hook(lambda opt, args, kwargs: stepped.append(opt))
     try:
         _, one = pivotal_tune_report(G, pivot, target, steps=3, options=no_stop)
         after_one = len(stepped)
@@ -189,3 +191,80 @@ def test_locality_acts_around_each_images_own_pivot(setup):
     _, reg = pivotal_tune_report(G, pivot.expand(2, -1, -1), target.expand(2, -1, -1, -1), steps=2, options=opts,
                                  locality=dataclasses.replace(LOCALITY, interval=1))
     assert plain.locality_terms == 0 and reg.locality_terms == reg.optimizer_steps == 4
+
+
+# --- early stop (issue 22): PTI's LPIPS threshold with the ImageNet backbone, an L2 plateau with the fallback ---
+
+class _Backbone:
+    """The active LPIPS module, reporting itself as ImageNet-pretrained or not (the rule choice reads that)."""
+
+    def __init__(self, inner, pretrained: bool):
+        self.inner, self.pretrained = inner, pretrained
+        self.backbone_name = f"{'imagenet' if pretrained else 'random'}-test"
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(params=[True, False], ids=["imagenet", "fallback"])
+def backbone(request, monkeypatch):
+    import core.pti as pti
+
+    real = pti.perceptual_loss
+    monkeypatch.setattr(pti, "perceptual_loss", lambda *a, **k: _Backbone(real(*a, **k), request.param))
+    return request.param
+
+
+def test_plateau_rule_is_relative_so_scale_free():
+    from core.pti import plateaued
+
+    curve = [1.0, 0.8, 0.7, 0.69, 0.688]
+    assert not plateaued(curve[:3], 2, 0.02) and plateaued(curve[:5], 2, 0.02)  # 0.688 > 0.98 · 0.7
+    for scale in (1e-4, 1.0, 1e4):  # the same curve at any scale stops at the same point
+        assert [plateaued([v * scale for v in curve[:k]], 2, 0.02) for k in range(1, 6)] == \
+               [False, False, False, False, True]
+    assert not plateaued(curve, None, 0.02)
+
+
+def test_each_backbone_gets_its_rule(setup, backbone):
+    from core.pti import stop_rule
+
+    G, target, pivot = setup["G"], setup["target"], setup["pivot"]
+    default = PTIOptions()
+    assert stop_rule(default, backbone) == ("lpips<=0.06" if backbone else "plateau 10/0.02")
+    # a threshold every image meets: only the ImageNet backbone stops on it (at once)
+    _, rep = pivotal_tune_report(G, pivot, target, steps=4, options=PTIOptions(lpips_threshold=1e9))
+    assert rep.stopped_early == backbone and rep.steps_run == (0 if backbone else 4)
+    # a plateau every curve meets (any fall under 99.9 % over 2 steps): only the fallback stops on it, at step 2
+    loose = PTIOptions(learning_rate=3e-3, lpips_threshold=None, plateau_window=2, plateau_gain=0.999)
+    _, rep = pivotal_tune_report(G, pivot, target, steps=6, options=loose)
+    assert rep.stopped_early != backbone and rep.steps_run == (6 if backbone else 2)
+    assert rep.stop_rule == ("none" if backbone else "plateau 2/0.999")
+
+
+def test_plateau_stop_is_the_first_plateau_of_the_full_curve(setup):
+    """The loop stops exactly where the rule first holds on the L2 curve of the same run without a stop."""
+    from core.pti import plateaued
+
+    G, target, pivot = setup["G"], setup["target"], setup["pivot"]
+    full_opts = PTIOptions(learning_rate=3e-3, lpips_threshold=None, plateau_window=None)
+    _, full = pivotal_tune_report(G, pivot, target, steps=40, options=full_opts)
+    h = list(full.mse_history)
+    assert len(h) == 41 and h[-1] < h[0]
+    window, gain = 4, 0.05
+    first = next(k for k in range(len(h)) if plateaued(h[:k + 1], window, gain))
+    assert window <= first < 40, "choose window/gain so the curve plateaus inside the run"
+    rule = dataclasses.replace(full_opts, plateau_window=window, plateau_gain=gain, plateau_with_pretrained=True)
+    _, rep = pivotal_tune_report(G, pivot, target, steps=40, options=rule)
+    assert rep.stopped_early and rep.steps_run == first
+    assert rep.mse_history == pytest.approx(tuple(h[:first + 1]), rel=1e-5)
+
+
+def test_plateau_settings_are_checked(setup):
+    G, target, pivot = setup["G"], setup["target"], setup["pivot"]
+    with pytest.raises(InvalidInput, match="plateau"):
+        pivotal_tune_report(G, pivot, target, steps=2,
+                            options=PTIOptions(plateau_window=3, plateau_gain=1.5, plateau_with_pretrained=True))

@@ -312,3 +312,109 @@ def test_layer_geometry_json_round_trip_and_pre_issue_15_names():
     assert g.grown_window(8.0) == (0, 0, 50, 60) and g.including(mask > 0).window == (3, 4, 40, 50)
     with pytest.raises(LatentEditError):
         LayerGeometry("sideways", (64, 64), 32, (0, 0, 1, 1))
+
+
+# --- MAGEC, the encoder and their PTI pivots (issues 19, 22) ---------------------------------------------------
+
+def _tiny_encoder(G):
+    from core.encoder import Encoder, small_config
+
+    torch.manual_seed(0)
+    cfg = small_config(G.w_dim, G.num_ws, input_size=32, depths=(8, 12, 16, 20), units=(1, 1, 1, 1), stem=8,
+                       fpn=20, style_channels=8)
+    return Encoder(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def assets(G):
+    """A toy descriptor (3 outputs), directions named like it, a LinkNet fitted for G, a random tiny encoder."""
+    from core import magec as M
+    from core.session import MethodAssets
+    from tests.unit.test_magec import toy_descriptor, toy_directions
+
+    d = toy_descriptor()
+    ln = M.fit_linknet(G, d, n=64, options=M.LinkNetOptions(steps=10))
+    return MethodAssets(d, ln, _tiny_encoder(G)), toy_directions(G)
+
+
+def test_magec_session_is_core_magec_inside_the_selection(G, assets):
+    from core.magec import MagecOptions, invert_magec
+
+    a, dirs = assets
+    img, sel = layer(32), random_selection(32, 1)
+    calls = []
+    s = create_session(G, img, sel, SessionOptions(method="magec", align="none", project_steps=4), calls.append,
+                       directions=dirs, assets=a)
+    assert s.info["project_steps"] == 4 and s.info["tune_steps"] == 0 and s.info["magec_edits"] == 6
+    assert not s.tuned and s.inversion.method == "magec"
+    ref = invert_magec(G, s.inversion.image, a.linknet, a.descriptor, dirs, steps=4, options=MagecOptions(seed=0))
+    assert torch.allclose(s.inversion.ws, ref, atol=1e-5)  # the session runs core.magec's inversion, 2 + 2 steps
+    assert [c.step for c in calls if c.stage == "project"] == [1, 2, 3, 4] and calls[-1].fraction == 1.0
+    out = s.render([("a", 2.0)])
+    outside = sel == 0
+    assert np.array_equal(out[outside][:, :3], img[outside][:, :3]) and (out[outside][:, 3] == 0).all()
+    assert not np.allclose(out[sel > 0], s.render()[sel > 0])  # the edit acts inside
+
+
+def test_pti_with_a_magec_pivot_tunes_from_the_magec_code(G, assets):
+    from core.magec import MagecOptions, invert_magec
+
+    a, dirs = assets
+    o = SessionOptions(method="pti", pivot="magec", align="none", project_steps=4, tune_steps=3)
+    assert o.validate().resolved_steps() == (4, 3)
+    assert SessionOptions(method="pti", pivot="magec").resolved_steps() == (200, 350)  # MAGEC §4 100 + 100
+    s = create_session(G, layer(32), None, o, directions=dirs, assets=a)
+    ref = invert_magec(G, s.inversion.image, a.linknet, a.descriptor, dirs, steps=4, options=MagecOptions(seed=0))
+    assert torch.allclose(s.inversion.ws, ref, atol=1e-5) and s.tuned
+    assert s.info["pivot"] == "magec" and s.info["steps_run"] == 3 and s.info["early_stopped"] is False
+
+
+def test_encoder_session_is_one_forward_and_its_pivot_feeds_pti(G, assets):
+    from core.encoder import encoder_pivot
+
+    a, _ = assets
+    calls = []
+    s = create_session(G, layer(32), None, SessionOptions(method="encoder", align="none"), calls.append, assets=a)
+    assert s.info["project_steps"] == 0 and not s.tuned
+    assert torch.equal(s.inversion.ws, encoder_pivot(a.encoder, s.inversion.image))
+    assert [c.stage for c in calls] == ["encode", "encode", "render", "render"] and calls[-1].fraction == 1.0
+    t = create_session(G, layer(32), None, SessionOptions(method="pti", pivot="encoder", align="none", tune_steps=2),
+                       assets=a)
+    assert t.tuned and t.info["project_steps"] == 0 and t.info["steps_run"] == 2
+    assert torch.equal(t.inversion.ws, encoder_pivot(a.encoder, t.inversion.image))
+    rec = t.inversion.reconstructions()
+    with torch.no_grad():
+        untuned = G.synthesis(t.inversion.ws, noise_mode="const")
+    assert not torch.allclose(rec, untuned)  # the generator was tuned around the encoder's code
+
+
+def test_methods_without_their_assets_are_refused_clearly(G):
+    from core.session import MethodAssets
+
+    img = layer(32)
+    with pytest.raises(InvalidInput, match="MAGEC is not available"):
+        create_session(G, img, None, SessionOptions(method="magec", align="none"))
+    why = "add g.attributes.pt (TorchScript) and g.attributes.json beside it"
+    with pytest.raises(InvalidInput, match="g.attributes.pt"):
+        create_session(G, img, None, SessionOptions(method="pti", pivot="magec", align="none"),
+                       assets=MethodAssets(missing={"magec": why}))
+    with pytest.raises(InvalidInput, match="encoder is not available.*g.encoder.pt"):
+        create_session(G, img, None, SessionOptions(method="encoder", align="none"),
+                       assets=MethodAssets(missing={"encoder": "add g.encoder.pt"}))
+    with pytest.raises(InvalidInput, match="pivot must be one of"):
+        SessionOptions(pivot="z").validate()
+    with pytest.raises(InvalidInput, match="pivot 'magec' is for method 'pti'"):
+        SessionOptions(method="w", pivot="magec").validate()
+    with pytest.raises(InvalidInput, match="at least 2 for MAGEC"):
+        SessionOptions(method="magec", project_steps=1).validate()
+
+
+def test_catalog_lists_methods_and_pivots_by_capability():
+    names = lambda cat: [m["name"] for m in cat]  # noqa: E731
+    pivots = lambda cat: [p["name"] for m in cat if m["name"] == "pti" for p in m["pivots"]]  # noqa: E731
+    assert names(method_catalog(())) == ["pti", "chunks", "w", "wplus"] and pivots(method_catalog(())) == ["w"]
+    assert names(method_catalog(("encoder",)))[-1] == "encoder" and pivots(method_catalog(("encoder",))) == ["w", "encoder"]
+    full = method_catalog()
+    assert pivots(full) == ["w", "magec", "encoder"] and "pivot" in full[0]["options"]
+    for p in full[0]["pivots"]:
+        assert SessionOptions(method="pti", pivot=p["name"]).resolved_steps()[0] == p["project_steps"]

@@ -31,8 +31,9 @@ from common import pixels as le_pixels  # noqa: E402
 
 PROC = "python-fu-latent-edit"
 # GIMP registers a procedure's arguments before any server is reachable, so the choice lists its method
-# names from the flow's catalog of an offline server; the server's own list is checked before any work.
-METHODS = [(m.name, m.label) for m in le_flow.read_catalog({}).methods_for()]
+# names from the flow's static list (every method and PTI pivot); the server's own list for the chosen model is
+# checked before any work (a model without MAGEC or an encoder is refused, naming the methods it offers).
+METHODS = [(m["name"], m["label"]) for m in le_flow.STATIC_METHODS]
 ALIGN = [("auto", "Find and align the face"), ("none", "Layer is already an aligned crop")]
 EDIT_SLOTS = 3
 SESSIONS_FILE = "latent-edit-sessions.json"  # in GIMP's profile folder: layer content -> server session
