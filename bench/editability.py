@@ -77,6 +77,10 @@ METHODS: dict[str, dict] = {
     "PTI": {"method": "pti"},
     "PTI+locality": {"method": "pti", "locality": True},
     "chunks": {"method": "chunks"},
+    "magec": {"method": "magec"},
+    "pti (magec pivot)": {"method": "pti", "pivot": "magec"},
+    "encoder": {"method": "encoder"},
+    "pti (encoder pivot)": {"method": "pti", "pivot": "encoder"},
 }
 
 
@@ -387,7 +391,7 @@ def inverted(dom: Domain, method: str, opts, face: int, extras: tuple, scale: in
     from core.session import create_session
 
     G = dom.G
-    session = create_session(G, _layer(base[scale]), None, opts, directions=dom.directions)
+    session = create_session(G, _layer(base[scale]), None, opts, directions=dom.directions, assets=_assets(opts))
     seconds = float(session.info["seconds"])
     inv = session.inversion
     with torch.no_grad():
@@ -405,7 +409,7 @@ def inverted(dom: Domain, method: str, opts, face: int, extras: tuple, scale: in
                    rec_lpips=rec[0], seconds=seconds, ecs_lpips=float("nan"), ecs_mse=float("nan"))
         if want_ecs and c.strength in settings.ecs_strengths and (
                 settings.ecs_attributes is None or c.attribute in settings.ecs_attributes):
-            again = create_session(G, _layer(out), None, opts, directions=dom.directions)
+            again = create_session(G, _layer(out), None, opts, directions=dom.directions, assets=_assets(opts))
             x, x_edit, x_cyc = _tensor(unedited), _tensor(out), _tensor(_result(again, [(c.attribute, -c.strength)]))
             row["ecs_lpips"] = float(ecs(x, x_edit, x_cyc, "lpips", net="alex")[0])
             row["ecs_mse"] = float(ecs(x, x_edit, x_cyc, "mse")[0])
@@ -458,6 +462,9 @@ def main() -> int:
         if opts is None:
             notes.append(f"{m}: left out, core.session.SessionOptions lacks one of {sorted(METHODS[m])}")
             continue
+        if _assets(opts) is not None and _assets(opts).missing:
+            notes.append(f"{m}: left out, {'; '.join(_assets(opts).missing.values())}")
+            continue
         options[m] = opts
     for n_face, (i, ex) in enumerate(faces):
         face_scales = [k for k in st.scales if k == 1 or st.scale4_faces is None or n_face < st.scale4_faces]
@@ -506,6 +513,19 @@ def main() -> int:
         meta["records"] = records
     write_json(args.json, rows, **meta)
     return 0
+
+
+_ASSETS: dict = {}
+
+
+def _assets(opts):
+    """The embedded model's MAGEC descriptor + LinkNet / encoder when ``opts`` need them (core.models), else None."""
+    needs = tuple(sorted(opts.needs())) if hasattr(opts, "needs") else ()
+    if needs and needs not in _ASSETS:
+        from core.models import ModelRegistry
+
+        _ASSETS[needs] = ModelRegistry(sefa_k=0).get().method_assets(needs)
+    return _ASSETS.get(needs)
 
 
 if __name__ == "__main__":
