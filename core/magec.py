@@ -13,23 +13,25 @@ Entry points: :func:`load_descriptor`, :func:`fit_linknet`, :func:`magec_edits`,
 (a block per W+ row); ``"mean"`` applies one map to the mean of the rows.  On codes with identical rows the
 two are the same function class, so the LinkNet is fitted on style-mixed samples (rows after a random
 crossover come from a second code, ``mix_prob`` of them) where they differ.  Measured on the embedded model
-(``python bench/magec.py --linknet-study``; 8192 fitting pairs, 1024 held-out pairs of each kind, seeds apart,
-L1 to the scorer's reading, the scorer's own loss):
+(``python bench/magec.py --linknet-study``: 8192 fitting pairs, 1024 held-out pairs of each kind, seeds apart;
+L1 to the scorer's reading — the scorer's own loss; "edited": 128 held-out W samples × the 26 add/remove edits at
+±3, the LinkNet's reading of the edited code against Eq. 2's target d_e, the unedited reading moved and clamped):
 
-    rows   output    fit    held-out W   held-out mixed W+      (chance, predicting the mean: 0.24 / 0.22)
-    flat   sigmoid   0.040  0.034        0.060    <- the default
-    mean   sigmoid   0.067  0.034        0.100
-    flat   linear    0.054  0.053        0.071
-    mean   linear    0.079  0.053        0.107
+    rows   output    fit    held-out W   held-out mixed W+   edited vs d_e
+    flat   sigmoid   0.040  0.034        0.060               0.057     <- the default
+    flat   clamp     0.046  0.043        0.064               0.065
+    flat   linear    0.054  0.053        0.071               0.093
+    mean   sigmoid   0.067  0.034        0.100               0.053
+    mean   clamp     0.072  0.042        0.104               0.067
+    mean   linear    0.079  0.053        0.107               0.091
+    chance (the fit's mean): 0.24 / 0.22; the scorer's own reading of the edited images is 0.031 from d_e
     (ridge start, then 400 full-batch Adam steps at lr 3e-4 on the L1 loss)
 
 Both row handlings fit W codes equally; on mixed W+ codes (which inversions produce: their rows drift apart)
-the flattened map is 40 % closer to the scorer, because each attribute lives in some rows more than others.
-The sigmoid (logistic regression, as the paper's BCE LinkNet on 40 binary attributes) follows the scorer's
-saturation at 0 and 1, which a plain linear map cannot.  On edited codes (128 held-out W samples × the 26
-add/remove edits at ±3) the flattened LinkNet's reading is 0.056 (sigmoid) / 0.065 (linear clamped to [0,1]) /
-0.092 (linear) from Eq. 2's target d_e (the unedited reading moved and clamped), which itself is 0.031 from
-the scorer's reading of the edited image; so the sigmoid is also the most consistent with the clamped targets.
+the flattened map is 40 % closer to the scorer, because each attribute lives in some rows more than others —
+so "flat", although on edited W codes (identical rows) the mean-row map is 0.004 closer.  The sigmoid
+(logistic regression, as the paper's BCE LinkNet on 40 binary attributes) follows the scorer's saturation at
+0 and 1 better than a linear map, clamped or not, also on edited codes against the clamped targets.
 """
 from __future__ import annotations
 
