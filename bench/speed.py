@@ -1,6 +1,6 @@
 """Quality vs time of the ways to a first result: PTI's recipe, encoder only, encoder pivot + k tuning steps, W+.
 
-python bench/speed.py [--quick] [--json PATH] [--device cpu|cuda] [--faces N] [--ks 10,25,50,100]
+python bench/speed.py [--quick] [--json PATH] [--device cpu|cuda] [--faces N] [--ks 10,25,50,100,150]
 
 Targets (held out): ``--faces`` rendered faces ``core.demo.render(sample_params(N, seed=HELDOUT_SEED))`` at 64 px
 (seed 7,000,000; the encoder trained on seeds 1,000,000+step and was evaluated on 424,243, the generator on
@@ -37,7 +37,7 @@ PLATEAU_GAIN = 0.02
 def _extra(parser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--faces", type=int, default=3, help="held-out rendered faces")
-    parser.add_argument("--ks", default="10,25,50,100", help="tuning steps after the encoder pivot")
+    parser.add_argument("--ks", default="10,25,50,100,150", help="tuning steps after the encoder pivot")
     parser.add_argument("--model", default=None, help="generator (default: the embedded model)")
     parser.add_argument("--encoder", default=None, help="encoder (default: core.demo.default_encoder_path())")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")

@@ -243,3 +243,15 @@ def test_progressive_stage_freezes_later_rows():
         assert torch.equal(codes, codes[:, :1].expand_as(codes))
         part = E(x, stage=3)
         assert torch.equal(part[:, 4:], part[:, :1].expand(-1, 4, -1)) and not torch.equal(part[:, 1], part[:, 0])
+
+
+def test_shipped_encoder_fits_the_shipped_model():
+    from core.demo import default_encoder_path, default_model_path
+
+    path = default_encoder_path()
+    assert path.exists(), f"{path} missing: python -m core.demo.train_encoder --install"
+    assert path.stat().st_size <= 10 * 1024 * 1024
+    E = load_encoder(path)
+    G = core.load_generator(default_model_path())
+    check_compatible(E, G)
+    assert encoder_matches(E, G), "the shipped encoder was trained for another face64.pt: retrain it"
