@@ -107,6 +107,8 @@ def run_image(G, E, target, proj_steps, tune_steps, ks, device) -> list:
     from core.pti import PTIOptions, pivotal_tune_report
 
     popts, topts = ProjectOptions(), PTIOptions(preview_every=1)
+    if hasattr(topts, "plateau_window"):  # PTI's recipe runs its full 350 steps; the curves show every k
+        topts.plateau_window = None
     rows = []
     # --- PTI's recipe: W projection + tuning (curve read at ks and at the end)
     _sync(device)
