@@ -6,6 +6,9 @@ with F's own loss — reads the latent being optimised.  The MAGEC loss (paper E
 reading of the latent, and of every InterfaceGAN-edited copy of it, to agree with F's reading of the target
 moved by the same edit; it is added to the usual image losses (Eq. 3) over two phases of 100 Adam steps.
 
+Why one module of ~600 lines: descriptor, LinkNet, loss and the two-phase loop are one paper's method and
+share its option dataclasses; a third of the file is the measured-choice notes below.
+
 Entry points: :func:`load_descriptor`, :func:`fit_linknet`, :func:`magec_edits`, :func:`magec_loss`,
 :func:`invert_magec` (→ ``ws``) and :func:`invert_magec_report` (→ :class:`MagecResult` with metadata).
 

@@ -9,6 +9,9 @@ Stages (each resumable, each skipped when its output exists):
 5. ``directions`` fit one W direction per attribute on generated faces (``face64.directions.json`` + ``.npy``);
 6. ``install``    copy the shipped files into ``core/demo/weights/`` (only with ``--install``).
 
+Why one module of ~550 lines: the stages share the run folder, the cache and the checkpoint/resume helpers;
+the per-stage code is short and reads top to bottom (the encoder stage lives in ``train_encoder.py``).
+
 Why distillation, not a GAN: on two shared CPU cores a GAN needs far more steps than we have, and
 adversarial training gives no handle on what W means.  Here every ``z`` has exactly one target face
 (``data.params_from_z``: second-moment-normalised z, first K coordinates through the normal CDF), so

@@ -13,6 +13,9 @@ Memory: weights are moved (not copied) into a generator built with uninitialised
 memory-mapped; pickles are unpickled with their large storage blobs left in the file and read only for the
 tensors of the network we use (never ``D`` or the non-EMA ``G``). Loading holds at most two copies of the weights.
 
+Why one module of ~780 lines: every reader shares the restricted unpickler, the key-renaming tables and the
+config inference, and split files would have to import each other's privates; the readers are short sections.
+
 Our format (``save_generator``): ``torch.save`` of ``{"format": "latent-edit-generator", "version": 1,
 "config": JSON, "meta": JSON, "tensors": {name: tensor}}``, loadable with ``weights_only=True``. With ``base``,
 ``tensors`` holds only the entries that differ from the base, as float differences (or bitwise XOR where a float

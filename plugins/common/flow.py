@@ -1,6 +1,9 @@
 """The one edit flow both host plugins use: result naming, the method list and defaults the server
 serves, edit-name checks, the session cache, and "create/batch -> wait -> render" over :mod:`client`.
 
+Why one module of ~530 lines: it is the one host flow (issue 15) and both hosts import only it; splitting
+naming, catalog and cache apart would spread one user action over several files.
+
 Standard library only. Hosts read and write pixels (packed with :mod:`pixels`) and show progress; they
 never talk HTTP or decide when to invert themselves.
 """
