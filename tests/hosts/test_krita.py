@@ -275,8 +275,13 @@ def test_krita_dialog_like_a_user(krita, latent_server, tmp_path):
     assert d["server_status"].startswith("Connected")
     assert latent_server.model in d["models"]
     served = latent_server.model_info.get("methods")
-    expect = [m["name"] if isinstance(m, dict) else m for m in served] if served else ["pti", "chunks", "w", "wplus"]
-    assert d["methods"] == expect  # the server's method list (one source)
+    expect = []  # the server's method list (one source); a method's other starting points follow it
+    for m in served or ["pti", "chunks", "w", "wplus"]:
+        name = m["name"] if isinstance(m, dict) else m
+        expect.append(name)
+        pivots = m.get("pivots", []) if isinstance(m, dict) else []
+        expect += [name + ":" + p["name"] for p in pivots if p["name"] != "w"]
+    assert d["methods"] == expect
     # nothing ticked: Apply is disabled, with a hint; ticking an edit enables it
     assert d["apply_enabled_without_edit"] is False and "Tick" in d["hint_without_edit"]
     assert d["apply_enabled_with_edit"] is True
