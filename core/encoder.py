@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.common import InvalidInput
-from core.stylegan2.formats import CheckpointError, _torch_load, detect_format
+from core.stylegan2.formats import CheckpointError, _torch_load, check_tensors_match, detect_format
 from core.stylegan2.network import FullyConnected
 
 ENCODER_TYPES = {"Encoder4Editing": "e4e", "GradualStyleEncoder": "psp"}
@@ -447,15 +447,7 @@ def load_encoder(path, device="cpu") -> Encoder:
         state["latent_avg"] = _latent_avg(latent, cfg, path)
     for k in [k for k in expected if k.endswith("num_batches_tracked")]:
         state[k] = sd.get(k, torch.zeros((), dtype=torch.long))
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise CheckpointError(f"{path}: encoder tensors do not match the inferred architecture "
-                              f"(missing {missing[:4]}, unexpected {extra[:4]})")
-    for k, ref in expected.items():
-        if tuple(state[k].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{path}: shape mismatch for encoder.{k}: file {tuple(state[k].shape)}, "
-                                  f"architecture {tuple(ref.shape)}")
+    check_tensors_match(path, state, expected, prefix="encoder.")
     E.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, strict=True)
     E.checkpoint_info = {"format": f"{cfg.kind} encoder", "path": str(path)}
     return E.to(device).eval().requires_grad_(False)

@@ -185,10 +185,8 @@ def _first_line(msg: str) -> str:
 # ================================================================================================= building
 
 
-def _build(config: GeneratorConfig, state: dict, path, w_avg_missing: bool = False) -> Generator:
-    """Move ``state`` (our names) into a new generator (the tensors are assigned, not copied)."""
-    G = Generator(config, init=False)  # uninitialised (untouched) memory, replaced below without a copy
-    expected = G.state_dict()
+def check_tensors_match(path, state: dict, expected: dict, prefix: str = "") -> None:
+    """Raise :class:`CheckpointError` unless ``state`` has exactly ``expected``'s names and shapes."""
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
@@ -196,8 +194,16 @@ def _build(config: GeneratorConfig, state: dict, path, w_avg_missing: bool = Fal
                               f"(missing {missing[:5]}, unexpected {extra[:5]})")
     for name, ref in expected.items():
         if tuple(state[name].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{path}: shape mismatch for {name}: file has {tuple(state[name].shape)}, "
+            raise CheckpointError(f"{path}: shape mismatch for {prefix}{name}: file has {tuple(state[name].shape)}, "
                                   f"architecture needs {tuple(ref.shape)}")
+
+
+def _build(config: GeneratorConfig, state: dict, path, w_avg_missing: bool = False) -> Generator:
+    """Move ``state`` (our names) into a new generator (the tensors are assigned, not copied)."""
+    G = Generator(config, init=False)  # uninitialised (untouched) memory, replaced below without a copy
+    expected = G.state_dict()
+    check_tensors_match(path, state, expected)
+    for name, ref in expected.items():
         if not state[name].is_floating_point():
             raise CheckpointError(f"{path}: {name} is not a floating-point tensor ({state[name].dtype})")
     G.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
