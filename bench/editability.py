@@ -43,9 +43,9 @@ so a new embedded domain is measured by the same code.
 
 Settings (``SETTINGS``): full = 16 in-domain faces (issue 16's count), 4 per extra, strengths ±1, ±2, ±3, every
 method at its default steps (``core.session.METHOD_STEPS``), ECS for every attribute at ±2, both scales: hours on
-2 CPU cores.  ``--medium``: 3 faces (4× on 2), 1 per extra, 50 projection steps (PTI 50 + 25 tuning), ECS at +2
+2 CPU cores.  ``--medium``: 3 faces (4× on 2), 1 per extra, 50 projection steps (PTI 50 + 25 tuning; MAGEC 50), ECS at +2
 on smile, glasses and hair_color of the in-domain faces at 64 px.  ``--quick`` (under 60 s on an idle machine):
-1 face, 1 extra (face_paint), 10 projection steps (PTI 10 + 5), strengths ±2, ECS at +2 on smile of the in-domain
+1 face, 1 extra (face_paint), 10 projection steps (PTI 10 + 5; MAGEC 10, its phases split 5 + 5), strengths ±2, ECS at +2 on smile of the in-domain
 face at 64 px, 4× on the in-domain face, 4 true-latent faces.  Few steps make every inverted row worse than the
 methods' defaults would: compare methods within one setting only.
 """
@@ -105,11 +105,11 @@ class Settings:
 SETTINGS = {
     "full": Settings(),
     "medium": Settings(faces=3, extra_faces=1, steps={"w": (50, 0), "wplus": (50, 0), "pti": (50, 25),
-                                                      "chunks": (50, 0)},
+                                                      "chunks": (50, 0), "magec": (50, 0)},
                        scale4_faces=2, ecs_strengths=(2.0,), ecs_attributes=("smile", "glasses", "hair_color"),
                        ecs_extras=False, ecs_scale4=False),
     "quick": Settings(faces=1, extra_faces=1, extras=("face_paint",), strengths=(-2.0, 2.0),
-                      steps={"w": (10, 0), "wplus": (10, 0), "pti": (10, 5), "chunks": (10, 0)},
+                      steps={"w": (10, 0), "wplus": (10, 0), "pti": (10, 5), "chunks": (10, 0), "magec": (10, 0)},
                       scale4_faces=1, ecs_strengths=(2.0,), ecs_attributes=("smile",),
                       ecs_extras=False, ecs_scale4=False, true_faces=4),
 }
