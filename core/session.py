@@ -250,11 +250,6 @@ class EditSession:
     def tuned(self) -> bool:
         return self.inversion.tuned
 
-    @property
-    def segments(self) -> Inversion:
-        """The inversion (the name this attribute had before issue 15; use :attr:`inversion`)."""
-        return self.inversion
-
     def render(self, edits=None, feather: Optional[float] = None, blend: Optional[str] = None,
                color_match: Optional[bool] = None) -> np.ndarray:
         """The result layer ``(H,W,4)`` float32 RGBA in [0,1] for ``edits`` = [(name | Direction | W tensor,
