@@ -1,4 +1,8 @@
-"""The job manager: a bounded queue, one worker thread for inversions, progress, cancel, retry, long-poll waits.
+"""The job manager: a bounded queue, worker threads for inversions, progress, cancel, retry, long-poll waits.
+
+One worker thread by default (the local backend).  An engine with a ``parallel_jobs`` attribute (the Ray
+backend, :mod:`server.ray_backend`) gets that many threads, each running one job at a time on the engine,
+and its ``close()`` is called when the manager stops.
 
 Cancellation sets a ``threading.Event`` that the engine checks between steps (the progress callback checks it
 too).  A per-job timeout sets the same event and the job ends ``failed`` with error ``timeout``.  Renders do
@@ -37,17 +41,19 @@ class JobManager:
 
     def __init__(self, storage: Storage, engine, live: LiveSessions, *, max_queue: int = 16,
                  default_timeout_s: float = 3600.0, cache_max_bytes: int = 2 << 30,
-                 retention: Retention = Retention()):
+                 retention: Retention = Retention(), workers: Optional[int] = None):
+        """``workers``: jobs run at once (default: the engine's ``parallel_jobs``, else 1)."""
         self.storage, self.engine, self.live = storage, engine, live
+        self.workers = max(1, int(workers if workers is not None else getattr(engine, "parallel_jobs", 1)))
         self.max_queue, self.default_timeout_s, self.cache_max_bytes = max_queue, default_timeout_s, cache_max_bytes
         self.retention = retention
         self._jobs: dict = {}  # id -> Job, for every job this process has touched
         self._queue: "collections.deque[Job]" = collections.deque()
         self._reserved = 0
-        self._running: Optional[Job] = None
+        self._running: dict = {}  # id -> Job under way, at most ``workers``
         self._cv = threading.Condition()
         self._stopping = False
-        self._thread: Optional[threading.Thread] = None
+        self._threads: list = []
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._waiters: dict = collections.defaultdict(set)  # job id -> {asyncio.Future} (long polls)
         self.interrupted_at_start = storage.mark_interrupted()
@@ -62,22 +68,29 @@ class JobManager:
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop, warm_model: Optional[str] = None) -> None:
         self._loop = loop
-        self._thread = threading.Thread(target=self._worker, args=(warm_model,), name="latent-edit-worker", daemon=True)
-        self._thread.start()
+        for i in range(self.workers):  # the first one warms the engine up
+            t = threading.Thread(target=self._worker, args=(warm_model, i == 0),
+                                 name="latent-edit-worker" + (f"-{i}" if i else ""), daemon=True)
+            self._threads.append(t)
+            t.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:
             self._stopping = True
-            if self._running is not None:
-                self._running.cancel.set()
+            for job in self._running.values():
+                job.cancel.set()
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
     # --- queries ---------------------------------------------------------------------------------
     def counts(self) -> dict:
         with self._cv:
-            return {"queued": len(self._queue), "running": 0 if self._running is None else 1, "max_queued": self.max_queue}
+            return {"queued": len(self._queue), "running": len(self._running), "max_queued": self.max_queue}
 
     def get(self, job_id: str) -> Optional[Job]:
         with self._cv:
@@ -142,6 +155,9 @@ class JobManager:
         try:
             self.storage.save_inputs(
                 job_id, [(it.layer.array, None if it.selection is None else it.selection.array) for it in req.items])
+            for i, it in enumerate(req.items):  # a label map (options.segments) is an input too: saved first
+                if getattr(it, "segments", None) is not None:
+                    self.storage.save_segments(job_id, i, it.segments)
             try:
                 self.storage.save_thumbnail(job_id, png_thumbnail(req.items[0].layer.array))
             except Exception as exc:  # a thumbnail is a nicety
@@ -260,9 +276,10 @@ class JobManager:
                 fut.set_result(None)
 
     # --- worker ----------------------------------------------------------------------------------
-    def _worker(self, warm_model: Optional[str]) -> None:
+    def _worker(self, warm_model: Optional[str], warm: bool = True) -> None:
         try:
-            self.engine.warm_up(warm_model)
+            if warm:
+                self.engine.warm_up(warm_model)
         except Exception:
             log.exception("warm-up failed")
         while True:
@@ -272,7 +289,7 @@ class JobManager:
                 if self._stopping:
                     return
                 job = self._queue.popleft()
-                self._running = job
+                self._running[job.id] = job
                 job.state, job.started, job.attempts = "running", time.time(), job.attempts + 1
                 job.stage, job.message = "starting", ""
             self.storage.update_job(job.id, state="running", started=job.started, attempts=job.attempts, stage="starting")
@@ -284,7 +301,7 @@ class JobManager:
                 self._finish(job, "failed", "internal", "internal error; see the server log")
             finally:
                 with self._cv:
-                    self._running = None
+                    self._running.pop(job.id, None)
 
     def _execute(self, job: Job) -> None:
         timeout = job.params.get("timeout_s") or self.default_timeout_s
@@ -304,7 +321,11 @@ class JobManager:
                     raise Cancelled("cancelled by the user")
                 image = protocol.to_unit_float(layer)
                 selection = None if sel is None else protocol.to_unit_float(sel)[..., 0]
-                session = self.engine.create(model, image, selection, dict(job.params["options"]),
+                options = dict(job.params["options"])
+                labels = self.storage.load_segments(job.id, i)
+                if labels is not None:  # the item's label map (kept out of the JSON job record)
+                    options["segments"] = labels
+                session = self.engine.create(model, image, selection, options,
                                              self._progress_fn(job, i, len(items)), job.cancel)
                 size = self.storage.save_session(sid, session.save)
                 self.storage.update_session(sid, state="ready", size_bytes=size, last_used=time.time())
