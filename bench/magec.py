@@ -1,7 +1,8 @@
 """MAGEC Tables 1 and 3 on the embedded default: MAGEC W+ inversion against the same schedule without it.
 
-    python bench/magec.py [--quick] [--json PATH] [--faces N] [--steps S] [--threads T]
-    python bench/magec.py --tune [--quick]            # λ_MAGEC on tuning faces (never the bench's faces)
+    python bench/magec.py [--quick] [--json PATH] [--faces N] [--steps S] [--threads T] [--ecs-edits all|key|a,b]
+                          [--no-pti]
+    python bench/magec.py --tune [uniform|phase1] [--quick]   # λ_MAGEC on tuning faces (never the bench's faces)
     python bench/magec.py --linknet-study [--quick]   # LinkNet W+ row handling and output (core.magec docstring)
 
 Methods (``core.magec.invert_magec_report``, paper §4 protocol: two phases of 100 steps, Adam, lr 0.07·0.8^⌊t/25⌋,
@@ -11,8 +12,10 @@ more steps, the paper's "w/o MAGEC + extra opt. steps").
 
 Table 1 (rows ``table=1``): reconstruction per method and image set — ``mse`` ([-1,1] scale), ``lpips``
 (AlexNet-LPIPS; the JSON names the backbone, a random-backbone fallback is not the calibrated metric), ``steps``,
-``seconds`` / ``cpu_seconds`` (wall and process CPU time of one single-image inversion, the set's first image;
-1 torch thread; quality columns come from inverting the whole set in one batch, each image independently),
+``linknet_l1`` (Eq. 2's first term without λ: the LinkNet's reading of the code against F(target) — how far the
+code's latent-level attributes are from the image's), ``seconds`` / ``cpu_seconds`` (wall and process CPU time of
+one single-image inversion, the set's first image, after a 2-step warm-up of each method; 1 torch thread; quality
+columns come from inverting the whole set in one batch, each image independently),
 ``mse_vs_wplus`` / ``cpu_vs_wplus`` (ratios to the W+ row of the same set, same run).  Time ratios use CPU time:
 on a shared, oversubscribed machine wall time varies several-fold between consecutive runs while CPU time does
 not (with one thread, CPU time is the wall time of an idle machine).
@@ -22,8 +25,17 @@ Table 3 (rows ``table=3``): per edit (every attribute of the embedded model) and
 edit ``e`` = the shipped direction at strength ±2 (towards the far end of the attribute, so every image lacks the
 target value — the paper scores "images not containing the target attribute"), the edited image re-inverted with
 the same method and edited back; ``faces`` columns are the held-out faces, ``photos`` columns astronaut and
-grace_hopper; ``delta_score``: the edit-delta score against the renderer's true edit (``bench/editability.py``'s
-``delta_score``: 1 − MSE(edit delta − true delta)/MSE(true delta), faces only, same edits).
+grace_hopper (ECS only for ``--ecs-edits``: every attribute by default, the three acceptance edits with
+``--quick``; NaN for the others); ``delta_score``: the edit-delta score against the renderer's true edit
+(``bench/editability.py``'s ``delta_score``: 1 − MSE(edit delta − true delta)/MSE(true delta), faces only, every
+attribute at the same ±2).
+
+PTI table (rows ``table=pti``, skipped with ``--no-pti``): each held-out face alone through the session's inversion
+(``core.session.invert``, PTI's defaults: W pivot 450 steps / MAGEC pivot 200 steps, then up to 350 tuning steps
+with the session's early stop) — ``PTI`` (PTI's own W pivot) and ``PTI (MAGEC pivot)`` — and ``PTI (W+ ablation
+pivot)`` (MAGEC's schedule without the MAGEC loss, then the same tuning) to separate the MAGEC loss from W+ itself:
+``mse``/``lpips`` after tuning, ``delta_score`` of the tuned generator (every attribute), ``tune_steps_run``,
+``cpu_seconds`` per face and the ratios to ``PTI``.
 
 Faces: ``core.demo.sample_params(n, seed=1919)`` rendered at 64 px (``core.demo.render``).  Training uses numpy
 ``default_rng(0)``/``(1)`` normals, the directions torch seeds 123/321/99/7, bench/editability numpy seed 1616,
@@ -44,14 +56,23 @@ BENCH_SEED = 1919  # sample_params seed of the bench's held-out faces
 TUNE_SEED = 1920  # sample_params seed of the faces λ_MAGEC is tuned on
 ECS_STRENGTH = 2.0  # the edit size bench/editability.py scores ECS at
 KEY_EDITS = ("smile", "eye_openness", "glasses")  # issue 19's acceptance edits
-TUNE_WEIGHTS = (3e-4, 3e-3, 3e-2, 0.1, 0.3, 1.0)
+TUNE_WEIGHTS = (3e-4, 3e-3, 3e-2, 0.1, 0.3, 1.0)  # --tune uniform: λ_MAGEC in both phases
+# --tune phase1: λ_MAGEC in phase 1 only raised (phase 2 keeps MAGEC_WEIGHT) — the paper's footnote 1: a higher
+# relative MAGEC weight first steers the code to a semantically right area, then reconstruction takes over
+TUNE_PHASE1 = (3e-2, 0.3, 3.0)
 
 
 def _extra(parser):
-    parser.add_argument("--tune", action="store_true", help="measure λ_MAGEC on the tuning faces instead")
+    parser.add_argument("--tune", nargs="?", const="uniform", choices=("uniform", "phase1"), default=None,
+                        help="measure λ_MAGEC on the tuning faces instead: in both phases (uniform, the default) "
+                             "or raised in phase 1 only (phase1)")
     parser.add_argument("--linknet-study", action="store_true", help="compare LinkNet variants instead")
     parser.add_argument("--faces", type=int, default=None, help="held-out faces (default 4, quick 2)")
     parser.add_argument("--steps", type=int, default=None, help="MAGEC / W+ steps (default 200, quick 40)")
+    parser.add_argument("--ecs-edits", default=None,
+                        help="attributes ECS re-inverts: all (default), key (smile, eye_openness, glasses; --quick's "
+                             "default) or a comma list; the edit-delta score always covers every attribute")
+    parser.add_argument("--no-pti", action="store_true", help="skip the PTI W-pivot vs MAGEC-pivot table")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest on a shared, oversubscribed 2-core machine)")
 
@@ -119,9 +140,14 @@ def table1(G, ctx, targets: dict, steps: int) -> tuple[list, dict]:
 
     Quality: every image of a set inverted in one batch (each optimised independently, as alone).  Time: one
     single-image inversion per set (its first image) — the wait of one user — in wall and process CPU seconds."""
+    from core.magec import descriptor_loss
     from core.metrics import lpips, mse
 
+    _, _, desc, _, net = ctx
     methods = {"MAGEC": steps, "W+": steps, "W+ +50%": steps + steps // 2}
+    first = next(iter(targets.values()))[:1]
+    for m in ("MAGEC", "W+"):  # warm-up (one-time LPIPS / mean-W / allocator setup) outside the timed runs
+        invert(G, first, m, 2, ctx)
     rows, kept = [], {"MAGEC": {}, "W+": {}}
     for set_name, imgs in targets.items():
         per = {}
@@ -132,8 +158,11 @@ def table1(G, ctx, targets: dict, steps: int) -> tuple[list, dict]:
             if len(imgs) > 1:
                 ws = invert(G, imgs, m, st, ctx).ws
             out = synth(G, ws)
+            with torch.no_grad():
+                link = float(descriptor_loss(net(ws), desc(imgs), desc.loss).mean())
             per[m] = {"table": 1, "method": m, "set": set_name, "images": len(imgs),
                       "mse": float(mse(out, imgs).mean()), "lpips": float(lpips(out, imgs, "alex").mean()),
+                      "linknet_l1": link,
                       "steps": st, "seconds": secs, "cpu_seconds": cpu}
             if m in kept:
                 kept[m][set_name] = ws
@@ -150,6 +179,31 @@ def edit_signs(values: np.ndarray) -> np.ndarray:
     return np.where(values < 0.5, 1.0, -1.0)
 
 
+def delta_scores(G, ws: torch.Tensor, face_params: np.ndarray, face_imgs: torch.Tensor, dirs, names) -> dict:
+    """{edit: [edit-delta score per face]} of codes ``ws (n,num_ws,w_dim)`` of the faces ``face_imgs (n,3,R,R)``
+    rendered from ``face_params (n,K)``, synthesised by ``G`` (the base or a PTI-tuned generator): each edit at
+    ±ECS_STRENGTH towards the attribute's far end against the renderer's true edit (``bench/editability.py``'s
+    ``delta_score``: 1 − MSE(edit delta − true delta)/MSE(true delta))."""
+    from core.demo import render
+    from core.demo.directions import UNIT
+    from core.demo.renderer import ATTRIBUTES
+    from editability import delta_score, edited_params
+
+    x = synth(G, ws)
+    out = {}
+    for name in names:
+        k = ATTRIBUTES.index(name)
+        sign = edit_signs(face_params[:, k]) * ECS_STRENGTH
+        x_edit = synth(G, ws + torch.stack([dirs[name].delta(float(v), G.num_ws, G.w_dim) for v in sign]))
+        scores = []
+        for i in range(len(ws)):
+            q, _ = edited_params(face_params[i], k, float(sign[i]), UNIT)
+            true = (to_tensor(render(q[None])) - face_imgs[i:i + 1]).numpy()
+            scores.append(delta_score((x_edit[i:i + 1] - x[i:i + 1]).numpy(), true))
+        out[name] = scores
+    return out
+
+
 def cycle(G, ctx, method: str, ws: torch.Tensor, deltas: torch.Tensor, steps: int):
     """(x_proj, x_edit, x_cyc) for codes ``ws (N,..)`` and edit offsets ``deltas (N,..)``: re-invert the edited
     images with ``method`` in one batch, then undo the edit."""
@@ -160,31 +214,30 @@ def cycle(G, ctx, method: str, ws: torch.Tensor, deltas: torch.Tensor, steps: in
     return x, x_edit, x_cyc
 
 
-def table3(G, ctx, kept: dict, face_params: np.ndarray, face_imgs: torch.Tensor, photo_imgs: dict, edits,
+def table3(G, ctx, kept: dict, face_params: np.ndarray, face_imgs: torch.Tensor, photo_imgs: dict, ecs_edits,
            steps: int) -> list:
-    """ECS per edit and method (faces, photos) and the edit-delta score against the renderer (faces)."""
-    from core.demo import render
-    from core.demo.directions import UNIT
+    """Per attribute and method: ECS (faces, photos) for the ``ecs_edits`` (NaN for the others: re-inverting every
+    edited image is the bench's cost) and the edit-delta score against the renderer (faces, every attribute)."""
     from core.demo.renderer import ATTRIBUTES
     from core.metrics import ecs
-    from editability import delta_score, edited_params
 
     _, _, desc, dirs, _ = ctx
     sets = {"faces": face_imgs, **photo_imgs}
     with torch.no_grad():
         readings = {s: desc(t).numpy() for s, t in sets.items() if s != "faces"}
+    nan = float("nan")
     rows = []
     for method in ("MAGEC", "W+"):
         ws_sets = kept[method]
         names, all_ws, all_dl, owners = [], [], [], []
-        for name in edits:
+        for name in ecs_edits:
             k = ATTRIBUTES.index(name)
             for s, ws in ws_sets.items():
                 vals = face_params[:, k] if s == "faces" else readings[s][:, k]
                 sign = edit_signs(vals)
                 for i in range(len(ws)):
                     names.append(name)
-                    owners.append((s, i, float(sign[i]) * ECS_STRENGTH))
+                    owners.append(s)
                     all_ws.append(ws[i:i + 1])
                     all_dl.append(dirs[name].delta(float(sign[i]) * ECS_STRENGTH, G.num_ws, G.w_dim)[None])
         ws_b, dl_b = torch.cat(all_ws), torch.cat(all_dl)
@@ -193,51 +246,103 @@ def table3(G, ctx, kept: dict, face_params: np.ndarray, face_imgs: torch.Tensor,
         print(f"{method}: {len(ws_b)} re-inversions in {time.perf_counter() - t0:.0f} s")
         e_lp = ecs(x, x_edit, x_cyc, "lpips").numpy()
         e_ms = ecs(x, x_edit, x_cyc, "mse").numpy()
-        for name in edits:
-            k = ATTRIBUTES.index(name)
-            idx = [j for j, n in enumerate(names) if n == name]
-            face_idx = [j for j in idx if owners[j][0] == "faces"]
-            photo_idx = [j for j in idx if owners[j][0] != "faces"]
-            scores = []
-            for j in face_idx:
-                _, i, strength = owners[j]
-                q, _ = edited_params(face_params[i], k, strength, UNIT)
-                true = (to_tensor(render(q[None])) - face_imgs[i:i + 1]).numpy()
-                scores.append(delta_score((x_edit[j:j + 1] - x[j:j + 1]).numpy(), true))
+        scores = delta_scores(G, ws_sets["faces"], face_params, face_imgs, dirs, ATTRIBUTES)
+        for name in ATTRIBUTES:
+            face_idx = [j for j, n in enumerate(names) if n == name and owners[j] == "faces"]
+            photo_idx = [j for j, n in enumerate(names) if n == name and owners[j] != "faces"]
+
+            def mean(values, idx):
+                return float(np.nanmean(values[idx])) if idx else nan
+
             rows.append({"table": 3, "method": method, "edit": name,
-                         "ecs_lpips_faces": float(np.nanmean(e_lp[face_idx])),
-                         "ecs_mse_faces": float(np.nanmean(e_ms[face_idx])),
-                         "ecs_lpips_photos": float(np.nanmean(e_lp[photo_idx])) if photo_idx else float("nan"),
-                         "ecs_mse_photos": float(np.nanmean(e_ms[photo_idx])) if photo_idx else float("nan"),
-                         "delta_score": float(np.mean(scores)), "faces": len(face_idx), "photos": len(photo_idx)})
+                         "ecs_lpips_faces": mean(e_lp, face_idx), "ecs_mse_faces": mean(e_ms, face_idx),
+                         "ecs_lpips_photos": mean(e_lp, photo_idx), "ecs_mse_photos": mean(e_ms, photo_idx),
+                         "delta_score": float(np.mean(scores[name])), "faces": len(face_params),
+                         "photos": len(photo_idx)})
     for method in ("MAGEC", "W+"):
         sel = [r for r in rows if r["method"] == method]
-        rows.append({"table": 3, "method": method, "edit": "mean",
-                     **{c: float(np.nanmean([r[c] for r in sel])) for c in
-                        ("ecs_lpips_faces", "ecs_mse_faces", "ecs_lpips_photos", "ecs_mse_photos", "delta_score")},
-                     "faces": sel[0]["faces"], "photos": sel[0]["photos"]})
+        mean_row = {"table": 3, "method": method, "edit": f"mean (ECS: {len(ecs_edits)} edits)",
+                    "faces": sel[0]["faces"], "photos": max(r["photos"] for r in sel)}
+        for c in ("ecs_lpips_faces", "ecs_mse_faces", "ecs_lpips_photos", "ecs_mse_photos", "delta_score"):
+            vals = [r[c] for r in sel if not np.isnan(r[c])]
+            mean_row[c] = float(np.mean(vals)) if vals else nan
+        rows.append(mean_row)
     return rows
 
 
-def acceptance(t1: list, t3: list) -> list:
-    """Issue 19's acceptance items, each True/False with the numbers it compares."""
+def table_pti(G, ctx, face_params: np.ndarray, face_imgs: torch.Tensor, project_steps, tune_steps) -> list:
+    """PTI from PTI's own W pivot against PTI from a MAGEC pivot, each face alone through the session's inversion
+    (``core.session.invert``, the whole crop, no alignment), and from the W+ ablation's pivot (MAGEC's schedule
+    without the MAGEC loss, then the same ``core.pti.pivotal_tune_report``) to tell the MAGEC loss from W+:
+    reconstruction after tuning, the edit-delta score of the tuned generator (every attribute,
+    :func:`delta_scores`), steps and CPU seconds per face."""
+    from core.demo.renderer import ATTRIBUTES
+    from core.magec import MagecOptions
+    from core.metrics import lpips, mse
+    from core.pti import pivotal_tune_report
+    from core.session import MethodAssets, SessionOptions
+    from core.session import invert as session_invert
+
+    _, _, desc, dirs, net = ctx
+    assets = MethodAssets(descriptor=desc, linknet=net)
+    res = G.resolution
+    rows = []
+    for label, pivot in (("PTI", "w"), ("PTI (MAGEC pivot)", "magec"), ("PTI (W+ ablation pivot)", "wplus")):
+        opts = SessionOptions(method="pti", pivot="magec" if pivot == "wplus" else pivot, align="none",
+                              project_steps=project_steps, tune_steps=tune_steps).validate()
+        p_steps, t_steps = opts.resolved_steps()
+        m, lp, cpu, run, scores = [], [], [], [], []
+        for i in range(len(face_imgs)):
+            target = face_imgs[i:i + 1]
+            c0 = time.process_time()
+            if pivot == "wplus":
+                ws = invert(G, target, "W+", p_steps, ctx, base=MagecOptions(seed=opts.seed)).ws
+                G_inv, report = pivotal_tune_report(G, ws, target, steps=t_steps)
+                steps_run = report.steps_run
+            else:
+                inv = session_invert(G, target, torch.ones(1, res, res), opts, p_steps, t_steps, directions=dirs,
+                                     assets=assets)
+                G_inv, ws, steps_run = inv.G, inv.ws, int(inv.info.get("steps_run", t_steps))
+            cpu.append(time.process_time() - c0)
+            out = synth(G_inv, ws)
+            m.append(float(mse(out, target)[0]))
+            lp.append(float(lpips(out, target, "alex")[0]))
+            run.append(steps_run)
+            per = delta_scores(G_inv, ws, face_params[i:i + 1], target, dirs, ATTRIBUTES)
+            scores.append(float(np.mean([v[0] for v in per.values()])))
+            print(f"{label} face {i}: mse {m[-1]:.5f}, edit-delta {scores[-1]:.3f}, {cpu[-1]:.0f} CPU s")
+        rows.append({"table": "pti", "method": label, "pivot": pivot, "faces": len(face_imgs),
+                     "mse": float(np.mean(m)), "lpips": float(np.mean(lp)), "delta_score": float(np.mean(scores)),
+                     "project_steps": p_steps, "tune_steps_run": float(np.mean(run)),
+                     "cpu_seconds": float(np.mean(cpu))})
+    base = rows[0]
+    for r in rows:
+        r["mse_vs_pti"] = r["mse"] / base["mse"]
+        r["cpu_vs_pti"] = r["cpu_seconds"] / base["cpu_seconds"]
+    return rows
+
+
+def acceptance(t1: list, t3: list, tp: list = ()) -> list:
+    """Issue 19's acceptance items, each True/False with the numbers it compares (ECS items only for the key
+    edits this run re-inverted)."""
     out = []
     get3 = {(r["method"], r["edit"]): r for r in t3}
     for name in KEY_EDITS:
-        if ("MAGEC", name) in get3:
+        if ("MAGEC", name) in get3 and not np.isnan(get3[("MAGEC", name)]["ecs_lpips_faces"]):
             a, b = get3[("MAGEC", name)], get3[("W+", name)]
             for col in ("ecs_lpips_faces", "ecs_mse_faces"):
-                out.append({"item": f"ECS {name} ({col}) MAGEC < W+", "magec": a[col], "wplus": b[col],
+                out.append({"item": f"ECS {name} ({col}) MAGEC < W+", "magec": a[col], "baseline": b[col],
                             "holds": bool(a[col] < b[col])})
-    a, b = get3[("MAGEC", "mean")], get3[("W+", "mean")]
-    out.append({"item": "edit-delta score MAGEC >= W+ (mean over edits)", "magec": a["delta_score"],
-                "wplus": b["delta_score"], "holds": bool(a["delta_score"] >= b["delta_score"])})
+    a, b = [r for r in t3 if r["method"] == "MAGEC" and r["edit"].startswith("mean")][0], \
+        [r for r in t3 if r["method"] == "W+" and r["edit"].startswith("mean")][0]
+    out.append({"item": "edit-delta score MAGEC >= W+ (mean over every attribute)", "magec": a["delta_score"],
+                "baseline": b["delta_score"], "holds": bool(a["delta_score"] >= b["delta_score"])})
     for r in t1:
         if r["method"] == "MAGEC":
-            out.append({"item": f"MSE MAGEC <= 1.5x W+ ({r['set']})", "magec": r["mse"], "wplus": r["mse"] / r["mse_vs_wplus"],
+            out.append({"item": f"MSE MAGEC <= 1.5x W+ ({r['set']})", "magec": r["mse"], "baseline": r["mse"] / r["mse_vs_wplus"],
                         "holds": bool(r["mse_vs_wplus"] <= 1.5)})
             out.append({"item": f"CPU time MAGEC <= 1.3x W+ ({r['set']})", "magec": r["cpu_seconds"],
-                        "wplus": r["cpu_seconds"] / r["cpu_vs_wplus"], "holds": bool(r["cpu_vs_wplus"] <= 1.3)})
+                        "baseline": r["cpu_seconds"] / r["cpu_vs_wplus"], "holds": bool(r["cpu_vs_wplus"] <= 1.3)})
     return out
 
 
@@ -256,21 +361,36 @@ def run_bench(args) -> int:
     targets = {"faces": imgs, **phot}
     backbone = lpips_backbone("alex")
     t1, kept = table1(G, ctx, targets, steps)
-    print_table(t1, ["method", "set", "images", "mse", "lpips", "steps", "seconds", "cpu_seconds", "mse_vs_wplus",
+    print_table(t1, ["method", "set", "images", "mse", "lpips", "linknet_l1", "steps", "seconds", "cpu_seconds", "mse_vs_wplus",
                      "cpu_vs_wplus"],
                 title=f"Table 1 analogue: reconstruction (LPIPS backbone: {backbone})")
-    edits = KEY_EDITS if quick else tuple(ATTRIBUTES)
+    if args.ecs_edits == "key" or (quick and args.ecs_edits is None):
+        edits = KEY_EDITS
+    elif args.ecs_edits in (None, "all"):
+        edits = tuple(ATTRIBUTES)
+    else:
+        edits = tuple(e.strip() for e in args.ecs_edits.split(",") if e.strip())
+        unknown = [e for e in edits if e not in ATTRIBUTES]
+        if unknown:
+            raise SystemExit(f"--ecs-edits: unknown attributes {unknown}; known: {', '.join(ATTRIBUTES)}")
     t3 = table3(G, ctx, kept, p, imgs, phot, edits, steps)
     print()
     print_table(t3, ["method", "edit", "ecs_lpips_faces", "ecs_mse_faces", "ecs_lpips_photos", "ecs_mse_photos",
                      "delta_score", "faces", "photos"],
                 title=f"Table 3 analogue: ECS per edit (strength ±{ECS_STRENGTH}, lower is better) and edit-delta score")
-    acc = acceptance(t1, t3)
+    tp = []
+    if not args.no_pti:
+        tp = table_pti(G, ctx, p, imgs, steps if quick else None, 20 if quick else None)
+        print()
+        print_table(tp, ["method", "faces", "mse", "lpips", "delta_score", "project_steps", "tune_steps_run",
+                         "cpu_seconds", "mse_vs_pti", "cpu_vs_pti"],
+                    title="PTI from its W pivot vs from a MAGEC pivot and from the W+ ablation's (held-out faces)")
+    acc = acceptance(t1, t3, tp)
     print()
-    print_table(acc, ["item", "magec", "wplus", "holds"], title="issue 19 acceptance (this run)")
+    print_table(acc, ["item", "magec", "baseline", "holds"], title="issue 19 acceptance (this run)")
     from core.magec import MAGEC_WEIGHT
 
-    write_json(args.json, t1 + t3, acceptance=acc, lpips_backbone=backbone, bench_seed=BENCH_SEED, faces=n_faces,
+    write_json(args.json, t1 + t3 + tp, acceptance=acc, ecs_edits=list(edits), lpips_backbone=backbone, bench_seed=BENCH_SEED, faces=n_faces,
                steps=steps, ecs_strength=ECS_STRENGTH, magec_weight=MAGEC_WEIGHT,
                id_term="off: no identity network available")
     return 0
@@ -278,12 +398,9 @@ def run_bench(args) -> int:
 
 def run_tune(args) -> int:
     """λ_MAGEC grid on the tuning faces: reconstruction, edit-delta score (all edits), ECS on the key edits."""
-    from core.demo import render
-    from core.demo.directions import UNIT
     from core.demo.renderer import ATTRIBUTES
-    from core.magec import MagecOptions
+    from core.magec import MAGEC_WEIGHT, MagecOptions, descriptor_loss
     from core.metrics import ecs, mse
-    from editability import delta_score, edited_params
 
     quick = args.quick
     n = args.faces or (2 if quick else 4)
@@ -291,25 +408,21 @@ def run_tune(args) -> int:
     ctx = setup()
     G, _, _, dirs, _ = ctx
     p, imgs = faces(n, TUNE_SEED)
-    weights = (0.0, 3e-2, 1.0) if quick else (0.0,) + TUNE_WEIGHTS
+    if args.tune == "phase1":
+        grid = [(0.0, 0.0), (MAGEC_WEIGHT, MAGEC_WEIGHT)] + [(l1, MAGEC_WEIGHT) for l1 in
+                                                             (TUNE_PHASE1[1:2] if quick else TUNE_PHASE1)]
+    else:
+        grid = [(lam, lam) for lam in ((0.0, 3e-2, 1.0) if quick else (0.0,) + TUNE_WEIGHTS)]
     rows = []
-    for lam in weights:
+    for lam1, lam2 in grid:
+        lam = lam1 or lam2
         base = MagecOptions()
-        o = dataclasses.replace(base, phase1=dataclasses.replace(base.phase1, magec=lam),
-                                phase2=dataclasses.replace(base.phase2, magec=lam))
+        o = dataclasses.replace(base, phase1=dataclasses.replace(base.phase1, magec=lam1),
+                                phase2=dataclasses.replace(base.phase2, magec=lam2))
         t0 = time.perf_counter()
         ws = invert(G, imgs, "MAGEC" if lam else "W+", steps, ctx, base=o).ws
         secs = time.perf_counter() - t0
-        x = synth(G, ws)
-        scores = []
-        for k, name in enumerate(ATTRIBUTES):
-            sign = edit_signs(p[:, k]) * ECS_STRENGTH
-            dl = torch.stack([dirs[name].delta(float(s), G.num_ws, G.w_dim) for s in sign])
-            xe = synth(G, ws + dl)
-            for i in range(n):
-                q, _ = edited_params(p[i], k, float(sign[i]), UNIT)
-                true = (to_tensor(render(q[None])) - imgs[i:i + 1]).numpy()
-                scores.append(delta_score((xe[i:i + 1] - x[i:i + 1]).numpy(), true))
+        per = delta_scores(G, ws, p, imgs, dirs, ATTRIBUTES)
         # ECS on the key edits: one batch of re-inversions with the same λ
         all_ws, all_dl = [], []
         for name in KEY_EDITS:
@@ -318,18 +431,21 @@ def run_tune(args) -> int:
             all_ws.append(ws)
             all_dl.append(torch.stack([dirs[name].delta(float(s), G.num_ws, G.w_dim) for s in sign]))
         ws_b, dl_b = torch.cat(all_ws), torch.cat(all_dl)
-        xb, xe, xc = synth(G, ws_b), synth(G, ws_b + dl_b), None
+        xb, xe = synth(G, ws_b), synth(G, ws_b + dl_b)
         ws2 = invert(G, xe, "MAGEC" if lam else "W+", steps, ctx, base=o).ws
         xc = synth(G, ws2 - dl_b)
-        rows.append({"magec_weight": lam, "mse": float(mse(x, imgs).mean()),
-                     "delta_score": float(np.mean(scores)),
+        with torch.no_grad():
+            link = float(descriptor_loss(ctx[4](ws), ctx[2](imgs), ctx[2].loss).mean())
+        rows.append({"magec_weight_1": lam1, "magec_weight_2": lam2, "mse": float(mse(synth(G, ws), imgs).mean()),
+                     "linknet_l1": link,
+                     "delta_score": float(np.mean([v for vs in per.values() for v in vs])),
                      "ecs_lpips_key": float(np.nanmean(ecs(xb, xe, xc, "lpips").numpy())),
                      "ecs_mse_key": float(np.nanmean(ecs(xb, xe, xc, "mse").numpy())),
                      "seconds_batch": secs, "faces": n, "steps": steps})
         print_table(rows[-1:], title=None)
     print()
     print_table(rows, title=f"λ_MAGEC on tuning faces (sample_params seed {TUNE_SEED}, {n} faces, {steps} steps)")
-    write_json(args.json, rows, tune_seed=TUNE_SEED)
+    write_json(args.json, rows, tune_seed=TUNE_SEED, grid=args.tune)
     return 0
 
 
