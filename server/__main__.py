@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "above it the oldest idle connection is closed")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a client has to send its request headers (default 10)")
+    ray = p.add_argument_group("Ray backend (python3 install.py --with ray)")
+    ray.add_argument("--backend", choices=("local", "ray"), default="local",
+                     help="where inversions and renders run: local (this process, one job at a time; default) or "
+                          "ray (actors on a Ray cluster, one job per worker; docs/scaleout.md)")
+    ray.add_argument("--ray-address", default="auto",
+                     help="Ray cluster to join (default auto: the cluster started on this machine with `ray start`)")
+    ray.add_argument("--ray-workers", type=int, default=None,
+                     help="worker actors (default: one per GPU of the cluster, else one per --ray-threads CPUs)")
+    ray.add_argument("--ray-threads", type=int, default=1, help="torch threads per CPU worker (default 1)")
+    ray.add_argument("--ray-retries", type=int, default=2,
+                     help="re-runs of a job whose worker was lost mid-job before it fails with worker_lost (default 2)")
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)  # tests: MODULE:FACTORY, factory(args) -> engine
     return p
 
@@ -108,6 +119,22 @@ def resolve_device(choice: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def ray_engine(args: argparse.Namespace, local, models_dir: Path):
+    """The Ray backend's engine; ``local`` (or the core engine on this machine's CPU) describes the models."""
+    from server.ray_backend import BackendUnavailable, RayEngine, WorkerSpec, require_ray
+
+    try:
+        require_ray()  # before loading any model: a missing package is one sentence, at once
+        if local is None:
+            from server.engine import Engine
+            local = Engine.from_core(models_dir, "cpu")  # listing only; the workers pick their own device
+        spec = WorkerSpec(models_dir=str(models_dir), factory=args.engine, threads=max(1, args.ray_threads),
+                          max_sessions=args.live_sessions)
+        return RayEngine(local, spec, args.ray_address, workers=args.ray_workers, retries=args.ray_retries)
+    except BackendUnavailable as exc:
+        raise SystemExit(f"error: {exc}")
+
+
 async def serve(args: argparse.Namespace) -> None:
     from server import __version__
     from server.app import ENGINE, ServerConfig, create_app
@@ -148,6 +175,8 @@ async def serve(args: argparse.Namespace) -> None:
     if args.engine:
         module, _, factory = args.engine.partition(":")
         engine = getattr(importlib.import_module(module), factory)(config)
+    if args.backend == "ray":
+        engine = ray_engine(args, engine, models_dir)
     try:
         app = create_app(config, engine=engine)
     except LatentEditError as exc:

@@ -6,6 +6,7 @@ alpha = selection × input alpha, outside untouched.  Every step start is record
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -37,12 +38,51 @@ class FakeOptions:
 
 
 class StepLog:
-    """Start times (monotonic) of every optimisation step, across all sessions."""
+    """Start times (monotonic) of every optimisation step, across all sessions.
 
-    def __init__(self):
+    ``path``: also append each step and call to this JSON-lines file, and read them back from it, so a test
+    sees what engines in other processes on this machine did (the Ray backend's actors; ``time.monotonic``
+    is one clock for the whole machine)."""
+
+    def __init__(self, path=None):
         self.lock = threading.Lock()
-        self.starts: list = []
-        self.calls: list = []
+        self.path = None if path is None else Path(path)
+        self._starts: list = []
+        self._calls: list = []
+
+    def _append(self, record: dict) -> None:
+        with open(self.path, "a") as f:  # one short line per write: appends from several processes stay whole
+            f.write(json.dumps(record, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)) + "\n")
+
+    def _read(self, kind: str) -> list:
+        if not self.path.exists():
+            return []
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [r["value"] for r in rows if r["kind"] == kind]
+
+    def record_start(self) -> None:
+        t = time.monotonic()
+        with self.lock:
+            self._starts.append(t)
+            if self.path is not None:
+                self._append({"kind": "start", "value": t})
+
+    def record_call(self, G, options, shape) -> None:
+        with self.lock:
+            self._calls.append({"G": G, "options": options, "shape": shape})
+            if self.path is not None:
+                self._append({"kind": "call", "value": {"G": G, "options": dataclasses.asdict(options),
+                                                        "shape": list(shape)}})
+
+    @property
+    def starts(self) -> list:
+        return self._starts if self.path is None else self._read("start")
+
+    @property
+    def calls(self) -> list:
+        if self.path is None:
+            return self._calls
+        return [dict(c, options=FakeOptions(**c["options"]), shape=tuple(c["shape"])) for c in self._read("call")]
 
     def after(self, t: float) -> int:
         with self.lock:
@@ -100,14 +140,12 @@ def make_session_api(step_s: float, log: StepLog) -> SimpleNamespace:
         if selection is not None and selection.shape != image.shape[:2]:
             raise InvalidInput("selection does not match the image")
         options = options or FakeOptions()
-        with log.lock:
-            log.calls.append({"G": G, "options": options, "shape": image.shape})
+        log.record_call(G, options, image.shape)
         p, t = options.project_steps or 4, options.tune_steps or 0
         n = p + t
         for i in range(n):
             check_cancel(cancel)
-            with log.lock:
-                log.starts.append(time.monotonic())
+            log.record_start()
             time.sleep(step_s)
             if progress is not None:
                 preview = image[..., :3] if i % 2 == 0 else None
@@ -119,10 +157,12 @@ def make_session_api(step_s: float, log: StepLog) -> SimpleNamespace:
 
 
 def make_engine(config=None, step_s: Optional[float] = None, log: Optional[StepLog] = None) -> Engine:
-    """Factory (also used by ``python -m server --engine fake_engine:make_engine``); FAKE_STEP_S sets the step."""
+    """Factory (also used by ``python -m server --engine fake_engine:make_engine``); FAKE_STEP_S sets the step.
+    ``config`` may carry ``fake_step_s`` and ``fake_step_log`` (a StepLog file path): how the Ray backend's
+    actors build this engine (server.ray_backend.WorkerSpec.factory_config)."""
     if step_s is None:
-        step_s = float(os.environ.get("FAKE_STEP_S", "0.02"))
-    log = log or StepLog()
+        step_s = getattr(config, "fake_step_s", None) or float(os.environ.get("FAKE_STEP_S", "0.02"))
+    log = log or StepLog(getattr(config, "fake_step_log", None))
     engine = Engine(FakeRegistry(), make_session_api(step_s, log), "cpu", lambda: "fake-backbone")
     engine.step_log = log
     return engine
