@@ -308,10 +308,11 @@ async def health(request: web.Request):
 
 @routes.get("/v1/models")
 async def models(request: web.Request):
-    """The models (each with its directions and, from the registry, its ``methods``), the default model, load
-    errors (paths relative to the data folder), and ``methods`` + ``defaults`` for the session options."""
+    """The models (each with its directions, from the registry its ``methods``, and whether it has a
+    ``segmenter``), the default model, load errors (paths relative to the data folder), and ``methods`` +
+    ``defaults`` for the session options."""
     engine, storage = request.app[ENGINE], request.app[STORAGE]
-    return respond(request, {"models": engine.models(), "default_model": engine.default_model(),
+    return respond(request, {"models": protocol.model_listing(engine.models()), "default_model": engine.default_model(),
                              "errors": {k: storage.relative(v) for k, v in engine.model_errors().items()},
                              **protocol.session_catalog()})
 
@@ -326,6 +327,10 @@ async def _submit(request: web.Request, kind: str, parse):
     why = refusal(model, req.options) if refusal is not None else None
     if why:  # e.g. MAGEC without a descriptor beside the checkpoint: say which file to add, before queueing
         raise ProtocolError(422, "method_unavailable", why, "method")
+    refusal = getattr(request.app[ENGINE], "segments_refusal", None)
+    why = refusal(model, req.options) if refusal is not None else None
+    if why:  # segments "auto" for a model without a segmenter: say what to add, before queueing
+        raise ProtocolError(422, "segmenter_unavailable", why, "options.segments")
     jobs = request.app[JOBS]
     try:
         jobs.reserve()

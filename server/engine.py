@@ -99,6 +99,20 @@ class Engine:
             return f"model {model!r} cannot start PTI from pivot {pivot!r}" + (f": {why}" if why else "")
         return None
 
+    def segments_refusal(self, model: str, options: dict) -> Optional[str]:
+        """Why ``model`` cannot take ``options.segments: "auto"`` (no segmenter: its ``unavailable`` reason,
+        naming what to add); None when it can or the options ask for another segment source."""
+        if options.get("segments") != "auto":
+            return None
+        from server.protocol import SEGMENTER, model_listing
+
+        info = next((m for m in model_listing(self.models()) if m["name"] == model), None)
+        if info is None or info["segmenter"]:
+            return None
+        why = (info.get("unavailable") or {}).get(SEGMENTER)
+        return (f"model {model!r} has no segmenter for automatic segments" + (f": {why}" if why else "") +
+                "; use the selection or a label map (options.segments)")
+
     def backbone(self) -> str:
         """The active perceptual backbone, ``"loading"`` until :meth:`warm_up` has run."""
         if self._backbone_fn is None:
@@ -149,3 +163,38 @@ class Engine:
             pass
         return load(directory, lm.generator, **kwargs)
 
+
+def render_session(session, req) -> tuple:
+    """``(rgba (H,W,4) float32, metadata)`` for a :class:`server.protocol.RenderRequest`: edits with
+    ``segments`` go to core as mappings ``{direction, strength, layers?, segments}`` (core.inversion
+    ``Inversion.edit_groups``); ``fusion`` is passed when given; ``metadata`` = ``{"segments":
+    session.segment_info()}`` ([{index, area[, label]}]) when the session has segments."""
+    from server.errors import ProtocolError, invalid
+
+    masks = getattr(session, "segment_masks", None)
+    n = None if masks is None else int(masks.shape[0])
+    edits = []
+    for i, (edit, seg) in enumerate(zip(req.edits, req.segments or [None] * len(req.edits))):
+        if seg is None:
+            edits.append(edit)
+            continue
+        if n is None:
+            raise invalid(f"edits[{i}].segments", "this session has no segments (its engine predates them)")
+        if max(seg) >= n:
+            raise invalid(f"edits[{i}].segments", f"segment {max(seg)} does not exist: the session has {n} "
+                                                  f"segment{'s' if n != 1 else ''} (0..{n - 1})")
+        edits.append(dict({"direction": edit[0], "strength": edit[1], "segments": list(seg)},
+                          **({"layers": edit[2]} if len(edit) > 2 else {})))
+    kwargs = {} if req.color_match is None else {"color_match": req.color_match}
+    if req.fusion is not None:
+        try:
+            takes = "fusion" in inspect.signature(session.render).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if takes:
+            kwargs["fusion"] = req.fusion
+        elif req.fusion != "none":  # "none" is what an engine without fusion renders anyway
+            raise ProtocolError(422, "unknown_field", "fusion: is not supported by this server's engine", "fusion")
+    out = session.render(edits=edits, feather=req.feather, blend=req.blend, **kwargs)
+    info = getattr(session, "segment_info", None)
+    return out, ({"segments": info()} if info is not None else {})

@@ -30,6 +30,9 @@ JSON_TYPE = "application/json"
 # name -> (numpy dtype, channels); little-endian on the wire whatever the host.
 LAYER_FORMATS = {"rgba8": (np.dtype("u1"), 4), "rgba16": (np.dtype("<u2"), 4), "rgbaf32": (np.dtype("<f4"), 4)}
 MASK_FORMATS = {"gray8": (np.dtype("u1"), 1), "grayf32": (np.dtype("<f4"), 1)}
+# segment label maps (options.segments): one integer per pixel, each distinct value >= 0 one segment;
+# "label32" is signed so that a pixel can belong to no segment (a negative value)
+LABEL_FORMATS = {"label8": (np.dtype("u1"), 1), "label16": (np.dtype("<u2"), 1), "label32": (np.dtype("<i4"), 1)}
 ENVELOPE_BYTES = 64 * 1024  # everything in a body but the pixel bytes (keys, options, names) fits easily
 MAX_NAME_CHARS = 500  # layer names
 
@@ -48,6 +51,7 @@ class Limits:
     max_pixels: int = 4096 * 4096
     max_batch: int = 16
     max_edits: int = 32
+    max_segments: int = 32  # segment indices in an edit's "segments" (core.session.MAX_SEGMENTS segments at most)
     max_steps: int = 20000  # server resource bound (validity, e.g. >= 1, is SessionOptions.validate's)
     max_timeout_s: float = 24 * 3600.0
 
@@ -61,7 +65,8 @@ class Limits:
         containers = 2 * max(self.max_batch, self.max_edits, 2)
         return DecodeLimits(max_str_len=4 * MAX_NAME_CHARS, max_bin_len=self.max_body_bytes,
                             max_array_len=containers, max_map_len=16,
-                            max_objects=64 + 40 * self.max_batch + 8 * self.max_edits, max_depth=6)
+                            max_objects=64 + 40 * self.max_batch + (8 + self.max_segments) * self.max_edits,
+                            max_depth=6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,10 +351,11 @@ def encode_layer(rgba: np.ndarray, fmt: str, x: int = 0, y: int = 0, name: Optio
 
 @dataclass
 class Item:
-    """One layer to invert, with its optional selection (same size, same placement)."""
+    """One layer to invert, with its optional selection and segment label map (same size, same placement)."""
 
     layer: WirePixels
     selection: Optional[WirePixels]
+    segments: Optional[np.ndarray] = None  # (H,W) int32 label map (options.segments as a map), else None
 
 
 @dataclass
@@ -363,8 +369,8 @@ class SessionRequest:
 # wire name -> (type check, server resource bound or None); validity (ranges, choices) is SessionOptions.validate's
 _OPTION_TYPES = {"project_steps": "int", "tune_steps": "int", "feather": "number", "blend": "str", "seed": "int",
                  "color_match": "bool", "space": "str", "reg": "number", "min_face": "int", "locality": "bool",
-                 "pivot": "str"}
-_OPTION_KEYS = set(_OPTION_TYPES) | {"timeout_s"}
+                 "pivot": "str", "fusion": "str"}
+_OPTION_KEYS = set(_OPTION_TYPES) | {"timeout_s", "segments"}
 
 
 def _session_options_type():
@@ -392,23 +398,47 @@ def session_catalog() -> dict:
     defaults = {f.name: f.default for f in dataclasses.fields(cs.SessionOptions)}
     catalog = getattr(cs, "method_catalog", None)
     return {"methods": catalog() if catalog is not None else [{"name": m} for m in cs.METHODS],
-            "defaults": {k: defaults[k] for k in ("method", "align", "feather", "blend") if k in defaults}}
+            "defaults": {k: defaults[k] for k in ("method", "align", "feather", "blend", "segments")
+                         if k in defaults and isinstance(defaults[k], (str, int, float, bool))}}
 
 
-def build_options(fields: dict) -> dict:
-    """``SessionOptions(**fields).validate()``; an InvalidInput becomes a 422 naming the field."""
+SEGMENTER = "segmenter"  # the capability core.session.CAPABILITIES names for an automatic segment source
+
+
+def model_listing(models: list) -> list:
+    """``GET /v1/models``' model entries: the registry's, each with ``segmenter: bool`` — whether
+    ``options.segments: "auto"`` works for it (core.session.CAPABILITIES holds "segmenter" and the model does
+    not list it under ``unavailable``, which then says what to add)."""
+    import core.session as cs
+
+    known = SEGMENTER in getattr(cs, "CAPABILITIES", ())
+    out = []
+    for m in models:
+        m = dict(m)
+        caps = m.get("capabilities")
+        has = SEGMENTER in caps if isinstance(caps, (list, tuple)) else \
+            known and SEGMENTER not in (m.get("unavailable") or {})
+        m["segmenter"] = bool(has)
+        out.append(m)
+    return out
+
+
+def build_options(fields: dict, labels: Optional[np.ndarray] = None) -> dict:
+    """``SessionOptions(**fields).validate()``; an InvalidInput becomes a 422 naming the field. ``labels``: a
+    label map validated as ``segments`` but not returned (it travels with its item, not in the JSON job record)."""
     from core.common import InvalidInput
 
     cls = _session_options_type()
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
+    unknown = sorted((set(fields) | ({"segments"} if labels is not None else set())) - known)
     if unknown:  # a wire option this engine's SessionOptions does not have (yet)
         raise invalid(f"options.{unknown[0]}", "is not supported by this server's engine", code="unknown_field")
     try:
-        cls(**fields).validate()
+        cls(**fields, **({} if labels is None else {"segments": labels})).validate()
     except InvalidInput as exc:
         text = str(exc)
-        name = next((k for k in sorted(fields, key=len, reverse=True) if text.startswith(k)), None)
+        names = set(fields) | ({"segments"} if labels is not None else set())
+        name = next((k for k in sorted(names, key=len, reverse=True) if text.startswith(k)), None)
         path = None if name is None else (name if name in ("method", "align") else f"options.{name}")
         raise ProtocolError(422, "invalid_field", f"{path}: {text}" if path else text, path) from None
     return fields
@@ -428,9 +458,31 @@ def _item(obj: dict, path: str, limits: Limits) -> Item:
     return Item(layer, sel)
 
 
-def _common_session_fields(body: dict, limits: Limits) -> tuple:
+def decode_labels(obj, path: str, item: Item, limits: Limits) -> np.ndarray:
+    """A label map ``{width, height, format: label8|label16|label32, data, stride?}`` at the layer's size ->
+    ``(H,W)`` int32 (its values are SessionOptions.validate's to judge: segments, no segment, how many)."""
+    lab = decode_pixels(obj, path, LABEL_FORMATS, limits)
+    if (lab.width, lab.height) != (item.layer.width, item.layer.height):
+        raise invalid(path, f"is {lab.width}x{lab.height} but the layer is {item.layer.width}x{item.layer.height}; "
+                            "send the label map at the layer's size")
+    return lab.array[..., 0].astype(np.int32)
+
+
+def _segments_option(opts: dict) -> tuple:
+    """``options.segments``: ("selection" | "auto", None) or (None, the label map's wire map)."""
+    v = opts.get("segments")
+    if v is None or isinstance(v, str):  # which names are valid is SessionOptions.validate's
+        return get_str(opts, "segments", "options"), None
+    if isinstance(v, dict):
+        return None, v
+    raise invalid("options.segments", f"must be \"selection\", \"auto\" or a label map "
+                                      f"{{width, height, format, data}}, not {_type_name(v)}")
+
+
+def _common_session_fields(body: dict, limits: Limits, item: Optional[Item] = None) -> tuple:
     """Wire types here; validity in :meth:`core.session.SessionOptions.validate`; resource bounds (steps,
-    timeout) from ``limits``."""
+    timeout, segments) from ``limits``. ``item``: the one layer a label map (options.segments) belongs to; it
+    gets the decoded map (``item.segments``), batches (``item`` None) refuse one."""
     model = get_str(body, "model", "")
     options = {"method": get_str(body, "method", "", default="pti"), "align": get_str(body, "align", "", default="auto")}
     opts = body.get("options")
@@ -443,15 +495,24 @@ def _common_session_fields(body: dict, limits: Limits) -> tuple:
     for key in ("project_steps", "tune_steps"):
         if options.get(key) is not None and options[key] > limits.max_steps:
             raise invalid(f"options.{key}", f"{options[key]} is more than the server's limit of {limits.max_steps}")
+    source, label_map = _segments_option(opts)
+    if source is not None:
+        options["segments"] = source
+    if label_map is not None:
+        if item is None:
+            raise invalid("options.segments", "a label map belongs to one layer: send it with POST /v1/sessions "
+                                              "(a batch takes \"selection\" or \"auto\")")
+        item.segments = decode_labels(label_map, "options.segments", item, limits)
     timeout_s = get_number(opts, "timeout_s", "options", 1.0, limits.max_timeout_s)
-    return model, build_options(options), timeout_s
+    return model, build_options(options, None if item is None else item.segments), timeout_s
 
 
 def parse_session_request(body: dict, limits: Limits) -> SessionRequest:
     """``POST /v1/sessions``: {layer, selection?, model?, method?, align?, options?}."""
     check_map(body, "", {"layer", "selection", "model", "method", "align", "options"}, {"layer"})
-    model, options, timeout_s = _common_session_fields(body, limits)
-    return SessionRequest([_item(body, "", limits)], model, options, timeout_s)
+    item = _item(body, "", limits)
+    model, options, timeout_s = _common_session_fields(body, limits, item)
+    return SessionRequest([item], model, options, timeout_s)
 
 
 def parse_batch_request(body: dict, limits: Limits) -> SessionRequest:
@@ -474,18 +535,35 @@ class RenderRequest:
     blend: Optional[str]
     format: Optional[str]
     color_match: Optional[bool] = None
+    fusion: Optional[str] = None  # None: the engine's default ("none")
+    segments: list = dataclasses.field(default_factory=list)  # per edit: None (all segments) or [index, ...]
+
+
+def _segment_indices(e: dict, path: str, limits: Limits) -> Optional[list]:
+    """An edit's ``segments``: 1..max_segments distinct indices in [0, max_segments), or None (all)."""
+    raw = get_list(e, "segments", path, limits.max_segments, min_len=1)
+    if raw is None:
+        return None
+    spath = _join(path, "segments")
+    out = [get_int({i: v}, i, spath, 0, limits.max_segments - 1) if v is not None else None for i, v in enumerate(raw)]
+    if None in out:
+        raise invalid(spath, "must be segment indices (integers), not nil")
+    if len(set(out)) != len(out):
+        raise invalid(spath, f"lists a segment twice ({out})")
+    return out
 
 
 def parse_render_request(body: dict, limits: Limits, directions: set, num_ws: Optional[int] = None) -> RenderRequest:
-    """``POST /v1/sessions/{id}/render``: {edits: [{direction, strength, layers?}], feather?, blend?, format?,
-    color_match?}; ``layers`` = [first, last] W+ rows the edit applies to (inclusive)."""
-    check_map(body, "", {"edits", "feather", "blend", "format", "color_match"}, {"edits"})
+    """``POST /v1/sessions/{id}/render``: {edits: [{direction, strength, layers?, segments?}], feather?, blend?,
+    format?, color_match?, fusion?}; ``layers`` = [first, last] W+ rows the edit applies to (inclusive),
+    ``segments`` = the session's segments it applies to (absent: all)."""
+    check_map(body, "", {"edits", "feather", "blend", "format", "color_match", "fusion"}, {"edits"})
     raw = get_list(body, "edits", "", limits.max_edits)
     top = (num_ws - 1) if num_ws else 1 << 10
-    edits = []
+    edits, segments = [], []
     for i, e in enumerate(raw):
         path = f"edits[{i}]"
-        check_map(e, path, {"direction", "strength", "layers"}, {"direction", "strength"})
+        check_map(e, path, {"direction", "strength", "layers", "segments"}, {"direction", "strength"})
         name = get_str(e, "direction", path)
         if name not in directions:
             known = ", ".join(sorted(directions)) or "none"
@@ -502,10 +580,22 @@ def parse_render_request(body: dict, limits: Limits, directions: set, num_ws: Op
                 raise invalid(lpath, f"first ({first}) must not exceed last ({last})")
             edit = edit + ((first, last),)
         edits.append(edit)
+        segments.append(_segment_indices(e, path, limits))
     try:  # the compositing modes the engine knows (core.compositing since issue 15, core.chunks before)
         from core.compositing import BLENDS
     except ImportError:
         from core.chunks import BLENDS
 
     return RenderRequest(edits, get_number(body, "feather", "", 0.0, 512.0), get_str(body, "blend", "", choices=BLENDS),
-                         get_str(body, "format", "", choices=tuple(LAYER_FORMATS)), get_bool(body, "color_match", ""))
+                         get_str(body, "format", "", choices=tuple(LAYER_FORMATS)), get_bool(body, "color_match", ""),
+                         get_str(body, "fusion", "", choices=_fusions()), segments)
+
+
+def _fusions() -> tuple:
+    """The render fusions the engine knows (core.expanded.FUSIONS: "none", "relevance" = Yin et al.'s content
+    fusion, "Keep photo detail"); an engine without fusion knows only "none"."""
+    try:
+        from core.expanded import FUSIONS
+    except ImportError:
+        return ("none",)
+    return tuple(FUSIONS)

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from server import protocol
+from server.engine import render_session
 from server.live import LiveSessions
 from server.storage import Storage
 
@@ -58,13 +59,14 @@ class Renderer:
         """Blocking: one generator forward + compositing, encoded for the wire."""
         t0 = time.perf_counter()
         session = self.session(row)
-        extra = {} if req.color_match is None else {"color_match": req.color_match}
-        out = np.asarray(session.render(edits=req.edits, feather=req.feather, blend=req.blend, **extra))
+        out, meta = render_session(session, req)  # edits (+ segments), fusion -> core; segment metadata back
+        out = np.asarray(out)
         if out.shape != (row["height"], row["width"], 4):
             raise RuntimeError(f"engine returned {out.shape}, expected {(row['height'], row['width'], 4)}")
         layer = protocol.encode_layer(out, req.format or row["format"], row["x"], row["y"], row["name"])
         self.storage.update_session(row["id"], last_used=time.time())
-        return {"session_id": row["id"], "layer": layer, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)}
+        return {"session_id": row["id"], "layer": layer, **meta,
+                "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     def stop(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

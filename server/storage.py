@@ -214,6 +214,15 @@ class Storage:
                 _atomic_save_npy(d / f"item{i}.selection.npy", selection)
         return dir_size(d)
 
+    def save_segments(self, job_id: str, item: int, labels: np.ndarray) -> None:
+        """Write item ``item``'s segment label map ``(H,W)`` int32 (options.segments as a map) beside its layer."""
+        _atomic_save_npy(private_mkdir(self.job_dir(job_id)) / f"item{item}.segments.npy", labels)
+
+    def load_segments(self, job_id: str, item: int) -> Optional[np.ndarray]:
+        """Item ``item``'s label map, or None when it was sent without one."""
+        path = self.job_dir(job_id) / f"item{item}.segments.npy"
+        return np.load(path, allow_pickle=False) if path.exists() else None
+
     def save_thumbnail(self, job_id: str, png: bytes) -> None:
         _atomic_write(private_mkdir(self.job_dir(job_id)) / "thumb.png", lambda f: f.write(png))
 

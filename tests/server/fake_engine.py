@@ -35,6 +35,7 @@ class FakeOptions:
     blend: str = "alpha"
     seed: int = 0
     locality: bool = False
+    segments: object = "selection"  # core.session.SessionOptions.segments: a name or an (H,W) label map
 
 
 class StepLog:

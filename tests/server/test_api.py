@@ -203,3 +203,94 @@ def test_locality_reaches_the_engine_from_the_protocol(server):
     assert server.engine.step_log.calls[-1]["options"].locality is True
     bad = server.request("POST", "/v1/sessions", {"layer": layer(make_image(16, 16)), "options": {"locality": 1}})
     assert bad.status == 422 and bad.body["field"] == "options.locality"
+
+
+def _labels(arr: np.ndarray, fmt: str = "label8", **extra) -> dict:
+    """Wire map of an (H,W) integer label map (options.segments)."""
+    a = np.ascontiguousarray(arr.astype({"label8": "u1", "label16": "<u2", "label32": "<i4"}.get(fmt, "u1")))
+    return dict({"width": a.shape[1], "height": a.shape[0], "format": fmt, "data": a.tobytes()}, **extra)
+
+
+def _needs_core_segments():
+    import dataclasses
+
+    import core.session as cs
+
+    if "segments" not in {f.name for f in dataclasses.fields(cs.SessionOptions)}:
+        pytest.skip("this core.session has no segments option yet")
+
+
+def test_segments_option_wire_types_and_validation_name_the_field(server):
+    """Issue 21: ``options.segments`` is "selection" | "auto" | a label map at the layer's size; each bad input
+    is a 422 naming the field, before anything is queued."""
+    _needs_core_segments()
+    h, w = 16, 16
+    img = layer(make_image(h, w))
+    three = np.repeat(np.array([0, 1, 2, 2], np.int32), 4)[None, :].repeat(h, 0)  # (16,16): 3 vertical bands
+
+    def submit(segments, method="chunks", route="/v1/sessions"):
+        body = {"layer": img, "method": method, "options": {"project_steps": 2, "segments": segments}}
+        if route == "/v1/batch":
+            body = {"items": [{"layer": img}], "method": method, "options": body["options"]}
+        return server.request("POST", route, body)
+
+    cases = [
+        (5, "options.segments", "must be"),
+        ("bogus", "options.segments", "segments"),
+        (_labels(three, "label64"), "options.segments.format", "label8"),
+        (_labels(three[:8, :8]), "options.segments", "layer is 16x16"),
+        (_labels(three, data=b"\0" * 10), "options.segments.data", "holds 10 bytes"),
+        (_labels(np.full((h, w), -1), "label32"), "options.segments", "no segment"),
+        (_labels(np.arange(h * w).reshape(h, w), "label16"), "options.segments", "at most"),
+    ]
+    jobs_before = len(server.request("GET", "/v1/jobs").body["jobs"])
+    for segments, field, words in cases:
+        r = submit(segments)
+        assert r.status == 422 and r.body["field"] == field and words in r.body["message"], (segments, r.body)
+    r = submit(_labels(three), method="pti")  # label maps are ChunkyGAN segments: method "chunks"
+    assert r.status == 422 and r.body["field"] == "options.segments" and "chunks" in r.body["message"], r.body
+    r = submit(_labels(three), route="/v1/batch")  # a label map belongs to one layer
+    assert r.status == 422 and r.body["field"] == "options.segments" and "one layer" in r.body["message"], r.body
+    assert len(server.request("GET", "/v1/jobs").body["jobs"]) == jobs_before  # nothing was queued
+    # a good label map reaches the engine as an (H,W) integer array, the label32 "no segment" value kept
+    good = three.copy()
+    good[0, 0] = -1
+    r = submit(_labels(good, "label32"))
+    assert r.status == 202, r.body
+    assert wait_job(server, r.body["job_id"])["state"] == "done"
+    got = server.engine.step_log.calls[-1]["options"].segments
+    assert isinstance(got, np.ndarray) and got.shape == (h, w) and np.array_equal(got, good)
+    r = submit("auto")
+    assert r.status == 202 and wait_job(server, r.body["job_id"])["state"] == "done", r.body
+    assert server.engine.step_log.calls[-1]["options"].segments == "auto"
+
+
+def test_render_fusion_and_edit_segments_wire_types(server):
+    """Issue 20/21: a render's ``fusion`` and an edit's ``segments`` are checked, naming the field; an engine
+    whose sessions have neither answers 422 instead of ignoring them."""
+    r = server.request("POST", "/v1/sessions", {"layer": layer(make_image(16, 16)), "options": {"project_steps": 1}})
+    assert wait_job(server, r.body["job_id"])["state"] == "done"
+    url = f"/v1/sessions/{r.body['session_id']}/render"
+    smile = {"direction": "smile", "strength": 1.0}
+    cases = [
+        ({"edits": [], "fusion": "bogus"}, "fusion"),
+        ({"edits": [], "fusion": 1}, "fusion"),
+        ({"edits": [dict(smile, segments="0")]}, "edits[0].segments"),
+        ({"edits": [dict(smile, segments=[])]}, "edits[0].segments"),
+        ({"edits": [dict(smile, segments=[0, 0])]}, "edits[0].segments"),
+        ({"edits": [dict(smile, segments=[-1])]}, "edits[0].segments[0]"),
+        ({"edits": [dict(smile, segments=[0, None])]}, "edits[0].segments"),
+        ({"edits": [smile, dict(smile, segments=[99])]}, "edits[1].segments[0]"),
+        ({"edits": [dict(smile, segments=[0])]}, "edits[0].segments"),  # the fake session has no segments
+        ({"edits": [], "fusion": "relevance"}, "fusion"),  # ... and no fusion
+    ]
+    for body, field in cases:
+        rr = server.request("POST", url, body)
+        assert 400 <= rr.status < 500 and rr.body["field"] == field, (body, rr.status, rr.body)
+    ok = server.request("POST", url, {"edits": [smile], "fusion": "none"})  # "none" is every engine's render
+    assert ok.status == 200 and "segments" not in ok.body, ok.body
+
+
+def test_models_say_which_have_a_segmenter(server):
+    models = server.request("GET", "/v1/models").body["models"]
+    assert all(isinstance(m["segmenter"], bool) for m in models)

@@ -93,3 +93,95 @@ def test_unavailable_methods_are_refused_before_queueing(real):
     body.update(method="w", options={"pivot": "magec"})
     r = real.request("POST", "/v1/sessions", body)
     assert r.status == 422 and "pivot" in r.body["message"], r.body
+
+
+def _three_bands(h: int, w: int) -> np.ndarray:
+    """(h,w) int32 label map: three vertical bands 0 | 1 | 2."""
+    return np.minimum(np.arange(w) * 3 // w, 2).astype(np.int32)[None, :].repeat(h, 0)
+
+
+def test_models_say_which_have_a_segmenter_and_auto_is_refused_without_one(real):
+    import core.session as cs
+
+    if "segmenter" not in cs.CAPABILITIES:
+        pytest.skip("this core.session has no segmenter capability yet")
+    tiny = real.models["tiny32"]
+    assert tiny["segmenter"] is False and "tiny32" in tiny["unavailable"]["segmenter"]
+    emb = real.embedded
+    assert emb["segmenter"] is ("segmenter" not in emb.get("unavailable", {}))
+    body = {"layer": layer(np.zeros((32, 32, 4), np.uint8) + 128), "model": "tiny32", "method": "chunks",
+            "align": "none", "options": {"segments": "auto", "project_steps": 2}}
+    r = real.request("POST", "/v1/sessions", body)
+    assert r.status == 422 and r.body["error"] == "segmenter_unavailable" and r.body["field"] == "options.segments"
+    assert "tiny32" in r.body["message"], r.body
+
+
+def test_label_map_session_renders_segments_metadata_and_segment_edits(real):
+    """A 3-colour label map -> a 3-segment chunks session; the render's metadata has each segment's area; an
+    edit on one segment leaves the others' pixels as the reconstruction has them; an index past the session's
+    segments is a 422 naming the edit."""
+    import dataclasses
+
+    import core.session as cs
+
+    if "segments" not in {f.name for f in dataclasses.fields(cs.SessionOptions)}:
+        pytest.skip("this core.session has no segments option yet")
+    model = real.models["tiny32"]
+    res = model["resolution"]
+    img, labels = _face(res, 3), _three_bands(res, res)
+    sel = np.zeros((res, res), np.uint8)
+    sel[res // 8: -res // 8, res // 16: -res // 16] = 255  # covers part of every band
+    lab = {"width": res, "height": res, "format": "label8", "data": labels.astype(np.uint8).tobytes()}
+    body = {"layer": layer(img), "selection": layer(sel[..., None], "gray8"), "model": "tiny32", "method": "chunks",
+            "align": "none", "options": {"project_steps": 4, "segments": lab}}
+    r = real.request("POST", "/v1/sessions", body)
+    assert r.status == 202, r.body
+    assert wait_job(real, r.body["job_id"], timeout=300)["state"] == "done"
+    url = f"/v1/sessions/{r.body['session_id']}/render"
+    rec = real.request("POST", url, {"edits": []})
+    assert rec.status == 200, rec.body
+    segs = rec.body["segments"]
+    assert [s["index"] for s in segs] == [0, 1, 2] and [s.get("label") for s in segs] == [0, 1, 2]
+    for s in segs:  # each band's share of the selection (soft masks sum to the selected pixels)
+        expect = int(((labels == s["label"]) & (sel > 0)).sum())
+        assert abs(s["area"] - expect) <= 0.05 * expect + 2, (s, expect)
+    smile = {"direction": model["directions"][0]["name"], "strength": 8.0}
+    one = real.request("POST", url, {"edits": [dict(smile, segments=[1])]})
+    assert one.status == 200, one.body
+    base = np.frombuffer(rec.body["layer"]["data"], np.uint8).reshape(img.shape).astype(int)
+    out = np.frombuffer(one.body["layer"]["data"], np.uint8).reshape(img.shape).astype(int)
+    outside = sel == 0
+    assert np.array_equal(out[outside][:, :3], img[outside][:, :3])  # outside the selection: the input's pixels
+    changed = np.abs(out[..., :3] - base[..., :3]).max(-1) > 0
+    assert changed[(labels == 1) & (sel > 0)].any(), "the edit on segment 1 changed nothing in it"
+    cols = np.flatnonzero(labels[0] == 1)
+    x = np.arange(res)[None, :].repeat(res, 0)
+    far = (sel > 0) & ((x < cols[0] - 2) | (x > cols[-1] + 2))  # segments 0 and 2, 3 px away from segment 1
+    assert far.sum() >= 2 * res, far.sum()
+    assert not changed[far].any(), "an edit on segment 1 changed pixels of segments 0/2"
+    bad = real.request("POST", url, {"edits": [dict(smile, segments=[3])]})
+    assert bad.status == 422 and bad.body["field"] == "edits[0].segments" and "3 segments" in bad.body["message"]
+
+
+def test_render_fusion_keeps_pixels_outside_the_selection(real):
+    import inspect
+
+    import core.session as cs
+
+    if "fusion" not in inspect.signature(cs.EditSession.render).parameters:
+        pytest.skip("this core.session renders without fusion yet")
+    model = real.models["tiny32"]
+    img, sel, body = _body(model, "w", {"project_steps": 3})
+    r = real.request("POST", "/v1/sessions", body)
+    assert r.status == 202 and wait_job(real, r.body["job_id"], timeout=300)["state"] == "done", r.body
+    url = f"/v1/sessions/{r.body['session_id']}/render"
+    edit = [{"direction": model["directions"][0]["name"], "strength": 3.0}]
+    plain = real.request("POST", url, {"edits": edit, "fusion": "none"})
+    kept = real.request("POST", url, {"edits": edit, "fusion": "relevance"})
+    assert plain.status == 200 and kept.status == 200, (plain.body, kept.body)
+    a = np.frombuffer(plain.body["layer"]["data"], np.uint8).reshape(img.shape)
+    b = np.frombuffer(kept.body["layer"]["data"], np.uint8).reshape(img.shape)
+    outside = sel == 0
+    assert np.array_equal(a[outside], b[outside])
+    default = real.request("POST", url, {"edits": edit})
+    assert np.array_equal(np.frombuffer(default.body["layer"]["data"], np.uint8).reshape(img.shape), a)
