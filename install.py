@@ -8,6 +8,7 @@ backbones LPIPS needs (SHA-256 checked; offline the install still succeeds, with
     python3 install.py --uninstall     # remove what install.py added (the venv, plugins, kritarc entry)
     python3 install.py --weights lpips # require the LPIPS backbones (an offline install then fails)
     python3 install.py --no-weights    # do not try to download any weights
+    python3 install.py --with ray      # also Ray, for python -m server --backend ray (docs/scaleout.md)
 
 Standard library only: it runs with the system Python before anything is installed.  Idempotent:
 a second run finds every step done and says "nothing to do".
@@ -48,6 +49,10 @@ WEIGHTS = {
         ("https://download.pytorch.org/models/vgg16-397923af.pth", "hub/checkpoints/vgg16-397923af.pth", "397923af"),
         ("https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "hub/checkpoints/alexnet-owt-7be5be79.pth", "7be5be79"),
     ],
+}
+# Optional packages: --with NAME installs them (and --check then requires them).  {name: (pip specs, import probe)}
+EXTRAS = {
+    "ray": (["ray==2.60.0"], "import ray"),  # python -m server --backend ray: a studio's GPU pool (docs/scaleout.md)
 }
 DEFAULT_WEIGHTS = ["lpips"]  # fetched by default when the host answers; without them LPIPS uses its fallback
 REACH_TIMEOUT_S = 4.0  # how long an offline machine waits before the install goes on without the weights
@@ -130,6 +135,7 @@ class Installer:
     weights: list[str] = field(default_factory=lambda: list(DEFAULT_WEIGHTS))
     weights_required: bool = False  # --weights: a failed download is an error, and --check reports them
     torch_index: str | None = None
+    extras: list[str] = field(default_factory=list)  # names in EXTRAS (--with)
     notes: list[str] = field(default_factory=list)
 
     # --- state ---------------------------------------------------------------------------------
@@ -178,6 +184,16 @@ class Installer:
         state = self.load_state()
         state["requirements"] = _requirements_digest()
         self.save_state(state)
+
+    def extras_missing(self) -> list[str]:
+        py = venv_python(self.venv)
+        return [f"optional package {name} ({' '.join(EXTRAS[name][0])}) in {self.venv}" for name in self.extras
+                if not py.exists() or subprocess.run([str(py), "-c", EXTRAS[name][1]], capture_output=True).returncode]
+
+    def install_extras(self) -> None:
+        py = venv_python(self.venv)
+        specs = [spec for name in self.extras for spec in EXTRAS[name][0]]
+        _run([py, "-m", "pip", "install", "--disable-pip-version-check", *specs], "installing " + " ".join(specs))
 
     # --- launcher --------------------------------------------------------------------------------
     def launcher_missing(self) -> list[str]:
@@ -309,12 +325,16 @@ class Installer:
     # --- driver -----------------------------------------------------------------------------------
     def missing(self) -> list[str]:
         weights = self.weights_missing() if self.weights_required else []
-        return self.venv_missing() + self.launcher_missing() + self.plugins_missing() + self.token_missing() + weights
+        return (self.venv_missing() + self.extras_missing() + self.launcher_missing() + self.plugins_missing()
+                + self.token_missing() + weights)
 
     def install(self) -> int:
         did = False
         if self.venv_missing():
             self.install_venv()
+            did = True
+        if self.extras_missing():
+            self.install_extras()
             did = True
         if self.launcher_missing():
             self.write_launcher()
@@ -374,6 +394,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="require these weights (downloaded from their official locations, SHA-256 checked); "
                         "by default lpips is fetched when the host answers and skipped with a notice offline")
     p.add_argument("--no-weights", action="store_true", help="do not download any weights")
+    p.add_argument("--with", dest="extras", action="append", default=[], choices=sorted(EXTRAS),
+                   help="also install an optional package: ray (python -m server --backend ray, a Ray cluster)")
     p.add_argument("--torch-index", help="pip index URL for torch (e.g. https://download.pytorch.org/whl/cpu)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="report what is installed and missing; exit 1 if incomplete")
@@ -398,6 +420,7 @@ def main(argv=None) -> int:
         weights=[] if args.no_weights else (args.weights or list(DEFAULT_WEIGHTS)),
         weights_required=bool(args.weights) and not args.no_weights,
         torch_index=args.torch_index,
+        extras=list(dict.fromkeys(args.extras)),
     )
     try:
         if args.check:

@@ -226,3 +226,27 @@ def test_node_killed_mid_job(tmp_path, cluster):
         assert out.size == 16 * 16 * 4
     finally:
         srv.stop()
+
+
+def test_install_with_ray_installs_and_checks_the_optional_package(tmp_path, monkeypatch, capsys):
+    """install.py --with ray: --check names the missing package, install pip-installs it, then nothing is missing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("install_for_ray_test", ROOT / "install.py")
+    install = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "install_for_ray_test", install)
+    spec.loader.exec_module(install)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    marker = tmp_path / "pip-installed"
+    fake_python = venv / "bin" / "python"  # stands in for the venv's python: `import ray` works once pip ran
+    fake_python.write_text(f"#!/bin/sh\ncase \"$*\" in\n  *'-m pip install'*) echo \"$*\" > '{marker}' ;;\n"
+                           f"  *'import ray'*) test -f '{marker}' ;;\nesac\n")
+    fake_python.chmod(0o755)
+    monkeypatch.setattr(install.Installer, "venv_missing", lambda self: [])
+    inst = install.Installer(venv=venv, plugins=False, data_dir=tmp_path / "data", weights=[], extras=["ray"])
+    assert inst.check() == 1 and "optional package ray" in capsys.readouterr().out
+    assert inst.install() == 0
+    assert "ray==" in marker.read_text()
+    assert inst.check() == 0
+    assert install.parse_args(["--with", "ray"]).extras == ["ray"]
