@@ -11,12 +11,16 @@ demodulation into the conv weight (one plain conv per layer); batches, and backw
 Demodulation coefficients come from ``styles² @ Σ_k W²``; the bias rides in the conv or an ``addcmul``; the lrelu
 gain √2 is carried by the next layer's styles; noise and activation run in place; ToRGB is a matmul over pixels
 with a hand-written backward. Result: the same numbers as the references to ~1e-6 (fixtures), in fewer passes.
+
+Feature access (Yin et al. 2022 content fusion, ``core.expanded``): ``synthesis(..., block_hook=fn)`` shows each
+resolution block's output feature map and running skip image to ``fn``, which may replace them;
+``block_features`` reads them.  Without a hook the forward does no extra work and gives identical output.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -367,12 +371,18 @@ class Generator(nn.Module):
         noise_mode: str = "const",
         style_deltas: Optional[dict] = None,
         noise: Optional[Sequence[torch.Tensor]] = None,
+        block_hook: Optional[Callable] = None,
     ) -> torch.Tensor:
         """ws (N, num_ws, w_dim) → images (N,3,H,W), ≈[-1,1] (not clamped).
 
         ``noise_mode``: "const" (stored buffers), "random" (fresh N(0,1)), "none". ``noise``: explicit tensors, one
         per conv in synthesis order (each broadcastable to (N,1,R,R)); overrides ``noise_mode``.
         ``style_deltas``: {style_layer_index: (C_in,) or (N, C_in)} added to that layer's affine output.
+        ``block_hook``: per-block feature access (see :func:`block_features`); ``hook(block, x, img)`` is called
+        after each resolution block (block ``i`` at ``4·2^i`` px) with its feature map ``x`` (N,C,R,R) — the
+        tensor the next block reads, held as lrelu output ÷ √2 (the gain rides on the next styles) — and the
+        running skip image ``img`` (N,3,R,R); it returns None (keep both) or ``(x, img)`` to use instead.
+        Without a hook the forward is unchanged (no extra work, identical output).
         """
         if ws.ndim != 3 or ws.shape[1] != self.num_ws or ws.shape[2] != self.w_dim:
             raise InvalidInput(f"ws must be (N, {self.num_ws}, {self.w_dim}), got {tuple(ws.shape)}")
@@ -409,7 +419,33 @@ class Generator(nn.Module):
                 y = torgb(x, ws[:, r], deltas.get(si), in_gain=SQRT2)
                 si += 1
                 img = y if img is None else upsample_fir(img, fir).add_(y)
+                if block_hook is not None:
+                    replaced = block_hook(i, x, img)
+                    if replaced is not None:
+                        x, img = replaced
         return img.contiguous()  # NCHW-contiguous for callers (a 3-channel copy)
+
+    def block_resolutions(self) -> list:
+        """Resolution of each synthesis block (the ``block`` index of ``block_hook``): 4, 8, …, resolution."""
+        return list(self.config.resolutions)
+
+    def block_features(self, ws: torch.Tensor, blocks: Optional[Sequence[int]] = None, noise_mode: str = "const",
+                       style_deltas: Optional[dict] = None) -> tuple:
+        """``(images (N,3,H,W), {block: (x (N,C,R,R), img (N,3,R,R))})``: one forward that also returns the
+        feature map and running skip image after each block in ``blocks`` (all when None; see ``block_hook``)."""
+        n_blocks = len(self.torgbs)
+        wanted = set(range(n_blocks)) if blocks is None else {int(b) for b in blocks}
+        bad = sorted(b for b in wanted if not 0 <= b < n_blocks)
+        if bad:
+            raise InvalidInput(f"blocks out of range 0..{n_blocks - 1}: {bad}")
+        out: dict = {}
+
+        def keep(i, x, img):
+            if i in wanted:
+                out[i] = (x, img)
+            return None
+
+        return self.synthesis(ws, noise_mode=noise_mode, style_deltas=style_deltas, block_hook=keep), out
 
     def forward(self, z: torch.Tensor, truncation_psi: float = 1.0, noise_mode: str = "const") -> torch.Tensor:
         """z (N, z_dim) → images (N,3,H,W)."""

@@ -1,0 +1,100 @@
+"""Yin et al. (core.expanded): generator feature hooks, L1-sparse direction fitting, content fusion at render."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_generator
+from core.common import InvalidInput
+
+
+@pytest.fixture(scope="module")
+def G():
+    return make_tiny_generator(resolution=32, w_dim=32, seed=3)
+
+
+def _ws(G, n=2, seed=0):
+    with torch.no_grad():
+        return G.mapping(torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed)))
+
+
+# ---------------------------------------------------------------------------------------------- feature hooks
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_replacing_features_with_their_own_is_the_identity(G, n):
+    ws = _ws(G, n)
+    with torch.no_grad():
+        plain = G.synthesis(ws)
+        _, feats = G.block_features(ws)
+        own = G.synthesis(ws, block_hook=lambda i, x, img: (feats[i][0].clone(), feats[i][1].clone()))
+        kept = G.synthesis(ws, block_hook=lambda i, x, img: None)
+    assert torch.equal(plain, own) and torch.equal(plain, kept)
+
+
+def test_block_features_shapes_and_a_replacement_changes_the_image(G):
+    ws = _ws(G, 2)
+    with torch.no_grad():
+        img, feats = G.block_features(ws)
+        assert torch.equal(img, G.synthesis(ws))
+        assert sorted(feats) == list(range(len(G.block_resolutions())))
+        for i, res in enumerate(G.block_resolutions()):
+            x, rgb = feats[i]
+            assert x.shape == (2, G.config.channels[res], res, res) and rgb.shape == (2, 3, res, res)
+        _, only = G.block_features(ws, blocks=[1])
+        assert list(only) == [1]
+        zeroed = G.synthesis(ws, block_hook=lambda i, x, img: (torch.zeros_like(x), img) if i == 2 else None)
+    assert (zeroed - img).abs().max() > 1e-3
+    with pytest.raises(InvalidInput):
+        G.block_features(ws, blocks=[99])
+
+
+# ---------------------------------------------------------------------------------------------- sparse directions
+
+def _linear_classifier(G):
+    """A fixed classifier of the image's mean colour, centred on G's samples: sigmoid(4·(mean red − its mean)),
+    the same for blue."""
+    with torch.no_grad():
+        centre = G.synthesis(_ws(G, 64, seed=1)).clamp(-1, 1).mean(dim=(0, 2, 3))
+
+    def clf(x):
+        m = x.mean(dim=(2, 3)) - centre
+        return torch.sigmoid(4 * m[:, [0, 2]] / m.new_tensor(0.1))
+    return clf
+
+
+def test_l1_fitting_moves_the_attribute_and_sparsity_shrinks_the_direction(G):
+    from core.expanded import SparseOptions, fit_sparse_direction
+
+    clf = _linear_classifier(G)
+    gen = torch.Generator().manual_seed(1)
+    init = 0.3 * torch.randn(G.w_dim, generator=gen)
+    base = SparseOptions(steps=20, batch=2, lpips=0.0, lr=0.2, seed=5)
+    dense, rep_dense = fit_sparse_direction(G, clf, 0, init, dataclasses.replace(base, sparsity=0.0))
+    sparse, rep_sparse = fit_sparse_direction(G, clf, 0, init, dataclasses.replace(base, sparsity=1e4))
+    assert dense.shape == (G.num_ws, G.w_dim)
+    assert sparse.abs().mean() < 0.7 * dense.abs().mean()          # L1 shrinks the direction
+    assert rep_sparse["active"] <= rep_dense["active"]
+    ws = _ws(G, 8, seed=9)
+    with torch.no_grad():
+        c0 = clf(G.synthesis(ws).clamp(-1, 1))[:, 0]
+        c1 = clf(G.synthesis(ws + 2.0 * dense).clamp(-1, 1))[:, 0]
+    assert float((c1 - c0).mean()) > 0.1                          # the classifier term moves the attribute up
+    assert all(p.grad is None for p in G.parameters())            # G is never given gradients
+
+
+def test_fit_sparse_directions_names_shapes_and_refusals(G):
+    from core.expanded import SparseOptions, fit_sparse_directions
+
+    clf = _linear_classifier(G)
+    o = SparseOptions(steps=3, batch=2, lpips=0.0)
+    dirs, report = fit_sparse_directions(G, clf, ["red", "blue"], {"red": torch.ones(G.w_dim) * 0.1},
+                                         attributes=["red"], options=o)
+    assert list(dirs) == ["red_sparse"] and dirs["red_sparse"].vector.shape == (G.num_ws, G.w_dim)
+    assert abs(float(dirs["red_sparse"].vector.norm()) - 1) < 1e-5 and "red" in report["attributes"]
+    with pytest.raises(InvalidInput, match="no output"):
+        fit_sparse_directions(G, clf, ["red", "blue"], {}, attributes=["green"], options=o)
+    with pytest.raises(InvalidInput, match="starting direction"):
+        fit_sparse_directions(G, clf, ["red", "blue"], {}, attributes=["blue"], options=o)
