@@ -265,6 +265,23 @@ def test_refusal_without_a_descriptor_names_the_file_to_add(tmp_path):
         M.load_descriptor(ckpt)
 
 
+def test_the_fit_command_refuses_without_a_descriptor_and_caches_the_linknet_with_one(tmp_path, capsys):
+    from core.stylegan2.formats import save_generator
+
+    G = make_tiny_generator()
+    ckpt = tmp_path / "tiny.pt"
+    save_generator(G, ckpt)
+    assert M.main([str(ckpt), "--n", "64"]) == 1
+    assert "tiny.attributes.pt" in capsys.readouterr().err
+    torch.jit.script(ToyDescriptor()).save(str(tmp_path / "tiny.attributes.pt"))
+    (tmp_path / "tiny.attributes.json").write_text(json.dumps({"names": list(NAMES)}))
+    assert M.main([str(ckpt), "--n", "64"]) == 0
+    assert "tiny.linknet.pt" in capsys.readouterr().out
+    net = M.fit_linknet(G, M.load_descriptor(ckpt), n=64, cache_path=M.linknet_path_for(ckpt))
+    cached = torch.load(M.linknet_path_for(ckpt), weights_only=True)
+    assert torch.equal(net.linear.weight, cached["state_dict"]["linear.weight"])
+
+
 def test_the_embedded_model_gets_the_shipped_scorer():
     from core.demo import default_model_path
     from core.demo.renderer import ATTRIBUTES
