@@ -187,9 +187,12 @@ class Client:
         """``DELETE /v1/jobs/{id}``: ask the server to stop the job (idempotent)."""
         return self.request("DELETE", "/v1/jobs/" + urllib.parse.quote(str(job_id), safe=""))
 
-    def render(self, session_id: str, edits, feather=None, blend=None, format=None) -> dict:
-        """``POST /v1/sessions/{id}/render`` with ``edits=[(direction, strength)]`` or dicts -> result body."""
+    def render(self, session_id: str, edits, feather=None, blend=None, format=None, fusion=None) -> dict:
+        """``POST /v1/sessions/{id}/render`` with ``edits=[(direction, strength)]`` or dicts (``segments``:
+        [index, ...] for an edit of some segments only) -> result body (``layer``, ``segments`` metadata)."""
         body = {"edits": [e if isinstance(e, dict) else {"direction": e[0], "strength": float(e[1])} for e in edits]}
+        if fusion:
+            body["fusion"] = fusion
         if feather is not None:
             body["feather"] = float(feather)
         if blend:

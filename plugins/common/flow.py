@@ -41,6 +41,14 @@ STATIC_METHODS = _FALLBACK_METHODS + (
     {"name": "pti:encoder", "label": "Pivotal tuning, starting from the encoder's code (fast)"},
 )
 _FALLBACK_FEATHER = 8.0  # core.session.SessionOptions.feather (layer pixels)
+# where a session's segments come from (options.segments); hosts word the third as "From layer…"
+SEGMENT_CHOICES = (
+    ("selection", "Selection (one segment)"),
+    ("auto", "Automatic (the model finds the face parts)"),
+    ("layer", "From layer (each colour one segment)"),
+)
+SEGMENTS_METHOD = "chunks"  # segments other than the selection are ChunkyGAN segments
+KEEP_DETAIL = "Keep photo detail"  # the checkbox for render fusion "relevance" (Yin et al. content features)
 PIVOT_SEP = ":"  # a method choice "pti:magec" = method "pti" with options.pivot "magec"
 
 
@@ -205,12 +213,35 @@ def direction_specs(model_info: dict) -> list:
     return out
 
 
+def has_segmenter(model_info: dict) -> bool:
+    """Whether the model finds segments itself ("Automatic"); ``GET /v1/models``' ``segmenter``."""
+    return bool(model_info.get("segmenter"))
+
+
+def segmenter_missing(model_info: dict) -> str:
+    """Why "Automatic" segments are unavailable for a model, in user words (empty when they are available)."""
+    if has_segmenter(model_info):
+        return ""
+    why = str((model_info.get("unavailable") or {}).get("segmenter") or "").strip()
+    return "Model \"%s\" cannot find segments by itself%s. Use the selection or a label layer." % (
+        model_info.get("name"), (": " + why) if why else "")
+
+
 def check_request(catalog: Catalog, options: "EditOptions") -> dict:
-    """Refuse unknown models, methods and edit names before any upload; returns the model dict."""
+    """Refuse unknown models, methods, edit names and segment sources before any upload; returns the model dict."""
     model = catalog.model(options.model)
     names = [m.name for m in catalog.methods_for(model["name"])]
     if options.method not in names:
         raise FlowError("Unknown method \"%s\". Choose one of: %s." % (options.method, ", ".join(names)))
+    sources = [c[0] for c in SEGMENT_CHOICES]
+    if options.segments not in sources:
+        raise FlowError("Unknown segment source \"%s\". Choose one of: %s." % (options.segments, ", ".join(sources)))
+    if options.segments != "selection" and options.method != SEGMENTS_METHOD:
+        label = next((m.label for m in catalog.methods_for(model["name"]) if m.name == SEGMENTS_METHOD), SEGMENTS_METHOD)
+        raise FlowError("Several segments need the method \"%s\"; choose it, or use the selection as one segment."
+                        % label)
+    if options.segments == "auto" and not has_segmenter(model):
+        raise FlowError(segmenter_missing(model))
     known = [s[0] for s in direction_specs(model)]
     unknown = [n for n, _s in options.edits if n not in known]
     if unknown:
@@ -235,6 +266,9 @@ class EditOptions:
     seed: Optional[int] = None
     use_selection: bool = True
     each_region: bool = False  # every separate selected region is one face: all inverted in one batch job
+    segments: str = "selection"  # SEGMENT_CHOICES: "layer" = each Item's ``segments`` label map
+    label_layer: Optional[str] = None  # segments "layer": the host's id (or name) of the label layer
+    keep_detail: bool = False  # KEEP_DETAIL: render with fusion "relevance"
 
     def session_options(self) -> dict:
         out = {}
@@ -245,7 +279,14 @@ class EditOptions:
         pivot = split_method(self.method)[1]
         if pivot:
             out["pivot"] = pivot
+        if self.segments == "auto":
+            out["segments"] = "auto"
         return out
+
+    @property
+    def fusion(self) -> Optional[str]:
+        """The render's ``fusion``: "relevance" with "Keep photo detail", else None (the server's default)."""
+        return "relevance" if self.keep_detail else None
 
     @property
     def wire_method(self) -> str:
@@ -254,15 +295,82 @@ class EditOptions:
 
     def inversion_key(self) -> tuple:
         """Everything that changes the inversion (not the edits or the feather)."""
-        return (self.model, self.method, self.align, self.project_steps, self.tune_steps, self.seed)
+        return (self.model, self.method, self.align, self.project_steps, self.tune_steps, self.seed, self.segments)
 
 
 @dataclass
 class Item:
-    """One layer to edit: protocol maps (``pixels.pack_layer`` / ``pack_selection``)."""
+    """One layer to edit: protocol maps (``pixels.pack_layer`` / ``pack_selection``; ``segments``: a label map
+    from :func:`label_map`, for EditOptions.segments "layer")."""
 
     layer: dict
     selection: Optional[dict] = None
+    segments: Optional[dict] = None
+
+
+# --- segments from a label layer ("each colour one segment") -------------------------------------------
+
+OPAQUE_ALPHA = 128  # label-layer pixels below half opacity belong to no segment (they are left as they are)
+MIN_COLOUR_SHARE = 0.001  # colours on fewer of the opaque pixels are edge blends: merged into the nearest colour
+MAX_BLEND_SHARE = 0.1  # more blended pixels than this: the layer is not a flat-colour label map
+MAX_SEGMENTS = 32  # core.session.MAX_SEGMENTS
+
+
+@dataclass
+class LabelMap:
+    """A label layer read as segments: ``wire`` the protocol's label map (options.segments), ``colours`` the
+    segment colours (0xRRGGBB) in label order, ``areas`` their pixel counts (edge blends included)."""
+
+    wire: dict
+    colours: list
+    areas: list
+
+
+def label_map(rgba8, width: int, height: int, layer_name: str = "the label layer") -> LabelMap:
+    """Segments from a label layer's straight RGBA8 pixels over the edited layer's rectangle: each flat colour
+    is one segment, numbered in reading order (the colour met first from the top-left is segment 0); pixels
+    under half opacity are in no segment (label -1: left unchanged); colours covering under 0.1 % of the opaque
+    pixels (anti-aliased edges) join the nearest flat colour. FlowError when nothing is painted, when over 10 %
+    of the pixels are blends (a photo, a soft brush) or when there are more than 32 colours."""
+    import struct
+    from collections import Counter
+
+    data = bytes(rgba8)
+    if len(data) != width * height * 4:
+        raise FlowError("The label layer holds %d bytes for %d×%d pixels." % (len(data), width, height))
+    keys = [v & 0xFFFFFF if v >> 24 >= OPAQUE_ALPHA else -1 for (v,) in struct.iter_unpack("<I", data)]
+    counts = Counter(keys)
+    counts.pop(-1, None)
+    opaque = sum(counts.values())
+    if not opaque:
+        raise FlowError("Layer \"%s\" has no painted pixel over this layer. Paint each segment in its own colour."
+                        % layer_name)
+    flat = [c for c, n in counts.items() if n >= MIN_COLOUR_SHARE * opaque]  # first-seen order
+    blended = opaque - sum(counts[c] for c in flat)
+    if blended > MAX_BLEND_SHARE * opaque:
+        raise FlowError("Layer \"%s\" does not look like a label layer: %d%% of its pixels are blends of %d "
+                        "colours. Paint each segment in one flat colour (a hard-edged brush, no anti-aliasing)."
+                        % (layer_name, round(100 * blended / opaque), len(counts)))
+    if len(flat) > MAX_SEGMENTS:
+        raise FlowError("Layer \"%s\" has %d colours; at most %d segments are possible. Merge some colours."
+                        % (layer_name, len(flat), MAX_SEGMENTS))
+    rgb = lambda c: ((c >> 0) & 255, (c >> 8) & 255, (c >> 16) & 255)  # noqa: E731 - little-endian R, G, B
+    lut = {c: i for i, c in enumerate(flat)}
+    lut[-1] = -1
+    for c in counts:
+        if c not in lut:  # an edge blend: the nearest flat colour
+            r, g, b = rgb(c)
+            lut[c] = min(range(len(flat)), key=lambda i: sum((p - q) ** 2 for p, q in zip((r, g, b), rgb(flat[i]))))
+    labels = [lut[k] for k in keys]
+    areas = [0] * len(flat)
+    for c, n in counts.items():
+        areas[lut[c]] += n
+    if opaque < width * height:  # some pixels in no segment: a signed map
+        fmt, data = "label32", struct.pack("<%di" % len(labels), *labels)
+    else:
+        fmt, data = "label8", bytes(labels)
+    colours = [(r << 16) | (g << 8) | b for r, g, b in (rgb(c) for c in flat)]
+    return LabelMap({"width": width, "height": height, "format": fmt, "data": data}, colours, areas)
 
 
 def item_key(server_url: str, item: Item, options: EditOptions) -> str:
@@ -273,6 +381,7 @@ def item_key(server_url: str, item: Item, options: EditOptions) -> str:
                    options.inversion_key())).encode())
     h.update(bytes(lay["data"]))
     h.update(bytes(item.selection["data"]) if item.selection else b"-")
+    h.update(bytes(item.segments["data"]) if item.segments else b"-")
     return h.hexdigest()
 
 
@@ -396,6 +505,7 @@ class Outcome:
     layers: list  # result layer maps, one per item, in order (empty when render=False)
     session_ids: list
     reused: int  # items that skipped the inversion thanks to the cache
+    segments: list = field(default_factory=list)  # per rendered item: [{index, area[, label]}] or None
 
 
 INVERT_SHARE = 0.9  # share of the progress bar the inversion takes when one runs
@@ -419,7 +529,7 @@ def run_edit(client, items, options: EditOptions, cache: SessionCache,
         if len(parts) > 1:  # a group photo: one batch job, one result layer
             out = _run_items(client, [p for p, _b in parts], options, cache, report, should_cancel, render)
             merged = [merge_regions(items[0], parts, out.layers)] if render else []
-            return Outcome(merged, out.session_ids, out.reused)
+            return Outcome(merged, out.session_ids, out.reused, out.segments[:1])
     return _run_items(client, items, options, cache, report, should_cancel, render)
 
 
@@ -430,7 +540,7 @@ def _run_items(client, items, options, cache, report, should_cancel, render) -> 
         reused = sum(s is not None for s in sessions)
         _invert_missing(client, items, options, keys, sessions, cache, report, should_cancel)
         try:
-            layers = _render(client, items, sessions, options, report, should_cancel, reused) if render else []
+            bodies = _render(client, items, sessions, options, report, should_cancel, reused) if render else []
         except cl.ServerError as e:
             if attempt or not reused or e.status not in (404, 409, 410):
                 raise
@@ -438,7 +548,7 @@ def _run_items(client, items, options, cache, report, should_cancel, render) -> 
                 cache.drop(k)
             continue
         report(Progress(1.0, "Done"))
-        return Outcome(layers, sessions, reused)
+        return Outcome([cl.result_layers(b)[0] for b in bodies], sessions, reused, [b.get("segments") for b in bodies])
     raise AssertionError("unreachable")
 
 
@@ -449,10 +559,18 @@ def _invert_missing(client, items, options, keys, sessions, cache, report, shoul
     report(Progress(0.0, "Sending %s" % ("the layer" if len(todo) == 1 else "%d layers" % len(todo))))
     if len(todo) == 1:
         it = items[todo[0]]
+        opts = options.session_options()
+        if options.segments == "layer":
+            if it.segments is None:
+                raise FlowError("Choose the label layer whose colours are the segments.")
+            opts["segments"] = it.segments
         out = client.create_session(it.layer, it.selection, model=options.model, method=options.wire_method,
-                                    align=options.align, options=options.session_options())
+                                    align=options.align, options=opts)
         new_ids = [out["session_id"]]
     else:
+        if options.segments == "layer":
+            raise FlowError("Segments from a label layer work on one layer and one face at a time; edit the "
+                            "layers one by one, or use the selection or automatic segments.")
         wire = [dict({"layer": items[i].layer}, **({"selection": items[i].selection} if items[i].selection else {}))
                 for i in todo]
         out = client.batch(wire, model=options.model, method=options.wire_method, align=options.align,
@@ -480,8 +598,8 @@ def _render(client, items, sessions, options, report, should_cancel, reused) -> 
         if should_cancel is not None and should_cancel():
             raise cl.JobCancelled("Cancelled.")
         report(Progress(start + (1 - start) * i / len(items), "Rendering the edit"))
-        body = client.render(sid, options.edits, feather=options.feather, format=item.layer["format"])
-        out.append(cl.result_layers(body)[0])
+        extra = {"fusion": options.fusion} if options.fusion else {}
+        out.append(client.render(sid, options.edits, feather=options.feather, format=item.layer["format"], **extra))
     return out
 
 

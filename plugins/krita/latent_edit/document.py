@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ._common import flow
 from ._common import pixels as px
 
 # Krita depth -> (wire format, bytes per sample in Krita, Krita channel order)
@@ -76,6 +77,8 @@ class LayerPixels:
     selection: Optional[dict]
     selection_bytes: Optional[bytes]  # gray8 over ``rect`` (what the transparency mask gets)
     raw: Optional[bytes] = None  # Krita's pixelData over ``rect``, until prepare() converts it
+    segments: Optional[dict] = None  # the label map (flow.label_map) when segments come from a label layer
+    label: Optional[tuple] = None  # (name, pixelData over ``rect``, ColorSpace) of that layer, until prepare()
 
 
 def prepare(item: LayerPixels) -> LayerPixels:
@@ -85,6 +88,41 @@ def prepare(item: LayerPixels) -> LayerPixels:
         item.layer = px.pack_layer(krita_to_wire(item.raw, item.space), r.width, r.height, item.space.wire_format,
                                    r.x, r.y, item.name)
         item.raw = None
+    if item.label is not None:
+        name, raw, space = item.label
+        rgba8 = px.convert_samples(krita_to_wire(raw, space), space.wire_format, "rgba8")
+        item.segments = flow.label_map(rgba8, item.rect.width, item.rect.height, name).wire
+        item.label = None
+    return item
+
+
+def find_node(doc, key: str):
+    """The node whose uniqueId (or, failing that, name) is ``key``; None when there is none."""
+    def walk(node):
+        for child in node.childNodes():
+            yield child
+            yield from walk(child)
+
+    nodes = list(walk(doc.rootNode()))
+    return next((n for n in nodes if str(n.uniqueId()) == key), None) or \
+        next((n for n in nodes if n.name() == key), None)
+
+
+def read_label_layer(doc, item: LayerPixels, key: Optional[str]) -> LayerPixels:
+    """Attach the label layer ``key`` (uniqueId or name) over ``item.rect``: its flat colours become the
+    segments in :func:`prepare` (``flow.label_map``: each colour one segment, transparent = no segment)."""
+    node = find_node(doc, key) if key else None
+    if node is None:
+        raise DocumentError("Choose the label layer whose colours are the segments (Segments ▸ From layer…).")
+    if node.type() != "paintlayer":
+        raise DocumentError("\"%s\" is a %s; the label layer must be a paint layer with one flat colour per "
+                            "segment." % (node.name(), node.type().replace("layer", " layer")))
+    if str(node.uniqueId()) == str(item.node.uniqueId()):
+        raise DocumentError("The label layer must be another layer than the photo: paint each segment in its "
+                            "own flat colour on a new layer.")
+    space = color_space(node)
+    r = item.rect
+    item.label = (node.name(), bytes(node.pixelData(r.x, r.y, r.width, r.height)), space)
     return item
 
 

@@ -48,6 +48,7 @@ class EditRun:
         self.session_ids: list = []
         self.error: Optional[BaseException] = None
         self.reused = 0  # how many items skipped the inversion thanks to the cache
+        self.segments: list = []  # per rendered item: the server's [{index, area[, label]}] (result metadata)
         self._thread = threading.Thread(target=self._main, name="latent-edit-worker", daemon=True)
 
     def start(self) -> "EditRun":
@@ -77,10 +78,10 @@ class EditRun:
 
     def _main(self) -> None:
         try:
-            wire = [flow.Item(document.prepare(it).layer, it.selection) for it in self.items]
+            wire = [flow.Item(document.prepare(it).layer, it.selection, it.segments) for it in self.items]
             out = flow.run_edit(self.client, wire, self.options, self.cache, on_progress=self._on_progress,
                                 should_cancel=self._cancel.is_set, render=self.render)
-            self.reused, self.session_ids = out.reused, out.session_ids
+            self.reused, self.session_ids, self.segments = out.reused, out.session_ids, out.segments
             self.results = [document.wire_to_krita(lay, it.space, it.rect) for lay, it in zip(out.layers, self.items)]
             self._set(state="done", progress=1.0, message="Done")
         except cl.JobCancelled as e:
@@ -107,6 +108,15 @@ def resolve_sources(doc, nodes) -> list:
     return out
 
 
+def read_items(doc, nodes, options: EditOptions) -> list:
+    """The layers to send (UI thread): each node's pixels and selection, plus the label layer over the same
+    rectangle when ``options.segments`` is "layer" (``options.label_layer``: its uniqueId or name)."""
+    items = [document.read_layer(doc, n, use_selection=options.use_selection, convert=False) for n in nodes]
+    if options.segments == "layer":
+        items = [document.read_label_layer(doc, it, options.label_layer) for it in items]
+    return items
+
+
 def apply_steps(app, krita_module, doc, nodes, options: EditOptions, client, cache: SessionCache,
                 on_status=None, on_run=None, log=None, preview=None):
     """Generator for one Apply over ``nodes`` (one = single edit, several = batch); yields ms to wait.
@@ -120,7 +130,7 @@ def apply_steps(app, krita_module, doc, nodes, options: EditOptions, client, cac
     nodes = resolve_sources(doc, nodes)
     if not nodes or nodes[0] is None:
         raise document.DocumentError("No layer is selected. Select the layer with the face first.")
-    items = [document.read_layer(doc, n, use_selection=options.use_selection, convert=False) for n in nodes]
+    items = read_items(doc, nodes, options)
     if preview is not None and len(items) == 1 and preview.matches(items[0], options):
         results = [preview.pixels]
     else:

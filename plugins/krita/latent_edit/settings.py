@@ -27,6 +27,8 @@ class Settings:
     use_selection: bool = True
     each_region: bool = False  # "Each selected region is a face"
     live_preview: bool = True
+    segments: str = "selection"  # flow.SEGMENT_CHOICES
+    keep_detail: bool = False  # "Keep photo detail" (render fusion "relevance")
 
     def resolved_token_file(self) -> str:
         return os.path.expanduser(self.token_file) if self.token_file else default_token_file()

@@ -14,6 +14,9 @@ from .qt import QtGui, Qt, QTimer, QtWidgets, drive, in_background
 from .widgets import EditRow, escape as _escape, screen_rect as _screen_rect
 
 PREVIEW_POLL_MS = 15  # how often the UI thread looks for a finished preview render
+# the segment sources (flow.SEGMENT_CHOICES) in Krita's words
+SEGMENT_LABELS = (("selection", "Selection"), ("auto", "Automatic"), ("layer", "From layer…"))
+AUTO_TIP = "The model finds the face parts (eyes, brows, nose, mouth, hair…) inside the selection"
 
 
 class LatentEditDialog(QtWidgets.QDialog):
@@ -77,8 +80,26 @@ class LatentEditDialog(QtWidgets.QDialog):
         self._feather_from_server = self.conf.feather < 0  # until the user sets one, the server's default
         self.feather.setValue(self.conf.feather if self.conf.feather >= 0 else flow.read_catalog({}).feather)
         self.feather.valueChanged.connect(self._feather_changed)
+        self.segments_box = QtWidgets.QComboBox()
+        for name, label in SEGMENT_LABELS:
+            self.segments_box.addItem(label, name)
+        self.segments_box.setToolTip("Where the segments come from: each segment gets its own latent code "
+                                     "(ChunkyGAN). \"From layer…\": paint each segment in its own flat colour on "
+                                     "a layer; transparent parts of it stay as they are.")
+        self.label_layer_box = QtWidgets.QComboBox()
+        self.label_layer_box.setToolTip("The layer whose flat colours are the segments (one segment per colour)")
+        self.segments_box.setCurrentIndex(max(0, self.segments_box.findData(self.conf.segments)))
+        self.segments_box.currentIndexChanged.connect(self._segments_changed)
+        self.keep_detail = QtWidgets.QCheckBox(flow.KEEP_DETAIL)
+        self.keep_detail.setToolTip("Blend the photo's own detail back into the edited result where the edit does "
+                                    "not change it (the first render after Invert takes longer)")
+        self.keep_detail.setChecked(self.conf.keep_detail)
+        self.keep_detail.toggled.connect(lambda _on: self._edits_changed())
         form.addRow("Model", self.model_box)
         form.addRow("Method", self.method_box)
+        form.addRow("Segments", self.segments_box)
+        form.addRow("Label layer", self.label_layer_box)
+        form.addRow("", self.keep_detail)
         form.addRow("", self.align)
         form.addRow("Projection steps", self.steps)
         form.addRow("Feather", self.feather)
@@ -195,6 +216,7 @@ class LatentEditDialog(QtWidgets.QDialog):
         c.model = self.model_box.currentData() or ""
         c.align, c.use_selection, c.live_preview = self.align.isChecked(), self.use_selection.isChecked(), self.live.isChecked()
         c.each_region = self.each_region.isChecked()
+        c.segments, c.keep_detail = self.segments_box.currentData() or "selection", self.keep_detail.isChecked()
         settings.save(Krita.instance(), c)
         return c
 
@@ -249,10 +271,53 @@ class LatentEditDialog(QtWidgets.QDialog):
         for m in self.catalog.methods_for(info["name"]):
             self.method_box.addItem(m.label, m.name)
         self.method_box.setCurrentIndex(max(0, self.method_box.findData(self.conf.method)))
+        self._set_segmenter(info)
         for r, spec in enumerate(flow.direction_specs(info)):
             self.rows.append(EditRow(self.grid, r, *spec, on_change=self._edits_changed))
         self._filter(self.filter.text())
         self._fit_rows()
+        self._update_buttons()
+
+    def _set_segmenter(self, info):
+        """"Automatic" is offered only when the model has a segmenter; otherwise disabled, saying what to add."""
+        i = self.segments_box.findData("auto")
+        ok = flow.has_segmenter(info)
+        self.segments_box.model().item(i).setEnabled(ok)
+        self.segments_box.setItemData(i, AUTO_TIP if ok else flow.segmenter_missing(info), Qt.ItemDataRole.ToolTipRole)
+        if not ok and self.segments_box.currentData() == "auto":
+            self.segments_box.setCurrentIndex(self.segments_box.findData("selection"))
+        self._segments_changed()
+
+    def _label_layers(self):
+        """The document's paint layers a label map can come from: (name, uniqueId), top first."""
+        doc = Krita.instance().activeDocument()
+        out = []
+
+        def walk(node):
+            for child in reversed(node.childNodes()):
+                if child.type() == "paintlayer" and not flow.is_result_group_name(child.name()) and \
+                        child.name() != flow.PREVIEW_NAME:
+                    out.append((child.name(), str(child.uniqueId())))
+                walk(child)
+
+        if doc is not None:
+            walk(doc.rootNode())
+        return out
+
+    def _segments_changed(self, _idx=None):
+        source = self.segments_box.currentData()
+        from_layer = source == "layer"
+        if from_layer:
+            keep = self.label_layer_box.currentData()
+            self.label_layer_box.clear()
+            for name, uid in self._label_layers():
+                self.label_layer_box.addItem(name, uid)
+            self.label_layer_box.setCurrentIndex(max(0, self.label_layer_box.findData(keep)))
+        self.label_layer_box.setEnabled(from_layer)
+        if source != "selection":  # several segments are ChunkyGAN's: its method
+            i = self.method_box.findData(flow.SEGMENTS_METHOD)
+            if i >= 0:
+                self.method_box.setCurrentIndex(i)
         self._update_buttons()
 
     def _filter(self, text):
@@ -274,7 +339,8 @@ class LatentEditDialog(QtWidgets.QDialog):
             edits=self.edits(), model=conf.model or None, method=conf.method,
             align="auto" if self.align.isChecked() else "none", feather=self.feather.value(),
             project_steps=conf.project_steps or None, use_selection=self.use_selection.isChecked(),
-            each_region=self.each_region.isChecked())
+            each_region=self.each_region.isChecked(), segments=self.segments_box.currentData() or "selection",
+            label_layer=self.label_layer_box.currentData(), keep_detail=self.keep_detail.isChecked())
 
     def _update_buttons(self):
         busy = self.ext.busy()
@@ -313,19 +379,20 @@ class LatentEditDialog(QtWidgets.QDialog):
             self._drop_preview_layer()
             return
         self._changed_at = time.perf_counter()
-        self.renderer.submit((target, edits, self.feather.value(), self._changed_at))
+        self.renderer.submit((target, edits, self.feather.value(), self._changed_at, self.keep_detail.isChecked()))
 
     def _render_preview(self, request):
         """Worker thread: one render of the preview target (no Krita calls here)."""
-        (session_id, item, client), edits, feather, _t = request
-        body = client.render(session_id, edits, feather=feather, format=item.space.wire_format)
+        (session_id, item, client), edits, feather, _t, keep = request
+        extra = {"fusion": flow.EditOptions(keep_detail=keep).fusion} if keep else {}
+        body = client.render(session_id, edits, feather=feather, format=item.space.wire_format, **extra)
         return document.wire_to_krita(cl.result_layers(body)[0], item.space, item.rect)
 
     def _poll_preview(self):
         done = self.renderer.take()
         if done is None:
             return
-        (target, edits, feather, t0), pixels, error = done
+        (target, edits, feather, t0, keep), pixels, error = done
         if error is not None:
             self.message.setText("Preview failed: %s" % _escape(str(error)))
             return
@@ -334,7 +401,7 @@ class LatentEditDialog(QtWidgets.QDialog):
         doc = Krita.instance().activeDocument()
         if doc is None:
             return
-        self.preview.show(doc, target[1].rect, pixels, edits, feather)
+        self.preview.show(doc, target[1].rect, pixels, edits, feather, keep)
         ms = (time.perf_counter() - t0) * 1000.0
         self.preview_latency_ms.append(round(ms, 1))
         self.message.setText("Preview: %s (%d ms)." % (flow.edit_label(edits), round(ms)))
@@ -403,7 +470,7 @@ class LatentEditDialog(QtWidgets.QDialog):
 
     def _invert(self, doc, nodes, options, client, finished):
         try:
-            items = [document.read_layer(doc, n, use_selection=options.use_selection, convert=False) for n in nodes[:1]]
+            items = model.read_items(doc, nodes[:1], options)
         except document.DocumentError as e:
             finished(None, e)
             return

@@ -6,12 +6,14 @@ job.json keys (all paths absolute):
   out_dir       where result.json, log.txt and raw pixel dumps go (required)
   open          image/.kra to open (required)
   convert       optional {"depth": "U16", "profile": "sRGB-elle-V2-srgbtrc.icc"}: Document.setColorSpace
-  add_layers    optional [{"name", "raw", "x", "y", "w", "h"}]: extra paint layers from raw bytes in Krita's layout
+  add_layers    optional [{"name", "raw", "x", "y", "w", "h", "visible"?}]: extra paint layers from raw bytes in
+                Krita's layout (``visible: false`` hides one, e.g. a label layer)
   selection     optional path of a gray8 file (document width*height bytes) made the global selection
   layers        optional layer names to edit (several = batch); default: the active layer
   settings      optional {"server_url", "token_file", ...}: written to Krita's settings, then read back
   dialog        optional {"method", "steps", "align", "batch", "edits": [[name, strength]], "edits2",
-                "preview": [[name, strength], ...], "screenshot": png path}: drive the real dialog (open it with
+                "preview": [[name, strength], ...], "screenshot": png path, "segments": "selection" | "auto" |
+                "layer", "label_layer": layer name, "keep_detail": bool}: drive the real dialog (open it with
                 the real menu action, wait for the models, screenshot, set the widgets; with "preview": click
                 Invert, then move each slider and wait for the preview layer; click Apply; with "edits2": change
                 the edits and click Apply again without re-selecting; Close)
@@ -94,6 +96,8 @@ class Automation:
             root.addChildNode(node, None)
             with open(spec["raw"], "rb") as f:
                 node.setPixelData(f.read(), spec["x"], spec["y"], spec["w"], spec["h"])
+            if spec.get("visible") is False:
+                node.setVisible(False)
             doc.waitForDone()
             yield SETTLE_MS
         if job.get("selection"):
@@ -149,6 +153,7 @@ class Automation:
                 raise box["err"]
             run = self.ext.running
             self.result["runs"].append({"seconds": round(time.time() - t0, 2), "reused": run.reused,
+                                        "segments": run.segments,
                                         "groups": [g.name() for g, _l, _m in box["added"]],
                                         "active_after": doc.activeNode().name()})
             for j, (group, layer, mask) in enumerate(box["added"]):
@@ -203,6 +208,18 @@ class Automation:
                 "resizable": dlg.minimumSize() != dlg.maximumSize()}
         if spec.get("screenshot"):
             info["screenshot"] = bool(dlg.grab().save(spec["screenshot"]))
+        seg = dlg.segments_box
+        info["segment_sources"] = [{"name": seg.itemData(i), "label": seg.itemText(i),
+                                    "enabled": bool(seg.model().item(i).isEnabled()),
+                                    "tooltip": seg.itemData(i, 3) or ""} for i in range(seg.count())]  # 3: ToolTipRole
+        if spec.get("segments"):
+            seg.setCurrentIndex(seg.findData(spec["segments"]))
+            info["method_after_segments"] = dlg.method_box.currentData()
+            info["label_layers"] = [dlg.label_layer_box.itemText(i) for i in range(dlg.label_layer_box.count())]
+            info["label_layer_enabled"] = dlg.label_layer_box.isEnabled()
+        if spec.get("label_layer"):
+            dlg.label_layer_box.setCurrentIndex(dlg.label_layer_box.findText(spec["label_layer"]))
+        dlg.keep_detail.setChecked(bool(spec.get("keep_detail", False)))
         dlg.method_box.setCurrentIndex(dlg.method_box.findData(spec["method"]))
         dlg.steps.setValue(int(spec["steps"]))
         dlg.align.setChecked(bool(spec.get("align", False)))
@@ -273,7 +290,8 @@ class Automation:
             info["applies"].append({"message": dlg.message.text(), "progress": dlg.progress.value(),
                                     "progress_seen": sorted(seen), "enabled_while_running": enabled_while_running,
                                     "active_before": before, "active_after": doc.activeNode().name(),
-                                    "reused": None if run is None else run.reused, "from_preview": run is None})
+                                    "reused": None if run is None else run.reused, "from_preview": run is None,
+                                    "segments": None if run is None else run.segments})
         first = info["applies"][0]
         info.update(message=first["message"], progress=first["progress"], progress_seen=first["progress_seen"],
                     enabled_while_running=first["enabled_while_running"])
