@@ -8,11 +8,8 @@ node is killed mid-job.  Without Ray this module is skipped on a workstation and
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import numpy as np
 import pytest
 
 from fake_engine import StepLog, make_engine
+from server.ray_local import LocalCluster
 from server_helpers import ROOT, LiveServer, layer, make_image, wait_job, wait_running
 import test_restart
 
@@ -37,31 +35,17 @@ try:
 except ImportError:
     ray = None
 
-RAY = str(Path(sys.executable).with_name("ray"))
-NODE_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "server")]),
-                OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
-NODE_FLAGS = ["--num-cpus", "1", "--object-store-memory", str(200 * 1024 * 1024), "--disable-usage-stats", "--block"]
-
-
 def _unavailable(why: str):
     if os.environ.get("CI") == "true":
         pytest.fail(f"the Ray tests must run under CI: {why} (python3 install.py --with ray)")
     pytest.skip(why)
 
 
-class Cluster:
-    """Two Ray nodes on this machine, each `ray start --block` in its own process group (killed by group)."""
+class Cluster(LocalCluster):
+    """Head + one more node, one CPU each, joined by this test process (it reads the node table)."""
 
     def __init__(self):
-        self.temp = tempfile.mkdtemp(prefix="le-ray-", dir="/tmp")  # short: Ray's socket paths must fit
-        self.head = self._start(["--head", "--port", "0", "--include-dashboard", "false", "--temp-dir", self.temp],
-                                "head")
-        text = self._wait_started(self.head)
-        m = re.search(r"--address='([^']+)'", text)
-        assert m, text[-2000:]
-        self.address = m.group(1)
-        self.worker = self._start(["--address", self.address], "worker")
-        self._wait_started(self.worker)
+        super().__init__(nodes=2, cpus=1, pythonpath=[ROOT / "tests" / "server"])
         ray.init(address=self.address, namespace="latent-edit", configure_logging=False, log_to_driver=False)
         self.head_node = ray.get_runtime_context().get_node_id()
         deadline = time.monotonic() + 60
@@ -70,45 +54,16 @@ class Cluster:
             time.sleep(0.2)  # polling the cluster's own node table (a condition with a deadline)
         self.worker_node = next(n for n in self.alive_nodes() if n != self.head_node)
 
-    def _start(self, args, name) -> subprocess.Popen:
-        path = Path(self.temp) / f"{name}.log"
-        with open(path, "w") as log:
-            proc = subprocess.Popen([RAY, "start", *args, *NODE_FLAGS], stdout=log, stderr=subprocess.STDOUT,
-                                    env=NODE_ENV, start_new_session=True)
-        proc.log_path = path
-        return proc
-
-    @staticmethod
-    def _wait_started(proc, timeout: float = 120) -> str:
-        path = proc.log_path
-        deadline = time.monotonic() + timeout
-        while True:
-            text = path.read_text()
-            if "Ray runtime started" in text:
-                return text
-            assert proc.poll() is None, f"ray start exited {proc.returncode}:\n{text[-3000:]}"
-            assert time.monotonic() < deadline, text[-3000:]
-            time.sleep(0.2)  # waiting for a child's log line (a condition with a deadline)
-
     @staticmethod
     def alive_nodes() -> list:
         return [n["NodeID"] for n in ray.nodes() if n["Alive"]]
 
     def kill_worker(self) -> None:
-        """SIGKILL the second node's whole process group (its raylet and every worker process on it)."""
-        os.killpg(self.worker.pid, signal.SIGKILL)
-        self.worker.wait(30)
+        self.kill_node(1)
 
     def stop(self) -> None:
         ray.shutdown()
-        for proc in (self.worker, self.head):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(30)
+        super().stop()
 
 
 @pytest.fixture(scope="module")
