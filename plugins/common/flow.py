@@ -222,9 +222,9 @@ def segmenter_missing(model_info: dict) -> str:
     """Why "Automatic" segments are unavailable for a model, in user words (empty when they are available)."""
     if has_segmenter(model_info):
         return ""
-    why = str((model_info.get("unavailable") or {}).get("segmenter") or "").strip()
-    return "Model \"%s\" cannot find segments by itself%s. Use the selection or a label layer." % (
-        model_info.get("name"), (": " + why) if why else "")
+    why = str((model_info.get("unavailable") or {}).get("segmenter") or "").strip().rstrip(".")
+    return "Model \"%s\" cannot find segments by itself%s." % (
+        model_info.get("name"), (": " + why) if why else ". Use the selection or a label layer")
 
 
 def check_request(catalog: Catalog, options: "EditOptions") -> dict:

@@ -434,3 +434,50 @@ def test_krita_two_faces_in_one_layer_in_one_job(krita, latent_server, tmp_path)
     for half in (xx < w / 2, xx >= w / 2):  # each face got its own edit
         region = (sel == 255) & half & (result[..., 3] > 0)
         assert region.any() and (changed[region] > 8).mean() > 0.05, (changed[region] > 8).mean()
+
+
+def label_bands() -> np.ndarray:
+    """(SIZE,SIZE,4) RGBA8: three flat vertical bands (red | green | blue), each crossing the ellipse selection."""
+    cols = np.minimum(np.arange(SIZE) * 3 // SIZE, 2)
+    colours = np.array([[220, 30, 30, 255], [30, 200, 40, 255], [40, 60, 230, 255]], np.uint8)
+    return colours[cols][None].repeat(SIZE, 0)
+
+
+def test_krita_label_layer_segments_in_the_dialog(krita, latent_server, tmp_path):
+    """Issue 21 in Krita: Segments ▸ From layer… with a 3-colour label layer (hidden, like a user's guide layer)
+    gives a 3-segment ChunkyGAN session (the result metadata's segment count), added as new layers; the photo and
+    every pixel outside the selection stay as they were."""
+    direction = latent_server.directions()[0]
+    img, png, sel, sel_path = write_inputs(tmp_path)
+    bands = label_bands()
+    (tmp_path / "labels.raw").write_bytes(bands[..., [2, 1, 0, 3]].tobytes())  # Krita U8 is BGRA
+    job = base_job(tmp_path, latent_server, png, sel_path, direction, options=None,
+                   add_layers=[{"name": "labels", "raw": str(tmp_path / "labels.raw"), "x": 0, "y": 0, "w": SIZE,
+                                "h": SIZE, "visible": False}],
+                   dialog={"method": "chunks", "steps": STEPS, "align": False, "edits": [[direction, 2.0]],
+                           "segments": "layer", "label_layer": "labels", "keep_detail": False})
+    res = run_ok(krita, job, tmp_path, latent_server)
+    d, out = res.result["dialog"], res.out_dir
+    sources = {s["name"]: s for s in d["segment_sources"]}
+    assert [s["label"] for s in d["segment_sources"]] == ["Selection", "Automatic", "From layer…"]
+    has = bool(latent_server.model_info.get("segmenter"))
+    assert sources["auto"]["enabled"] is has  # "Automatic" only for a model with a segmenter ...
+    assert has or "segments by itself" in sources["auto"]["tooltip"]  # ... else disabled, saying why
+    assert d["method_after_segments"] == "chunks" and d["label_layer_enabled"] and "labels" in d["label_layers"]
+    (a1,) = d["applies"]
+    assert a1["message"].startswith("Added"), a1["message"]
+    (segments,) = a1["segments"]
+    assert len(segments) >= 3 and [s.get("label") for s in segments] == [0, 1, 2], segments
+    inside = [int(((np.minimum(np.arange(SIZE) * 3 // SIZE, 2)[None, :] == k) & (sel > 0)).sum()) for k in range(3)]
+    assert all(s["area"] > 0.5 * n for s, n in zip(segments, inside)), (segments, inside)
+    # new layers: a result group directly above the photo; the photo untouched; outside the selection unchanged
+    g = GROUP_PREFIX + direction + " +2"
+    assert siblings_of(res.result["tree"], "Background")[:3] == ["Background", g, "labels"]
+    group = find(res.result["tree"], g)
+    assert [(c["name"], c["type"]) for c in group["children"]] == [("Background (%s +2)" % direction, "paintlayer")]
+    assert (out / "source0_before.raw").read_bytes() == (out / "source0_after.raw").read_bytes()
+    before = raw(out, "projection_before.raw", np.uint8, 4).astype(int)
+    after = raw(out, "projection_after.raw", np.uint8, 4).astype(int)
+    diff = np.abs(after - before)[..., :3].max(axis=2)
+    assert diff[sel == 0].max() == 0
+    assert_changed(diff[sel == 255])
