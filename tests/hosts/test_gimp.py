@@ -219,3 +219,28 @@ def test_gimp_second_call_on_a_layer_rerenders_stacks_on_top_and_a_typo_costs_no
     visibly = np.abs(c1[..., :3] - c0[..., :3]).max(-1) > 8
     assert visibly[sel == 255].mean() > 0.02, visibly[sel == 255].mean()
     assert np.array_equal(c0[sel == 0], c1[sel == 0])
+
+
+def test_gimp_label_layer_gives_a_three_segment_session(gimp_root, gimp_plugin, latent_server, tmp_path):
+    """Issue 21 in GIMP: segments "From layer" with a hidden 3-colour label layer -> a 3-segment ChunkyGAN session
+    (the result metadata's segment count), the result a new masked layer in a new group, the photo and every
+    pixel outside the selection unchanged."""
+    size = 128
+    cols = np.minimum(np.arange(size) * 3 // size, 2)
+    colours = np.array([[220, 30, 30, 255], [30, 200, 40, 255], [40, 60, 230, 255]], np.uint8)
+    bands = colours[cols][None].repeat(size, 0)
+    labels = {"name": "labels", "width": size, "height": size, "x": 0, "y": 0, "pixels": bands.tobytes(),
+              "visible": False}
+    case = _case([_layer("photo", 7), labels], (24, 56, 80, 56), [0])
+    case["args"].update(method="chunks", segments="layer", steps=10)
+    case["label_layer"] = 1
+    info = run_gimp(gimp_root, latent_server, case, "labels", tmp_path)
+    _check(info, case, np.uint8, edited=[0])
+    result = json.loads(info["message"])
+    (segments,) = result["segments"]
+    assert len(segments) >= 3 and [s.get("label") for s in segments] == [0, 1, 2], segments
+    cw, ch = case["canvas"]
+    sel = np.frombuffer((info["dir"] / "selection.y8").read_bytes(), np.uint8).reshape(ch, cw)
+    inside = [int(((cols[None, :] == k) & (sel > 0)).sum()) for k in range(3)]
+    assert all(s["area"] > 0.5 * n for s, n in zip(segments, inside)), (segments, inside)
+    assert [n["name"] for n in info["tree"]][0] == "labels"  # the label layer stays where it was, untouched

@@ -85,6 +85,23 @@ def read_layer(image, layer) -> LayerPixels:
     return LayerPixels(layer.get_name(), w, h, ox, oy, fmt, data, selection)
 
 
+def read_label_layer(label, source) -> tuple[str, bytes]:
+    """The label layer's straight RGBA8 pixels over ``source``'s rectangle (transparent where it does not
+    reach), for ``flow.label_map``: each flat colour one segment."""
+    if label is None:
+        raise DocumentError("Choose the label layer whose colours are the segments (the 'Label layer' option).")
+    if label.is_group():
+        raise DocumentError(f"'{label.get_name()}' is a layer group; the label layer must be a normal layer with "
+                            "one flat colour per segment.")
+    if label.get_id() == source.get_id():
+        raise DocumentError("The label layer must be another layer than the photo: paint each segment in its own "
+                            "flat colour on a new layer.")
+    _ok, sx, sy = source.get_offsets()
+    _ok, lx, ly = label.get_offsets()
+    rect = Gegl.Rectangle.new(sx - lx, sy - ly, source.get_width(), source.get_height())
+    return label.get_name(), bytes(label.get_buffer().get(rect, 1.0, "R'G'B'A u8", Gegl.AbyssPolicy.NONE))
+
+
 def result_position(image, source, is_result_group_name, stack_top) -> int:
     """Where a new result group goes in the source's parent: above the source's topmost result group
     (GIMP positions count from the top, 0 = topmost), so every new edit is on top and visible."""

@@ -35,15 +35,31 @@ PROC = "python-fu-latent-edit"
 # checked before any work (a model without MAGEC or an encoder is refused, naming the methods it offers).
 METHODS = [(m["name"], m["label"]) for m in le_flow.STATIC_METHODS]
 ALIGN = [("auto", "Find and align the face"), ("none", "Layer is already an aligned crop")]
+SEGMENTS = list(le_flow.SEGMENT_CHOICES)  # GIMP's "From layer" takes the layer from the "Label layer" option
+SEGMENT_HELP = {"auto": "Only models with a segmenter (others are refused, saying what to add)",
+                "layer": "Paint each segment in its own flat colour on a layer; transparent parts stay unchanged"}
 EDIT_SLOTS = 3
 SESSIONS_FILE = "latent-edit-sessions.json"  # in GIMP's profile folder: layer content -> server session
 
 
-def _choice(items):
+def _choice(items, help=None):
     choice = Gimp.Choice.new()
     for i, (nick, label) in enumerate(items):
-        choice.add(nick, i, label, "")
+        choice.add(nick, i, label, (help or {}).get(nick, ""))
     return choice
+
+
+def _offer_automatic(procedure, config):
+    """Interactive only: grey out "Automatic" when the chosen model has no segmenter (asked of the server; a
+    server that cannot be reached leaves it, and the run then reports the problem)."""
+    try:
+        client = le_client.Client(config.get_property("server-url") or le_client.DEFAULT_URL, timeout=3.0,
+                                  token_file=config.get_property("token-file") or le_paths.default_token_file())
+        model = le_flow.fetch_catalog(client).model(config.get_property("model") or None)
+    except (le_client.ClientError, le_flow.FlowError, OSError):
+        return
+    choice = Gimp.param_spec_choice_get_choice(procedure.find_argument("segments"))
+    choice.set_sensitive("auto", le_flow.has_segmenter(model))
 
 
 def _error(procedure, message):
@@ -60,6 +76,12 @@ def _edits_from_config(config):
             edits.append((name, float(strength)))
     edits += le_flow.parse_edits(config.get_property("edits") or "")
     return edits
+
+
+def _label_map(label, layer, px):
+    """The protocol label map of ``label`` over ``layer`` (flow.label_map: each flat colour one segment)."""
+    name, rgba8 = doc.read_label_layer(label, layer)
+    return le_flow.label_map(rgba8, px.width, px.height, name).wire
 
 
 class _Progress:
@@ -92,6 +114,7 @@ def _run(procedure, run_mode, image, drawables, config):
         from gi.repository import GimpUi
 
         GimpUi.init(PROC)
+        _offer_automatic(procedure, config)
         dialog = GimpUi.ProcedureDialog.new(procedure, config, "Latent Edit")
         dialog.fill(None)
         ok = dialog.run()
@@ -115,14 +138,19 @@ def _run(procedure, run_mode, image, drawables, config):
         edits=edits, model=config.get_property("model") or None, method=config.get_property("method"),
         align=config.get_property("align"), feather=float(config.get_property("feather")),
         project_steps=config.get_property("steps") or None, tune_steps=config.get_property("tune-steps") or None,
-        each_region=bool(config.get_property("each-region")))
+        each_region=bool(config.get_property("each-region")), segments=config.get_property("segments"),
+        keep_detail=bool(config.get_property("keep-detail")))
 
     progress = _Progress()
     Gimp.progress_init("Latent Edit")
     inputs = [doc.read_layer(image, layer) for layer in layers]
+    labels = [None] * len(layers)
+    if options.segments == "layer":
+        label = config.get_property("label-layer")
+        labels = [_label_map(label, layer, px) for layer, px in zip(layers, inputs)]
     items = [le_flow.Item(le_pixels.pack_layer(px.data, px.width, px.height, px.format, px.offset_x, px.offset_y, px.name),
                           le_pixels.pack_selection(px.selection, px.width, px.height, px.offset_x, px.offset_y)
-                          if px.selection is not None else None) for px in inputs]
+                          if px.selection is not None else None, lab) for px, lab in zip(inputs, labels)]
     cache = le_flow.SessionCache(path=os.path.join(Gimp.directory(), SESSIONS_FILE))
     try:
         out = le_flow.run_edit(client, items, options, cache, on_progress=progress, should_cancel=lambda: progress.stop)
@@ -147,7 +175,8 @@ def _run(procedure, run_mode, image, drawables, config):
 
     return Gimp.ValueArray.new_from_values([
         GObject.Value(Gimp.PDBStatusType, Gimp.PDBStatusType.SUCCESS),
-        GObject.Value(GObject.TYPE_STRING, json.dumps({"created": created, "reused": out.reused})),
+        GObject.Value(GObject.TYPE_STRING, json.dumps({"created": created, "reused": out.reused,
+                                                       "segments": out.segments})),
     ])
 
 
@@ -173,6 +202,13 @@ class LatentEdit(Gimp.PlugIn):
         p.add_choice_argument("method", "_Method", "Inversion method", _choice(METHODS), "pti", rw)
         p.add_choice_argument("align", "_Alignment", "Face alignment", _choice(ALIGN), "auto", rw)
         p.add_string_argument("model", "Mo_del", "Model name on the server (empty: the server's default)", "", rw)
+        p.add_choice_argument("segments", "_Segments", "Where the segments come from (each gets its own code; "
+                              "anything but the selection needs the method 'Segments (ChunkyGAN)')",
+                              _choice(SEGMENTS, SEGMENT_HELP), "selection", rw)
+        p.add_layer_argument("label-layer", "_Label layer", "Segments 'From layer': the layer whose flat colours "
+                             "are the segments", True, rw)
+        p.add_boolean_argument("keep-detail", "_" + le_flow.KEEP_DETAIL, "Blend the photo's own detail back into "
+                               "the edited result where the edit does not change it", False, rw)
         for i in range(1, EDIT_SLOTS + 1):
             p.add_string_argument("edit-%d" % i, "Edit %d" % i, "Direction name (e.g. smile)",
                                   "smile" if i == 1 else "", rw)
@@ -189,7 +225,7 @@ class LatentEdit(Gimp.PlugIn):
                                "in one job and one result layer", False, rw)
         p.add_string_argument("server-url", "Server URL", None, le_client.DEFAULT_URL, rw)
         p.add_string_argument("token-file", "Token file", "Empty: the server's default token file", "", rw)
-        p.add_string_return_value("result", "Result", "JSON: created groups, sessions, re-used inversions", "", rw)
+        p.add_string_return_value("result", "Result", "JSON: created groups, sessions, re-used inversions, segments", "", rw)
         return p
 
 

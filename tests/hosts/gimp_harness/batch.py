@@ -1,6 +1,7 @@
 # Runs inside GIMP 3's python-fu-eval (globals: Gimp, Gegl, GLib, Gio, GObject).
 # Builds an image from a case file, calls python-fu-latent-edit NON-INTERACTIVELY (once, then once per
-# "more_calls" entry with those arguments changed) and dumps what the test checks: the source layers' pixels
+# "more_calls" entry with those arguments changed; "label_layer": the index of the layer passed as the label layer)
+# and dumps what the test checks: the source layers' pixels
 # before/after, the visible composite before and after each call, and the layer tree after each call.
 import json
 import os
@@ -54,6 +55,8 @@ for spec in CASE["layers"]:
     buf.set(Gegl.Rectangle.new(0, 0, spec["width"], spec["height"]), "R'G'B'A u8", open(spec["rgba8"], "rb").read())
     buf.flush()
     layer.update(0, 0, spec["width"], spec["height"])
+    if spec.get("visible") is False:  # e.g. a label layer: a guide the user paints, not part of the picture
+        layer.set_visible(False)
     layers.append(layer)
 
 x, y, w, h = CASE["selection"]
@@ -80,6 +83,8 @@ for k, overrides in enumerate([{}] + CASE.get("more_calls", [])):  # later calls
     cfg.set_core_object_array("drawables", targets)
     for key, value in dict(CASE["args"], **overrides).items():
         cfg.set_property(key, value)
+    if CASE.get("label_layer") is not None:  # a layer argument: the index of one of the case's layers
+        cfg.set_property("label-layer", layers[CASE["label_layer"]])
     res = proc.run(cfg)
     status = res.index(0)
     message = res.index(1) if res.length() > 1 else ""
