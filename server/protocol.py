@@ -369,7 +369,7 @@ class SessionRequest:
 # wire name -> (type check, server resource bound or None); validity (ranges, choices) is SessionOptions.validate's
 _OPTION_TYPES = {"project_steps": "int", "tune_steps": "int", "feather": "number", "blend": "str", "seed": "int",
                  "color_match": "bool", "space": "str", "reg": "number", "min_face": "int", "locality": "bool",
-                 "pivot": "str", "fusion": "str"}
+                 "pivot": "str"}
 _OPTION_KEYS = set(_OPTION_TYPES) | {"timeout_s", "segments"}
 
 
