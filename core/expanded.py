@@ -106,7 +106,7 @@ def sparse_edit_loss(G, classifier: Callable, d: torch.Tensor, ws: torch.Tensor,
     terms["lpips"] = lpips(x_e, x).mean() if (lpips is not None and options.lpips) else x_e.new_zeros(())
     loss = (options.l2 * terms["l2"] + options.lpips * terms["lpips"] + options.cls * terms["cls"]
             + options.sparsity * terms["spa"])
-    return loss, {n: float(v) for n, v in terms.items()}
+    return loss, {n: float(v.detach()) for n, v in terms.items()}
 
 
 def fit_sparse_direction(G, classifier: Callable, k: int, init: torch.Tensor, options: Optional[SparseOptions] = None,
@@ -383,3 +383,25 @@ class FusedRender:
         content = self.content if len(idx) == inv.segments else self.content.select(idx)
         outs[idx] = fused_synthesis(inv.G, ws_e, content, self.options, deltas, inv.noise_mode)
         return self._mix(outs)
+
+
+@torch.no_grad()
+def regression_init(G, classifier: Callable, n: int = 1024, unit: float = 1.0 / 6.0, ridge: float = 1e-3,
+                    seed: int = 0, batch: int = 64) -> torch.Tensor:
+    """``(K, w_dim)`` starting offsets per unit for classifier outputs without a dense direction: the ridge fit
+    ``readings ≈ (w − mean) B`` on ``n`` samples and, for output k, the smallest move (in W's covariance metric)
+    that changes k by ``unit`` and the others by 0, ``unit·Σ B (BᵀΣB)⁻¹ e_k`` (InterfaceGAN's conditioning)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, G.z_dim, generator=gen).to(G.w_avg.device)
+    ws, ys = [], []
+    for i in range(0, n, batch):
+        w = G.mapping(z[i:i + batch])
+        ws.append(w[:, 0].double())
+        ys.append(classifier(G.synthesis(w, noise_mode="const").clamp(-1, 1)).double())
+    w, y = torch.cat(ws), torch.cat(ys)
+    x, y = w - w.mean(0), y - y.mean(0)
+    cov = x.T @ x / len(x)
+    lam = ridge * float(torch.diagonal(cov).mean())
+    B = torch.linalg.solve(cov + lam * torch.eye(len(cov), dtype=cov.dtype, device=cov.device), x.T @ y / len(x))
+    V = cov @ B @ torch.linalg.pinv(B.T @ cov @ B)
+    return (unit * V.T).float()

@@ -31,6 +31,7 @@ from core.chunks import ChunksOptions, dilate, invert_segments, normalize_masks
 from core.chunks import refine as refine_inversion
 from core.common import CancelLike, InvalidInput, ProgressFn, Stages, check_cancel
 from core.compositing import DEFAULT_FEATHER, check_render_options, compose
+from core.expanded import FusedRender, check_fusion
 from core.geometry import LayerGeometry, aligned_geometry, plain_geometry, to_numpy, to_tensor
 from core.inversion import Inversion
 
@@ -242,6 +243,7 @@ class EditSession:
         self._base = to_tensor(image[..., :3])
         self._selection = torch.from_numpy(selection)[None, None]
         self._alpha_cache: dict = {}
+        self._fused: Optional[FusedRender] = None  # content fusion (render(fusion="relevance")), fitted once
         # the "unedited" generator-resolution image an edit delta is measured against (None: the reconstruction;
         # a hole-filled session keeps its parent's, so its baked-in edit shows)
         self.reference = reference
@@ -251,17 +253,21 @@ class EditSession:
         return self.inversion.tuned
 
     def render(self, edits=None, feather: Optional[float] = None, blend: Optional[str] = None,
-               color_match: Optional[bool] = None) -> np.ndarray:
+               color_match: Optional[bool] = None, fusion: str = "none") -> np.ndarray:
         """The result layer ``(H,W,4)`` float32 RGBA in [0,1] for ``edits`` = [(name | Direction | W tensor,
         strength[, (first, last)]), ...] (names resolved through the session's directions).
 
         One generator forward (none for no edits) plus compositing (core.compositing; on the CPU, next to the
         numpy layer, while the generator may live on a GPU). Where the composite alpha is 0 the RGB is the
-        input's, bit for bit, and alpha is 0.
+        input's, bit for bit, and alpha is 0.  ``fusion``: "none" (the edited code's render) or "relevance"
+        (Yin et al. content fusion, core.expanded: the photo's own content is kept where the edit does not
+        change the generator's features; the content is fitted on the first such render, then cached, so a
+        re-edit stays one forward).
         """
         o = self.options
+        inversion = self.inversion if check_fusion(fusion) == "none" else self.fused_inversion()
         overlay, alpha, window = compose(
-            self.inversion, self.geometry, self._base, self._selection, list(edits or []), self.directions,
+            inversion, self.geometry, self._base, self._selection, list(edits or []), self.directions,
             o.feather if feather is None else feather, o.blend if blend is None else blend,
             o.color_match if color_match is None else bool(color_match), reference=self.reference, device="cpu",
             cache=self._alpha_cache)
@@ -273,6 +279,12 @@ class EditSession:
         out[y0:y1, x0:x1, :3] = np.where(a[..., None] > 0, to_numpy(overlay), src[..., :3])
         out[y0:y1, x0:x1, 3] = np.where(a > 0, a * src[..., 3], np.float32(0))
         return out
+
+    def fused_inversion(self) -> FusedRender:
+        """The inversion's renders with content fusion (core.expanded.FusedRender), fitted once per session."""
+        if self._fused is None:
+            self._fused = FusedRender(self.inversion)
+        return self._fused
 
     def refine(self, correction, edits, steps: Optional[int] = None, progress: ProgressFn = None,
                cancel: CancelLike = None) -> "EditSession":

@@ -168,3 +168,25 @@ def edit_matrix(G, scorer, directions: dict, n: int = 64, strengths=(-3.0, 3.0),
             outs.append(scorer(G.synthesis(ws + delta, noise_mode="const").clamp(-1, 1)))
         M[i] = (outs[1] - outs[0]).abs().mean(0).numpy()
     return M
+
+
+def fit_sparse_directions(G, scorer, directions: dict | None = None, names=None, options=None, progress=None):
+    """``({"<attribute>_sparse": Direction (num_ws, w_dim)}, report)``: Yin et al. (2022) Eq. 10 per attribute on
+    generated samples — the scorer as the attribute classifier (BCE on its [0,1] readings: the own attribute moves
+    by ``strength × UNIT``, the others keep theirs), L1 sparsity on the (num_ws, w_dim) direction, pixel L2 and
+    LPIPS between the edited and unedited sample; the identity term is off (no identity network for this domain).
+    λ and their sources: :class:`core.expanded.SparseOptions`.  Each fit starts from the dense W direction
+    (``directions``, default: the shipped manifest's) on every row; one unit asks for ``UNIT``, like the dense
+    ones.  ``names`` limits the attributes (default all 13).  ``G`` and the scorer are not modified."""
+    from core.expanded import fit_sparse_directions as fit
+
+    if directions is None:
+        from core.demo import default_model_path
+        from core.edits import load_directions
+
+        directions = load_directions(default_model_path(), G=G)
+    init = {n: directions[n].delta(1.0, int(G.num_ws), int(G.w_dim)) for n in ATTRIBUTES if n in directions}
+    return fit(G, scorer, list(ATTRIBUTES), init, attributes=names, options=options, output_range=(0.0, 1.0),
+               unit=UNIT, progress=progress,
+               source="core.demo.directions.fit_sparse_directions (Yin et al. 2022 Eq. 10 on generated samples, "
+                      "ID term off)")

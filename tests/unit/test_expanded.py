@@ -98,3 +98,63 @@ def test_fit_sparse_directions_names_shapes_and_refusals(G):
         fit_sparse_directions(G, clf, ["red", "blue"], {}, attributes=["green"], options=o)
     with pytest.raises(InvalidInput, match="starting direction"):
         fit_sparse_directions(G, clf, ["red", "blue"], {}, attributes=["blue"], options=o)
+
+
+# ---------------------------------------------------------------------------------------------- content fusion
+
+def test_fitted_content_reproduces_the_target_and_an_edit_changes_only_where_features_change(G):
+    from core.expanded import FusionOptions, fit_content, fused_synthesis
+
+    ws = _ws(G, 1, seed=4)
+    with torch.no_grad():
+        target = G.synthesis(_ws(G, 1, seed=5)).clamp(-1, 1)  # another face: far from ws's own render
+        own = G.synthesis(ws)
+    o = FusionOptions(fit_steps=12)
+    content = fit_content(G, ws, target, None, o)
+    assert content.report["mse_after"][0] < 0.5 * content.report["mse_before"][0]
+    maps: dict = {}
+    with torch.no_grad():
+        rec = fused_synthesis(G, ws, content, o, maps=maps)
+        assert all(torch.equal(m, torch.ones_like(m)) for m in maps.values())  # unedited: m = 1 everywhere
+        assert float((rec - target).square().mean()) < float((own - target).square().mean())
+        d = torch.zeros_like(ws)
+        d[:, -2:] = 0.8 * torch.randn(G.w_dim, generator=torch.Generator().manual_seed(2))  # last rows only
+        edited = fused_synthesis(G, ws + d, content, o, maps=maps)
+    assert (edited - rec).abs().max() > 1e-3
+    first = min(content.blocks)
+    assert torch.equal(maps[first], torch.ones_like(maps[first]))  # rows feeding later blocks only: early m = 1
+
+
+def _session(G, fusion_check=True):
+    from core.session import SessionOptions, create_session
+
+    with torch.no_grad():
+        img = G.synthesis(_ws(G, 1, seed=7)).clamp(-1, 1)[0].permute(1, 2, 0).numpy()
+    rgb = ((img + 1) / 2).astype(np.float32)
+    rgb[8:14, 8:20] = [0.9, 0.1, 0.1]  # a detail the generator does not have (an "extra")
+    layer = np.concatenate([rgb, np.ones(rgb.shape[:2] + (1,), np.float32)], 2)
+    return create_session(G, layer, None, SessionOptions(method="wplus", align="none", project_steps=6)), layer
+
+
+def test_session_render_fusion(G):
+    from core.edits import Direction
+    from core.expanded import FusedRender, FusionOptions
+
+    session, layer = _session(G)
+    d = Direction("tint", torch.randn(G.w_dim, generator=torch.Generator().manual_seed(3)), layers=(G.num_ws - 2,
+                                                                                                    G.num_ws - 1))
+    edits = [(d, 2.0)]
+    plain = session.render(edits)
+    assert np.array_equal(session.render(edits, fusion="none"), plain)  # "none" is today's output, bit for bit
+    assert session._fused is None
+    session._fused = FusedRender(session.inversion, FusionOptions(fit_steps=12))  # fewer steps than a user gets
+    un = session.render([], fusion="relevance")
+    fused = session.fused_inversion()
+    assert isinstance(fused, FusedRender) and session.fused_inversion() is fused  # fitted once, cached
+    err_none = np.square(session.render([])[..., :3] - layer[..., :3]).mean()
+    err_fused = np.square(un[..., :3] - layer[..., :3]).mean()
+    assert err_fused < 0.5 * err_none  # the photo's own content (the red patch) is kept
+    out = session.render(edits, fusion="relevance")
+    assert np.abs(out - un).max() > 1e-3 and session.fused_inversion() is fused
+    with pytest.raises(InvalidInput, match="fusion"):
+        session.render(edits, fusion="detail")
