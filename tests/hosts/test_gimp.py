@@ -233,9 +233,13 @@ def test_gimp_label_layer_gives_a_three_segment_session(gimp_root, gimp_plugin, 
               "visible": False}
     case = _case([_layer("photo", 7), labels], (24, 56, 80, 56), [0])
     case["args"].update(method="chunks", segments="layer", steps=10)
+    case["args"]["keep-detail"] = True
+    case["more_calls"] = [{"keep-detail": False}]  # the same session re-rendered without "Keep photo detail"
     case["label_layer"] = 1
     info = run_gimp(gimp_root, latent_server, case, "labels", tmp_path)
     _check(info, case, np.uint8, edited=[0])
+    second = info["calls"][1]
+    assert second["status"] == "success" and json.loads(second["message"])["reused"] == 1, second["message"]
     result = json.loads(info["message"])
     (segments,) = result["segments"]
     assert len(segments) >= 3 and [s.get("label") for s in segments] == [0, 1, 2], segments
@@ -244,3 +248,8 @@ def test_gimp_label_layer_gives_a_three_segment_session(gimp_root, gimp_plugin, 
     inside = [int(((cols[None, :] == k) & (sel > 0)).sum()) for k in range(3)]
     assert all(s["area"] > 0.5 * n for s, n in zip(segments, inside)), (segments, inside)
     assert [n["name"] for n in info["tree"]][0] == "labels"  # the label layer stays where it was, untouched
+    # "Keep photo detail" reached the render: its result differs from the plain one inside the selection only
+    c0 = _read(info["dir"] / "composite_after_0.raw", cw, ch, np.uint8).astype(int)
+    c1 = _read(info["dir"] / "composite_after_1.raw", cw, ch, np.uint8).astype(int)
+    assert np.array_equal(c0[sel == 0], c1[sel == 0])
+    assert (np.abs(c0 - c1)[..., :3].max(-1)[sel == 255] > 0).any(), "keep-detail changed nothing"
