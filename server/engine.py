@@ -168,11 +168,12 @@ def render_session(session, req) -> tuple:
     """``(rgba (H,W,4) float32, metadata)`` for a :class:`server.protocol.RenderRequest`: edits with
     ``segments`` go to core as mappings ``{direction, strength, layers?, segments}`` (core.inversion
     ``Inversion.edit_groups``); ``fusion`` is passed when given; ``metadata`` = ``{"segments":
-    session.segment_info()}`` ([{index, area[, label]}]) when the session has segments."""
+    session.segment_info()}`` ([{index, area[, label]}], small: a remote session sends it, not the masks) when
+    the session has segments."""
     from server.errors import ProtocolError, invalid
 
-    masks = getattr(session, "segment_masks", None)
-    n = None if masks is None else int(masks.shape[0])
+    info = session.segment_info() if hasattr(session, "segment_info") else None
+    n = None if info is None else len(info)
     edits = []
     for i, (edit, seg) in enumerate(zip(req.edits, req.segments or [None] * len(req.edits))):
         if seg is None:
@@ -196,5 +197,4 @@ def render_session(session, req) -> tuple:
         elif req.fusion != "none":  # "none" is what an engine without fusion renders anyway
             raise ProtocolError(422, "unknown_field", "fusion: is not supported by this server's engine", "fusion")
     out = session.render(edits=edits, feather=req.feather, blend=req.blend, **kwargs)
-    info = getattr(session, "segment_info", None)
-    return out, ({"segments": info()} if info is not None else {})
+    return out, ({"segments": info} if info is not None else {})
