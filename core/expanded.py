@@ -55,7 +55,7 @@ class SparseOptions:
     sparsity: float = 1.0     # Yin §4.1: λ5 = 1; Eq. 3's ‖d_k‖₁ taken as the MEAN |entry| (the sum, 1280 entries
                               # at 64 px, outweighs L_cls by ~100× and shrinks every direction to nothing: measured,
                               # module docstring of core.demo.directions.fit_sparse_directions)
-    steps: int = 120          # ours: Adam steps per attribute (the losses flatten after ~100 on the 64 px model)
+    steps: int = 100          # ours: Adam steps per attribute (2 CPU cores: ~40 s CPU each at 64 px)
     batch: int = 8            # ours: W samples per step, each edited at one random strength
     lr: float = 0.05          # ours: Adam step × the starting direction's RMS entry
     max_strength: float = 3.0  # the shipped directions' range (−3..3)
@@ -143,7 +143,7 @@ def fit_sparse_direction(G, classifier: Callable, k: int, init: torch.Tensor, op
         opt.step()
         history.append(terms)
         if progress is not None:
-            progress(k, step + 1, float(loss))
+            progress(k, step + 1, float(loss.detach()))
     out = d.detach()
     tail = history[-max(1, len(history) // 5):]
     report = {name: round(sum(h[name] for h in tail) / len(tail), 6) for name in tail[0]} if tail else {}

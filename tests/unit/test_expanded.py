@@ -158,3 +158,36 @@ def test_session_render_fusion(G):
     assert np.abs(out - un).max() > 1e-3 and session.fused_inversion() is fused
     with pytest.raises(InvalidInput, match="fusion"):
         session.render(edits, fusion="detail")
+
+
+class _MeanColour(torch.nn.Module):
+    """A TorchScript-able classifier: sigmoid of the mean red and blue (N,3,H,W) -> (N,2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean(dim=(2, 3))
+        return torch.sigmoid(4.0 * torch.stack([m[:, 0], m[:, 2]], 1))
+
+
+def test_fit_sparse_command_for_a_checkpoint_with_an_attribute_classifier(tmp_path, G):
+    import json
+
+    from core.edits import Direction, load_directions, save_manifest
+    from core.edits.sparse import fit_sparse_for_checkpoint, main
+    from core.stylegan2.formats import save_generator
+
+    ckpt = tmp_path / "tiny.pt"
+    save_generator(G, ckpt)
+    assert main([str(ckpt), "--steps", "1"]) == 1  # no classifier yet: a clear error naming the file, no traceback
+    torch.jit.script(_MeanColour()).save(str(tmp_path / "tiny.attributes.pt"))
+    (tmp_path / "tiny.attributes.json").write_text(json.dumps({"names": ["red", "blue"]}))
+    save_manifest({"red": Direction("red", torch.ones(G.w_dim) * 0.1, scale=2.0)}, tmp_path / "tiny.directions.json")
+    from core.expanded import SparseOptions
+
+    path, report = fit_sparse_for_checkpoint(ckpt, options=SparseOptions(steps=2, batch=2, lpips=0.0))
+    dirs = load_directions(ckpt, G=G)
+    assert path == tmp_path / "tiny.directions.json"
+    assert set(dirs) == {"red", "red_sparse", "blue_sparse"}            # the dense one is kept
+    assert dirs["red"].scale == 2.0 and dirs["blue_sparse"].vector.shape == (G.num_ws, G.w_dim)
+    assert report["regression_init"] == ["blue"]                        # no dense "blue": started from a fit
+    kinds = {e["name"]: e["kind"] for e in json.loads(path.read_text())["directions"]}
+    assert kinds == {"red": "w", "red_sparse": "wplus", "blue_sparse": "wplus"}
