@@ -25,7 +25,9 @@ Table 3 (rows ``table=3``): per edit (every attribute of the embedded model) and
 edit ``e`` = the shipped direction at strength ±2 (towards the far end of the attribute, so every image lacks the
 target value — the paper scores "images not containing the target attribute"), the edited image re-inverted with
 the same method and edited back; ``faces`` columns are the held-out faces, ``photos`` columns astronaut and
-grace_hopper (ECS only for ``--ecs-edits``: every attribute by default, the three acceptance edits with
+grace_hopper, and on the faces what ECS is made of: ``edit_mse`` (MSE(x, x_edit), the edit's size),
+``reinv_mse`` (MSE(x_edit, G(z'_edit)), the re-inversion's residual) and ``drift`` (‖z'_edit − (z + δ)‖ / ‖δ‖, how
+far the re-inverted code lands from the edited one) (ECS only for ``--ecs-edits``: every attribute by default, the three acceptance edits with
 ``--quick``; NaN for the others); ``delta_score``: the edit-delta score against the renderer's true edit
 (``bench/editability.py``'s ``delta_score``: 1 − MSE(edit delta − true delta)/MSE(true delta), faces only, every
 attribute at the same ±2).
@@ -205,13 +207,13 @@ def delta_scores(G, ws: torch.Tensor, face_params: np.ndarray, face_imgs: torch.
 
 
 def cycle(G, ctx, method: str, ws: torch.Tensor, deltas: torch.Tensor, steps: int):
-    """(x_proj, x_edit, x_cyc) for codes ``ws (N,..)`` and edit offsets ``deltas (N,..)``: re-invert the edited
-    images with ``method`` in one batch, then undo the edit."""
+    """(x_proj, x_edit, x_cyc, ws2) for codes ``ws (N,..)`` and edit offsets ``deltas (N,..)``: re-invert the
+    edited images with ``method`` in one batch (codes ``ws2``), then undo the edit."""
     x = synth(G, ws)
     x_edit = synth(G, ws + deltas)
     ws2 = invert(G, x_edit, method, steps, ctx).ws
     x_cyc = synth(G, ws2 - deltas)
-    return x, x_edit, x_cyc
+    return x, x_edit, x_cyc, ws2
 
 
 def table3(G, ctx, kept: dict, face_params: np.ndarray, face_imgs: torch.Tensor, photo_imgs: dict, ecs_edits,
@@ -219,7 +221,7 @@ def table3(G, ctx, kept: dict, face_params: np.ndarray, face_imgs: torch.Tensor,
     """Per attribute and method: ECS (faces, photos) for the ``ecs_edits`` (NaN for the others: re-inverting every
     edited image is the bench's cost) and the edit-delta score against the renderer (faces, every attribute)."""
     from core.demo.renderer import ATTRIBUTES
-    from core.metrics import ecs
+    from core.metrics import ecs, mse
 
     _, _, desc, dirs, _ = ctx
     sets = {"faces": face_imgs, **photo_imgs}
@@ -242,10 +244,15 @@ def table3(G, ctx, kept: dict, face_params: np.ndarray, face_imgs: torch.Tensor,
                     all_dl.append(dirs[name].delta(float(sign[i]) * ECS_STRENGTH, G.num_ws, G.w_dim)[None])
         ws_b, dl_b = torch.cat(all_ws), torch.cat(all_dl)
         t0 = time.perf_counter()
-        x, x_edit, x_cyc = cycle(G, ctx, method, ws_b, dl_b, steps)
+        x, x_edit, x_cyc, ws2 = cycle(G, ctx, method, ws_b, dl_b, steps)
         print(f"{method}: {len(ws_b)} re-inversions in {time.perf_counter() - t0:.0f} s")
         e_lp = ecs(x, x_edit, x_cyc, "lpips").numpy()
         e_ms = ecs(x, x_edit, x_cyc, "mse").numpy()
+        # what ECS is made of: the edit's own size, the re-inversion's residual, the re-inverted code's distance
+        # from the edited code (relative to the edit's length)
+        edit_mse = mse(x, x_edit).numpy()
+        reinv_mse = mse(x_edit, synth(G, ws2)).numpy()
+        drift = ((ws2 - ws_b - dl_b).flatten(1).norm(dim=1) / dl_b.flatten(1).norm(dim=1)).numpy()
         scores = delta_scores(G, ws_sets["faces"], face_params, face_imgs, dirs, ATTRIBUTES)
         for name in ATTRIBUTES:
             face_idx = [j for j, n in enumerate(names) if n == name and owners[j] == "faces"]
@@ -257,13 +264,16 @@ def table3(G, ctx, kept: dict, face_params: np.ndarray, face_imgs: torch.Tensor,
             rows.append({"table": 3, "method": method, "edit": name,
                          "ecs_lpips_faces": mean(e_lp, face_idx), "ecs_mse_faces": mean(e_ms, face_idx),
                          "ecs_lpips_photos": mean(e_lp, photo_idx), "ecs_mse_photos": mean(e_ms, photo_idx),
+                         "edit_mse_faces": mean(edit_mse, face_idx), "reinv_mse_faces": mean(reinv_mse, face_idx),
+                         "drift_faces": mean(drift, face_idx),
                          "delta_score": float(np.mean(scores[name])), "faces": len(face_params),
                          "photos": len(photo_idx)})
     for method in ("MAGEC", "W+"):
         sel = [r for r in rows if r["method"] == method]
         mean_row = {"table": 3, "method": method, "edit": f"mean (ECS: {len(ecs_edits)} edits)",
                     "faces": sel[0]["faces"], "photos": max(r["photos"] for r in sel)}
-        for c in ("ecs_lpips_faces", "ecs_mse_faces", "ecs_lpips_photos", "ecs_mse_photos", "delta_score"):
+        for c in ("ecs_lpips_faces", "ecs_mse_faces", "ecs_lpips_photos", "ecs_mse_photos", "edit_mse_faces",
+                  "reinv_mse_faces", "drift_faces", "delta_score"):
             vals = [r[c] for r in sel if not np.isnan(r[c])]
             mean_row[c] = float(np.mean(vals)) if vals else nan
         rows.append(mean_row)
@@ -376,7 +386,7 @@ def run_bench(args) -> int:
     t3 = table3(G, ctx, kept, p, imgs, phot, edits, steps)
     print()
     print_table(t3, ["method", "edit", "ecs_lpips_faces", "ecs_mse_faces", "ecs_lpips_photos", "ecs_mse_photos",
-                     "delta_score", "faces", "photos"],
+                     "edit_mse_faces", "reinv_mse_faces", "drift_faces", "delta_score", "faces", "photos"],
                 title=f"Table 3 analogue: ECS per edit (strength ±{ECS_STRENGTH}, lower is better) and edit-delta score")
     tp = []
     if not args.no_pti:
