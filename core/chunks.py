@@ -5,10 +5,14 @@ latent code ``X_i``; the output is
 
     O = S^X·I + (1 − S^X)·Σ_i G(X_i)·S_i            S^X = 1 where the masks sum to 0 (the static region)
 
-and the codes minimise  masked LPIPS(O, I) + λ_L2·masked MSE(O, I) + λ_reg Σ_i ‖X_i − X̄‖²  (Eq. 2–3), the
-image terms evaluated on the dilated selection's bounding box only. Optional extras: low-resolution soft-mask
-refinement for several segments, segment-restricted pivotal tuning (PTI on the masked loss only) and
-hole-filling refinement (§5): re-fit one code inside a correction mask starting from the edited code.
+and the codes minimise  masked LPIPS(O, I) + λ_reg Σ_i ‖X_i − X_μ‖²  (Eq. 2: a plain sum of squares; an L2 image
+term and a per-element normalisation of the regulariser are options), the image term evaluated on the dilated
+selection's bounding box only.  Codes live in W, W+ (default) or S (per-segment style offsets).  The masks are
+fixed (a selection or a label map: §5's static masks), or produced by a segment generator ``S = G^S(X^S)`` whose
+code X^S is optimised jointly (§3, ``mask_generator``; core.segmenter's part head).  Optional extras:
+low-resolution soft-mask refinement for several static segments, segment-restricted pivotal tuning (PTI on each
+segment's masked loss, each segment its own ``tune_steps`` updates) and hole-filling refinement (§5, Fig. 10):
+re-fit one code inside a correction mask starting from the edited code.
 
 A :class:`SegmentSession` keeps the codes, masks and unedited renders, so a re-edit is one generator forward
 (of the edited segments' codes, batched) plus compositing. Pixels where the composite alpha is 0 are
@@ -32,7 +36,7 @@ from core.inversion import Inversion
 from core.losses import ImageLoss, perceptual_loss
 from core.optim import Schedule, optimise
 
-SPACES = ("w", "w+")
+SPACES = ("w", "w+", "s")  # ChunkyGAN §3: W, W+ and S-space codes
 PREVIEW_EVERY = 10  # pass the current composite to ``progress`` every this many steps (and at the end)
 
 
@@ -47,9 +51,10 @@ class ChunksOptions:
     initial_noise_factor: float = 0.05  # Karras et al. 2020 projector: code noise × w std, ramped down
     noise_ramp_length: float = 0.75  # Karras et al. 2020 projector
     w_avg_samples: int = 600  # PTI base_coach.py: 600 samples for w_avg / w_std
-    reg: float = 1.0  # ChunkyGAN Eq. 3 λ_reg = 1 (W+); here per element, in units of the W distribution's variance
+    reg: float = 1.0  # ChunkyGAN §4.1 λ_reg = 1 (W+) on Eq. 2's plain Σ_i ‖X_i − X_μ‖²
+    reg_normalise: bool = False  # option: the regulariser per element / W variance instead (this module before issue 21)
     lpips_weight: float = 1.0  # ChunkyGAN Eq. 2: LPIPS reconstruction loss
-    l2_weight: float = 1.0  # PTI hyperparameters pt_l2_lambda = 1 (Chunkmogrify tunes on MSE + LPIPS); our choice here
+    l2_weight: float = 0.0  # ChunkyGAN Eq. 2 has no L2 term (Chunkmogrify tunes on MSE + LPIPS: 1 there)
     net: str = "vgg"  # Chunkmogrify / Karras projector: VGG16 LPIPS
     lpips_size: int = 256  # PTI w_projector: LPIPS at 256² (area downsampling)
     dilate: int = 3  # Chunkmogrify: the loss sees the region inside a 7×7-dilated mask (radius 3)
@@ -58,6 +63,8 @@ class ChunksOptions:
     refine_masks: bool = False  # Chunkmogrify "multimask descent"; only with several segments
     mask_resolution: int = 16  # low-resolution grid of the refined soft-mask logits; our choice
     mask_lr: float = 0.05  # learning rate of the mask logits; our choice
+    mask_code_lr: float = 0.01  # learning rate of the segment code X^S (masks S = G^S(X^S)); our choice
+    s_lr_scale: float = 0.1  # S-space codes: the W schedule's lr × this (styles move ~10× more per unit); our choice
     tune_lr: float = 3e-4  # PTI hyperparameters pti_learning_rate; Chunkmogrify stylegan_tune.py
     feather: float = DEFAULT_FEATHER  # SegmentSession.render's inward feather, px (one default with sessions)
     refine_steps: int = 100  # hole-filling refinement steps; our choice (half the inversion budget)
@@ -310,8 +317,10 @@ def refine(inv: Inversion, correction_mask: torch.Tensor, edits=None, directions
                         l2_weight=opts.l2_weight, max_size=opts.lpips_size, crop=True, crop_pad=opts.crop_pad)
     t0 = time.perf_counter()
 
+    own = {k: v[segment:segment + 1] for k, v in inv.styles.items()} if inv.styles else None  # S-space codes
+
     def objective(_noise_scale: float):
-        img = inv.G.synthesis(x, noise_mode=opts.noise_mode)
+        img = inv.G.synthesis(x, noise_mode=opts.noise_mode, style_deltas=own)
         loss = loss_fn(img)[0].sum() + opts.refine_anchor * (x - x0).square().mean() / w_var
         return loss, loss.detach(), img
 
@@ -331,17 +340,32 @@ def _lpips_for(opts: ChunksOptions, device):
     return perceptual_loss(opts.net, device) if opts.lpips_weight else None
 
 
+def dispersion(codes: torch.Tensor, normalise: Optional[float] = None) -> torch.Tensor:
+    """ChunkyGAN Eq. 2's regulariser ``Σ_i ‖X_i − X_μ‖²``: the plain sum of squared deviations of the segment
+    codes ``codes`` (n, ...) from their mean (0 for one segment).  ``normalise`` (a per-element variance):
+    the mean over elements divided by it instead (this module's pre-issue-21 form)."""
+    dev = (codes - codes.mean(0, keepdim=True)).square()
+    if normalise:
+        return dev.flatten(1).mean(1).sum() / normalise
+    return dev.sum()
+
+
 def invert_segments(G, image: torch.Tensor, masks: torch.Tensor, steps: Optional[int] = None, space: str = "w+",
                     reg: Optional[float] = None, tune_steps: int = 0, progress: ProgressFn = None,
                     cancel: CancelLike = None, options: Optional[ChunksOptions] = None,
-                    init_ws: Optional[torch.Tensor] = None, directions=None) -> SegmentSession:
-    """Fit one latent code per segment so that the composite reproduces ``image`` inside the masks.
+                    init_ws: Optional[torch.Tensor] = None, directions=None, mask_generator=None) -> SegmentSession:
+    """Fit one latent code per segment so that the composite reproduces ``image`` inside the masks (Eq. 2).
 
     image (1,3,H,W) in [-1,1] at the generator's resolution; masks (n,H,W) in [0,1] (a selection is one
     segment); the static region is where they sum to 0. All-selected masks are allowed: the static region is
-    empty and this is a global inversion. ``space`` "w+" (ChunkyGAN default) or "w". ``reg`` λ_reg (default
-    ``options.reg``). ``tune_steps`` > 0 then tunes a copy of G on the masked loss only (segment-restricted PTI;
-    ``G`` itself is never modified). ``init_ws`` (1|n,num_ws,w_dim) starts from given codes instead of w_avg.
+    empty and this is a global inversion. ``space`` "w+" (ChunkyGAN default), "w" or "s" (StyleSpace: per-segment
+    offsets of every style layer's styles around those of the starting code). ``reg`` λ_reg (default
+    ``options.reg``) on ``Σ_i ‖X_i − X_μ‖²`` (:func:`dispersion`). ``tune_steps`` > 0 then tunes a copy of G on
+    the masked loss only (segment-restricted PTI, each segment ``tune_steps`` updates; W / W+ codes; ``G`` itself
+    is never modified). ``init_ws`` (1|n,num_ws,w_dim) starts from given codes instead of w_avg.
+    ``mask_generator`` ``(fn, xs)``: the masks are ``S = fn(X^S)`` — ``fn`` maps a code (1,num_ws,w_dim) to
+    (n,1,H,W) weights summing to 1 (e.g. a part head on G's features, core.segmenter) — and ``X^S`` (starting at
+    ``xs``) is optimised jointly with the codes (ChunkyGAN §3); ``masks`` then only bound them (the support).
     ``directions`` ({name: Direction}) resolves edit names in ``render``.
     ``progress(ProgressEvent)`` after every step: stage "project" for the codes, then "tune" for the tuning
     (each with its own step/total; ``fraction`` spans both, the tuning weighted by its n·tune_steps updates);
@@ -357,12 +381,19 @@ def invert_segments(G, image: torch.Tensor, masks: torch.Tensor, steps: Optional
         raise InvalidInput(f"space must be one of {SPACES}; got {space!r}")
     if opts.steps < 0 or tune_steps < 0:
         raise InvalidInput("steps and tune_steps must be >= 0")
+    if space == "s" and tune_steps:
+        raise InvalidInput("segment-restricted tuning works on W / W+ codes; use space 'w+' with tune_steps")
     image = _check_image(G, image).to(G.w_avg.device)
     raw = check_masks(masks, tuple(image.shape[-2:])).to(image.device)
     S, coverage = normalize_masks(raw)
-    n = S.shape[0]
     support = (S.sum(0, keepdim=True) > 0).float()
     loss_mask = dilate(support, opts.dilate)
+    mask_fn, xs = (None, None) if mask_generator is None else mask_generator
+    if mask_fn is not None:
+        xs = xs.detach().to(image).clone().requires_grad_(True)
+        with torch.no_grad():
+            S = mask_fn(xs) * support
+    n = S.shape[0]
 
     w_avg, w_var = w_stats(G, opts.w_avg_samples, opts.seed)
     w_std = math.sqrt(float(w_var) * G.w_dim)  # Karras et al.: sqrt(E‖w − w̄‖²)
@@ -371,56 +402,80 @@ def invert_segments(G, image: torch.Tensor, masks: torch.Tensor, steps: Optional
         start = init_ws.detach().to(w_avg).expand(n, num_ws, -1).clone()
     else:
         start = w_avg.view(1, 1, -1).expand(n, num_ws, -1).clone()
-    x = (start[:, :1] if space == "w" else start).clone().requires_grad_(True)
+    styles = None
+    if space == "s":  # X_i = the styles of ``start`` + per-segment offsets (one tensor per style layer)
+        styles = [torch.zeros(n, int(layer.affine_weight.shape[0]), device=image.device, requires_grad=True)
+                  for layer in G.style_layers()]
+        x = None
+    else:
+        x = (start[:, :1] if space == "w" else start).clone().requires_grad_(True)
     logits = None
-    refine = opts.refine_masks and n > 1
+    refine = opts.refine_masks and n > 1 and mask_fn is None
     if refine:
         r = max(4, min(opts.mask_resolution, image.shape[-1]))
         low = F.adaptive_avg_pool2d(S[:, 0][None], r)[0]  # (n,r,r)
         logits = torch.log(low.clamp(min=1e-3)).requires_grad_(True)
-    # the image term: masked LPIPS + λ_L2·MSE on the dilated selection's bounding box, target features built once
+    # the image term: masked LPIPS (+ λ_L2·MSE when asked) on the dilated selection's bounding box
     loss_fn = ImageLoss(image, loss_mask, _lpips_for(opts, image.device), lpips_weight=opts.lpips_weight,
                         l2_weight=opts.l2_weight, max_size=opts.lpips_size, crop=True, crop_pad=opts.crop_pad)
     noise_gen = torch.Generator().manual_seed(opts.seed)
     stages = Stages(progress, {"project": opts.steps, "tune": int(tune_steps) * n})
     t0 = time.perf_counter()
+    normalise = w_var if opts.reg_normalise else None
 
     def segment_weights() -> torch.Tensor:
+        if mask_fn is not None:
+            return mask_fn(xs) * support
         if not refine:
             return S
         up = F.interpolate(logits[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
         return torch.softmax(up, 0)[:, None] * support
 
+    def codes_of() -> torch.Tensor:
+        """The optimised codes X_i, one row per segment (what the regulariser compares)."""
+        if styles is not None:
+            return torch.cat(styles, 1)
+        return x  # (n,1,w_dim) in W: the code itself, not its num_ws copies
+
     def objective(noise_scale: float):
-        codes = x.expand(n, num_ws, -1) if space == "w" else x
-        if noise_scale > 0:
-            codes = codes + noise_scale * torch.randn(codes.shape, generator=noise_gen).to(codes)
-        imgs = G.synthesis(codes, noise_mode=opts.noise_mode)
+        if styles is not None:
+            imgs = G.synthesis(start, noise_mode=opts.noise_mode, style_deltas=dict(enumerate(styles)))
+        else:
+            codes = x.expand(n, num_ws, -1) if space == "w" else x
+            if noise_scale > 0:
+                codes = codes + noise_scale * torch.randn(codes.shape, generator=noise_gen).to(codes)
+            imgs = G.synthesis(codes, noise_mode=opts.noise_mode)
         out = (imgs * segment_weights()).sum(0, keepdim=True) * support + image * (1 - support)
         loss = loss_fn(out)[0].sum()
         if opts.reg and n > 1:
-            xs = x.expand(n, num_ws, -1) if space == "w" else x
-            loss = loss + opts.reg * (xs - xs.mean(0, keepdim=True)).square().mean(dim=(1, 2)).sum() / w_var
+            loss = loss + opts.reg * dispersion(codes_of(), normalise)
         return loss, loss.detach(), out
 
-    losses = optimise(objective, [x], opts.steps, opts.schedule(), w_std=w_std,
-                      extra_groups=[{"params": [logits], "lr": opts.mask_lr}] if refine else (),
+    params = styles if styles is not None else [x]
+    extra = [{"params": [logits], "lr": opts.mask_lr}] if refine else []
+    if mask_fn is not None:
+        extra.append({"params": [xs], "lr": opts.mask_code_lr})
+    losses = optimise(objective, params, opts.steps, opts.schedule(), w_std=0.0 if styles is not None else w_std,
+                      lr_scale=opts.s_lr_scale if styles is not None else 1.0, extra_groups=extra,
                       progress=stages.callback("project"), cancel=cancel, stage="project",
                       preview_every=PREVIEW_EVERY)
 
-    ws = (x.expand(n, num_ws, -1) if space == "w" else x).detach().clone()
+    ws = start.detach().clone() if styles is not None else (x.expand(n, num_ws, -1) if space == "w" else x).detach().clone()
     with torch.no_grad():
-        S_final = segment_weights().detach() if refine else S
+        S_final = segment_weights().detach() if (refine or mask_fn is not None) else S
     seconds = time.perf_counter() - t0
     info = {"steps": opts.steps, "space": space, "reg": opts.reg, "losses": losses, "seconds": seconds,
-            "code_spread": code_spread(ws), "segments": n}
+            "code_spread": code_spread(codes_of().detach()), "segments": n}
+    if mask_fn is not None:
+        info["mask_code"] = xs.detach()
     G_out = G
     if tune_steps:
         G_out = tune_segments(G, ws, image, S_final, int(tune_steps), opts, progress=stages.callback("tune"),
                               cancel=cancel)
         info["tune_steps"] = int(tune_steps)
         info["seconds"] = time.perf_counter() - t0
-    inv = Inversion("chunks", image, ws, S_final, coverage, G_out, G, opts.noise_mode, info)
+    style_codes = None if styles is None else {i: v.detach().clone() for i, v in enumerate(styles)}
+    inv = Inversion("chunks", image, ws, S_final, coverage, G_out, G, opts.noise_mode, info, styles=style_codes)
     return SegmentSession(inv, opts, directions)
 
 

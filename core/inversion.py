@@ -14,6 +14,7 @@ layer (feathered alpha, Poisson, geometry) lives in ``core.compositing``.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -35,6 +36,9 @@ class Inversion:
     base_G: object  # the model's generator (never modified)
     noise_mode: str = "const"  # PTI synthesis noise_mode='const'
     info: dict = dataclasses.field(default_factory=dict)  # method metadata (steps, space, losses, seconds...)
+    # S-space codes (ChunkyGAN in StyleSpace): per-segment style offsets {style layer: (n, C_in)} added to the
+    # styles of ``ws`` (None: the codes are ``ws`` alone)
+    styles: Optional[dict] = None
     _rec: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)
     _rec_mixed: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)
 
@@ -58,8 +62,15 @@ class Inversion:
         return self.masks.sum(0, keepdim=True) > 0
 
     @torch.no_grad()
-    def synthesize(self, ws: torch.Tensor, style_deltas: Optional[dict] = None) -> torch.Tensor:
-        """One batched generator forward: ws (k,num_ws,w_dim) -> (k,3,r,r)."""
+    def synthesize(self, ws: torch.Tensor, style_deltas: Optional[dict] = None,
+                   rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """One batched generator forward: ws (k,num_ws,w_dim) -> (k,3,r,r); ``rows`` (k segment indices, all
+        when None) pick the segments' own S-space codes when the inversion has them."""
+        if self.styles:
+            own = {k: v if rows is None else v[list(rows)] for k, v in self.styles.items()}
+            for k, v in (style_deltas or {}).items():
+                own[k] = own[k] + v if k in own else v
+            style_deltas = own
         if style_deltas:
             return self.G.synthesis(ws, noise_mode=self.noise_mode, style_deltas=style_deltas)
         return self.G.synthesis(ws, noise_mode=self.noise_mode)
@@ -88,17 +99,46 @@ class Inversion:
         if not edits or not idx:
             return self.ws
         ws = self.ws.clone()
-        ws[idx], deltas = edit_inputs(self.ws[idx], edits, self.G, directions)
-        if deltas:
-            raise InvalidInput("StyleSpace (S) edits cannot be baked into latent codes; use W-space edits here")
+        for group, group_edits in self.edit_groups(edits, idx):
+            ws[group], deltas = edit_inputs(self.ws[group], group_edits, self.G, directions)
+            if deltas:
+                raise InvalidInput("StyleSpace (S) edits cannot be baked into latent codes; use W-space edits here")
         return ws
+
+    def edit_groups(self, edits, idx: Sequence[int]) -> list[tuple[list[int], list]]:
+        """``[(segment indices, their edits), ...]`` for ``edits`` restricted to the segments ``idx``: an edit
+        given as a mapping may carry ``"segments": [i, ...]`` (absent / None = every segment); segments with
+        the same edits share one group (one batched forward); groups without edits are left out."""
+        n = self.segments
+        chosen = []
+        for k, item in enumerate(edits):
+            segs = item.get("segments") if isinstance(item, Mapping) else None
+            if segs is not None:
+                if isinstance(segs, (str, bytes)) or not isinstance(segs, Sequence) or not all(
+                        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in segs):
+                    raise InvalidInput(f"edit {k}: segments must be a list of segment indices; got {segs!r}")
+                bad = [int(v) for v in segs if not 0 <= v < n]
+                if bad:
+                    raise InvalidInput(f"edit {k}: segment indices {bad} out of range for {n} segment(s)")
+                segs = {int(v) for v in segs}
+            chosen.append(segs)
+        groups: dict = {}
+        for i in idx:
+            key = tuple(k for k, segs in enumerate(chosen) if segs is None or i in segs)
+            if key:
+                groups.setdefault(key, []).append(i)
+        plain = [(e.get("direction"), e.get("strength"), e.get("layers")) if isinstance(e, Mapping) else e
+                 for e in edits]  # the edit itself, without its segments
+        return [(group, [plain[k] for k in key]) for key, group in groups.items()]
 
     def generated(self, edits=None, directions: Optional[Mapping] = None,
                   segments: Optional[Sequence[int]] = None) -> torch.Tensor:
         """``Σ_i G(X_i)·S_i`` on the selection, the input image elsewhere; (1,3,r,r).
 
-        ``edits`` [(direction, strength[, layers]), ...] (names resolved in ``directions``) apply to
-        ``segments`` (all by default); only their codes are synthesised (one batched forward).
+        ``edits`` [(direction, strength[, layers]) | {direction, strength, layers?, segments?}, ...] (names
+        resolved in ``directions``) apply to ``segments`` (all by default) — a mapping's ``"segments"`` narrows
+        that edit further (:meth:`edit_groups`); only the edited codes are synthesised (one batched forward
+        per distinct set of edits).
         """
         rec = self.reconstructions()
         idx = self.segment_indices(segments)
@@ -107,8 +147,9 @@ class Inversion:
                 self._rec_mixed = torch.where(self.support, (rec * self.masks).sum(0, keepdim=True), self.image)
             return self._rec_mixed
         outs = rec.clone()
-        ws_e, deltas = edit_inputs(self.ws[idx], edits, self.G, directions)
-        outs[idx] = self.synthesize(ws_e, deltas)
+        for group, group_edits in self.edit_groups(edits, idx):
+            ws_e, deltas = edit_inputs(self.ws[group], group_edits, self.G, directions)
+            outs[group] = self.synthesize(ws_e, deltas, rows=group)
         return torch.where(self.support, (outs * self.masks).sum(0, keepdim=True), self.image)
 
     def replace(self, **changes) -> "Inversion":
@@ -119,10 +160,13 @@ class Inversion:
 
     # ---- persistence: plain tensors (the tuned generator is saved by the caller as a delta) ----
     def state_dict(self) -> dict:
-        return {"image": self.image, "masks": self.masks, "coverage": self.coverage, "ws": self.ws}
+        out = {"image": self.image, "masks": self.masks, "coverage": self.coverage, "ws": self.ws}
+        out.update({f"style{k}": v for k, v in (self.styles or {}).items()})
+        return out
 
     @classmethod
     def from_state(cls, method: str, G, state: Mapping, base_G=None, noise_mode: str = "const",
                    info: Optional[dict] = None) -> "Inversion":
+        styles = {int(k[5:]): v for k, v in state.items() if k.startswith("style")} or None
         return cls(method, state["image"], state["ws"], state["masks"], state["coverage"], G,
-                   G if base_G is None else base_G, noise_mode, dict(info or {}))
+                   G if base_G is None else base_G, noise_mode, dict(info or {}), styles=styles)

@@ -14,6 +14,8 @@ Methods beyond a generator (core.session.CAPABILITIES) need files beside the che
   memory for the life of the process.
 * "encoder": an e4e/pSp encoder for it — ``core.demo.default_encoder_path()`` for the embedded model,
   ``<stem>.encoder.pt`` otherwise, or the checkpoint itself when it is an e4e/pSp file (its ``encoder.*``).
+* "segmenter": automatic segments (core.segmenter.find_segmenter) — the shipped head for the embedded model,
+  ``<stem>.segmenter.pt`` or ``<stem>.faceparsing.pth`` otherwise.
 
 A model without one lists neither the method nor the PTI pivot in ``methods``, and asking for it raises
 InvalidInput naming the file to add.
@@ -115,6 +117,7 @@ class LoadedModel:
     directions_error: Optional[str] = None
     missing: dict = dataclasses.field(default_factory=dict)  # {capability: what to add} (see the module doc)
     encoder_path: Optional[pathlib.Path] = None
+    segmenter_path: Optional[pathlib.Path] = None  # core.segmenter.find_segmenter
     cache_dir: Optional[pathlib.Path] = None
     _assets: dict = dataclasses.field(default_factory=dict, repr=False)
     _lock: object = dataclasses.field(default_factory=threading.Lock, repr=False)
@@ -132,6 +135,8 @@ class LoadedModel:
         exists but does not load raises its InvalidInput."""
         from core.session import MethodAssets
 
+        if "segmenter" in needs and "encoder" not in needs and "encoder" not in self.missing:
+            needs = (*needs, "encoder")  # automatic segments start their segment code from the encoder's
         with self._lock:
             for need in needs:
                 if need in self._assets or need in self.missing:
@@ -150,9 +155,15 @@ class LoadedModel:
                     E = load_encoder(self.encoder_path, device=self.generator.w_avg.device)
                     check_compatible(E, self.generator)
                     self._assets["encoder"] = E
+                elif need == "segmenter":
+                    from core.segmenter import load_segmenter
+
+                    seg = load_segmenter(self.segmenter_path)
+                    seg.check_generator(self.generator)
+                    self._assets["segmenter"] = seg
             descriptor, linknet = self._assets.get("magec", (None, None))
             return MethodAssets(descriptor, linknet, self._assets.get("encoder"),
-                                {k: v for k, v in self.missing.items() if k in needs})
+                                {k: v for k, v in self.missing.items() if k in needs}, self._assets.get("segmenter"))
 
     def info(self) -> dict:
         """Plain JSON-able description of the model and its directions."""
@@ -185,10 +196,11 @@ def _methods(capabilities) -> list:
 
 
 def _is_sidecar(path: pathlib.Path) -> bool:
-    """True for the files that belong to a checkpoint beside them (encoder, descriptor, LinkNet fit)."""
+    """True for the files that belong to a checkpoint beside them (encoder, descriptor, LinkNet fit, segmenter)."""
     from core.magec import DESCRIPTOR_SUFFIX, LINKNET_SUFFIX
+    from core.segmenter import SIDECAR_SUFFIXES
 
-    return path.name.lower().endswith((ENCODER_SUFFIX, DESCRIPTOR_SUFFIX, LINKNET_SUFFIX))
+    return path.name.lower().endswith((ENCODER_SUFFIX, DESCRIPTOR_SUFFIX, LINKNET_SUFFIX, *SIDECAR_SUFFIXES))
 
 
 def _is_direction_file(path: pathlib.Path) -> bool:
@@ -329,8 +341,13 @@ class ModelRegistry:
         encoder, why = find_encoder(path, default=embedded)
         if encoder is None:
             missing["encoder"] = why
+        from core.segmenter import find_segmenter
+
+        segmenter, why = find_segmenter(path, default=embedded)
+        if segmenter is None:
+            missing["segmenter"] = why
         return LoadedModel(name, path, G, ordered, default=is_default, directions_error=error, missing=missing,
-                           encoder_path=encoder, cache_dir=self.cache_dir)
+                           encoder_path=encoder, segmenter_path=segmenter, cache_dir=self.cache_dir)
 
     def directions(self, name: Optional[str] = None) -> dict:
         """``{direction name: Direction}`` of model ``name``."""

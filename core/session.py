@@ -43,7 +43,7 @@ _CATALOG = (
     ("pti", "Pivotal tuning (closest likeness)", 450, 350, ("project_steps", "tune_steps", "pivot", "locality",
                                                             "seed")),
     # Chunkmogrify README: "100 or 200 is ok"; its PTI is optional ("30–50 iterations")
-    ("chunks", "Segments (ChunkyGAN)", 200, 0, ("project_steps", "tune_steps", "space", "reg", "seed")),
+    ("chunks", "Segments (ChunkyGAN)", 200, 0, ("project_steps", "tune_steps", "space", "reg", "segments", "seed")),
     ("w", "Latent code only (W)", 450, 0, ("project_steps", "seed")),  # PTI §4.5: 450 W projection steps
     ("wplus", "Latent code per layer (W+)", 450, 0, ("project_steps", "seed")),  # the same budget in W+
     # MAGEC §4: two phases of 100 steps; project_steps is the total, split 100 + 100
@@ -63,16 +63,21 @@ PIVOTS = tuple(p[0] for p in _PIVOTS)
 PIVOT_STEPS = {p[0]: p[2] for p in _PIVOTS}
 # what a model must offer for a method (or a pivot) beyond a generator: a descriptor + LinkNet, an encoder
 NEEDS = {"magec": "magec", "encoder": "encoder"}
-CAPABILITIES = ("magec", "encoder")
+# "segmenter": the model can segment a face itself (SessionOptions.segments="auto"; core.segmenter)
+CAPABILITIES = ("magec", "encoder", "segmenter")
+# SessionOptions.segments: the selection as one segment, the model's own segmenter, or a label map (an array)
+SEGMENT_SOURCES = ("selection", "auto", "labels")
+MAX_SEGMENTS = 32  # bounded work: each segment costs one generator image per optimisation step; our choice
 
 
 def method_catalog(capabilities=CAPABILITIES) -> list[dict]:
     """``[{name, label, project_steps, tune_steps, options[, pivots]}]`` for the methods a model with
     ``capabilities`` (a subset of :data:`CAPABILITIES`: "magec" = a descriptor for MAGEC, "encoder" = an
-    encoder) supports, the default first; ``label`` in user words, steps the defaults used when
-    ``SessionOptions`` leaves them None, ``options`` the SessionOptions fields the method reads (besides align,
-    feather, blend, color_match, which all use); "pti" also lists ``pivots`` [{name, label, project_steps}]
-    (``options.pivot``, "w" first: PTI's own)."""
+    encoder, "segmenter" = automatic segments) supports, the default first; ``label`` in user words, steps the
+    defaults used when ``SessionOptions`` leaves them None, ``options`` the SessionOptions fields the method
+    reads (besides align, feather, blend, color_match, which all use); "pti" also lists ``pivots``
+    [{name, label, project_steps}] (``options.pivot``, "w" first: PTI's own); "chunks" lists ``segments``, the
+    segment sources it offers (:data:`SEGMENT_SOURCES`; "auto" only with a segmenter)."""
     caps = set(capabilities)
     out = []
     for name, label, p, t, fields in _CATALOG:
@@ -82,6 +87,8 @@ def method_catalog(capabilities=CAPABILITIES) -> list[dict]:
         if name == "pti":
             entry["pivots"] = [{"name": v, "label": lab, "project_steps": steps}
                                for v, lab, steps, need in _PIVOTS if need is None or need in caps]
+        if name == "chunks":
+            entry["segments"] = [v for v in SEGMENT_SOURCES if v != "auto" or "segmenter" in caps]
         out.append(entry)
     return out
 
@@ -95,7 +102,8 @@ class MethodAssets:
     descriptor: object = None
     linknet: object = None
     encoder: object = None
-    missing: dict = dataclasses.field(default_factory=dict)  # {"magec"|"encoder": why it is unavailable}
+    missing: dict = dataclasses.field(default_factory=dict)  # {"magec"|"encoder"|"segmenter": why unavailable}
+    segmenter: object = None  # core.segmenter.Segmenter for segments="auto"
 
 
 SESSION_FORMAT = "latent-edit-session"
@@ -119,13 +127,23 @@ class SessionOptions:
     min_face: int = 32  # align="auto": smallest face (eye-to-mouth box side, layer px) accepted; our choice
     locality: bool = False  # pti: PTI §3.3 locality regulariser (PTI@da94d59 ships it off) with its settings
     pivot: str = "w"  # pti: PTI's own pivot is the W projection (PTI §3.1); "magec" | "encoder" (PIVOTS)
+    # chunks: "selection" = the selection is one segment (ChunkyGAN §5, static mask); "auto" = the model's
+    # segmenter inside the selection (ChunkyGAN §3); or an (H,W) integer label map in layer coordinates, each
+    # distinct value >= 0 one segment (Chunkmogrify: "each colour one segment"), negative = no segment (kept)
+    segments: object = "selection"
 
     def needs(self) -> set:
         """The model capabilities (:data:`CAPABILITIES`) these options use."""
         out = {NEEDS[self.method]} if self.method in NEEDS else set()
         if self.method == "pti" and self.pivot in NEEDS:
             out.add(NEEDS[self.pivot])
+        if self.segment_source() == "auto":
+            out.add("segmenter")
         return out
+
+    def segment_source(self) -> str:
+        """"selection", "auto" or "labels" (a label-map array in ``segments``)."""
+        return "labels" if isinstance(self.segments, np.ndarray) else str(self.segments)
 
     def resolved_steps(self) -> tuple[int, int]:
         """(projection, tuning) steps; for "magec" (and the MAGEC pivot) the projection is MAGEC's total of both
@@ -170,6 +188,7 @@ class SessionOptions:
             raise InvalidInput(f"space must be one of {SPACES}; got {self.space!r}")
         if not (isinstance(self.reg, (int, float)) and math.isfinite(self.reg) and self.reg >= 0):
             raise InvalidInput(f"reg must be a finite weight >= 0; got {self.reg!r}")
+        check_segments_option(self.segments, self.method)
         for name, lo, hi in (("min_face", 1, None), ("seed", 0, 2**32 - 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
@@ -178,6 +197,50 @@ class SessionOptions:
 
 
 # ------------------------------------------------------------------------------------------------ validation
+
+def check_segments_option(segments, method: str, shape: Optional[tuple] = None) -> None:
+    """InvalidInput unless ``segments`` is "selection", "auto" or an ``(H,W)`` integer label map (matching
+    ``shape`` when given, at most :data:`MAX_SEGMENTS` distinct values >= 0, at least one); anything but
+    "selection" needs method "chunks"."""
+    if isinstance(segments, np.ndarray):
+        if segments.ndim != 2:
+            raise InvalidInput(f"segments: a label map must be (H,W) integers; got shape {segments.shape}")
+        if not (np.issubdtype(segments.dtype, np.integer) or segments.dtype == bool):
+            raise InvalidInput(f"segments: a label map must hold integers (one value per segment); got dtype "
+                               f"{segments.dtype}")
+        if shape is not None and segments.shape != tuple(shape):
+            raise InvalidInput(f"segments: the label map is {segments.shape[1]}×{segments.shape[0]} but the layer "
+                               f"is {shape[1]}×{shape[0]}")
+        values = np.unique(segments)
+        values = values[values >= 0]
+        if values.size == 0:
+            raise InvalidInput("segments: the label map has no segment (every value is negative)")
+        if values.size > MAX_SEGMENTS:
+            raise InvalidInput(f"segments: the label map has {values.size} distinct values; at most {MAX_SEGMENTS} "
+                               "segments are supported (merge some colours)")
+    elif not isinstance(segments, str) or segments not in ("selection", "auto"):
+        raise InvalidInput(f"segments must be 'selection', 'auto' or an (H,W) integer label map; got {segments!r}")
+    if not (isinstance(segments, str) and segments == "selection") and method != "chunks":
+        raise InvalidInput(f"segments other than 'selection' need method 'chunks' (ChunkyGAN segments); method "
+                           f"{method!r} inverts the selection as one region")
+
+
+def segment_layer_masks(labels: np.ndarray, selection: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """A label map ``(H,W)`` ints and the selection ``(H,W)`` in [0,1] -> ``(n,H,W)`` float32 masks (each
+    distinct value >= 0 intersected with the selection; values whose region misses the selection are dropped)
+    and the label value of each mask."""
+    masks, values = [], []
+    for v in np.unique(labels):
+        if v < 0:
+            continue
+        m = np.where(labels == v, selection, np.float32(0)).astype(np.float32)
+        if (m > 0).any():
+            masks.append(m)
+            values.append(int(v))
+    if not masks:
+        raise InvalidInput("segments: no segment of the label map overlaps the selection")
+    return np.stack(masks), values
+
 
 def check_layer(image) -> np.ndarray:
     """``(H,W,4)`` (or ``(H,W,3)``, alpha 1) float RGBA in [0,1] -> float32 ``(H,W,4)``."""
@@ -244,6 +307,7 @@ class EditSession:
         self._selection = torch.from_numpy(selection)[None, None]
         self._alpha_cache: dict = {}
         self._fused: Optional[FusedRender] = None  # content fusion (render(fusion="relevance")), fitted once
+        self._segment_masks: Optional[np.ndarray] = None  # segment_masks, computed once
         # the "unedited" generator-resolution image an edit delta is measured against (None: the reconstruction;
         # a hole-filled session keeps its parent's, so its baked-in edit shows)
         self.reference = reference
@@ -251,6 +315,30 @@ class EditSession:
     @property
     def tuned(self) -> bool:
         return self.inversion.tuned
+
+    @property
+    def segment_masks(self) -> np.ndarray:
+        """The segments' masks ``(n,H,W)`` float32 in [0,1] in layer coordinates (the inversion's segment
+        weights lifted onto the layer, within the selection and the generator's footprint; one mask when the
+        selection is the only segment).  Index i is segment i of an edit's ``"segments"``."""
+        if self._segment_masks is None:
+            geo, (H, W) = self.geometry, self.image.shape[:2]
+            masks = self.inversion.masks[:, 0][None].detach().float().cpu()  # (1,n,r,r): segments as channels
+            lifted = geo.delta_to_layer(masks, (0, 0, W, H))[0].clamp(0, 1) * geo.footprint((0, 0, W, H))[0]
+            self._segment_masks = (lifted * torch.from_numpy(self.selection > 0)).numpy().astype(np.float32)
+        return self._segment_masks
+
+    def segment_info(self) -> list[dict]:
+        """``[{"index": i, "area": layer pixels}, ...]`` (area = the soft mask's sum, rounded) — the result
+        metadata the server returns; label-map sessions add each segment's ``"label"`` value."""
+        labels = self.inversion.info.get("segment_labels")
+        out = []
+        for i, m in enumerate(self.segment_masks):
+            entry = {"index": i, "area": int(round(float(m.sum(dtype=np.float64))))}
+            if isinstance(labels, (list, tuple)) and i < len(labels):
+                entry["label"] = int(labels[i])
+            out.append(entry)
+        return out
 
     def render(self, edits=None, feather: Optional[float] = None, blend: Optional[str] = None,
                color_match: Optional[bool] = None, fusion: str = "none") -> np.ndarray:
@@ -317,6 +405,10 @@ class EditSession:
         tensors.update({f"seg_{k}": v.detach().cpu() for k, v in inv.state_dict().items()})
         if self.reference is not None:
             tensors["reference"] = self.reference.detach().cpu()
+        if isinstance(self.options.segments, np.ndarray):
+            tensors["segments"] = torch.from_numpy(self.options.segments.astype(np.int64))
+        if inv.info.get("segment_labels") is not None:
+            tensors["segment_labels"] = torch.tensor(inv.info["segment_labels"], dtype=torch.int64)
         torch.save(tensors, d / "tensors.pt")
         if inv.tuned:
             from core.stylegan2.formats import save_generator
@@ -325,7 +417,7 @@ class EditSession:
         meta = {
             "format": SESSION_FORMAT,
             "version": SESSION_VERSION,
-            "options": dataclasses.asdict(self.options),
+            "options": _options_json(self.options),
             "method": inv.method,
             "noise_mode": inv.noise_mode,
             "geometry": self.geometry.to_json(),
@@ -353,6 +445,8 @@ class EditSession:
             raise InvalidInput(f"the session in {d} was created with a different model than the one given")
         try:
             options = SessionOptions(**meta["options"])
+            if options.segments == "labels":  # the label map itself is saved with the tensors
+                options.segments = tensors["segments"].numpy()
             image, selection = tensors["image"].numpy(), tensors["selection"].numpy()
             geometry = LayerGeometry.from_json(meta["geometry"], image.shape[:2], int(G.resolution))
             noise_mode = meta.get("noise_mode") or meta.get("chunks_options", {}).get("noise_mode", "const")
@@ -366,8 +460,17 @@ class EditSession:
         device = G.w_avg.device
         state = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("seg_")}
         inv = Inversion.from_state(meta.get("method", options.method), G_inv, state, base_G=G, noise_mode=noise_mode)
+        if "segment_labels" in tensors:
+            inv.info["segment_labels"] = [int(v) for v in tensors["segment_labels"]]
         return cls(G, image, selection, inv, options, geometry, directions=directions, info=meta.get("info"),
                    reference=tensors.get("reference"))
+
+
+def _options_json(options: SessionOptions) -> dict:
+    """``options`` as JSON: a label map becomes ``"labels"`` (the array is saved with the tensors)."""
+    out = dataclasses.asdict(dataclasses.replace(options, segments="selection"))
+    out["segments"] = options.segment_source() if isinstance(options.segments, np.ndarray) else options.segments
+    return out
 
 
 def _fingerprint(G) -> str:
@@ -383,10 +486,11 @@ def check_assets(opts: SessionOptions, assets: Optional[MethodAssets]) -> Method
     """``assets`` (or empty ones) after checking they hold what ``opts`` needs; InvalidInput saying why not
     (the reason the model gave in ``assets.missing``, e.g. the descriptor file to add)."""
     assets = assets if assets is not None else MethodAssets()
-    have = {"magec": assets.linknet is not None and assets.descriptor is not None, "encoder": assets.encoder is not None}
+    have = {"magec": assets.linknet is not None and assets.descriptor is not None, "encoder": assets.encoder is not None,
+            "segmenter": assets.segmenter is not None}
     for need in sorted(opts.needs()):
         if not have[need]:
-            what = {"magec": "MAGEC", "encoder": "the encoder"}[need]
+            what = {"magec": "MAGEC", "encoder": "the encoder", "segmenter": "Automatic segments"}[need]
             why = assets.missing.get(need) or (
                 f"{what} needs model assets: pass assets=core.models.LoadedModel.method_assets(...)")
             raise InvalidInput(f"{what} is not available for this model: {why}")
@@ -410,6 +514,7 @@ def create_session(G, image, selection=None, options: Optional[SessionOptions] =
     layer = check_layer(image)
     H, W = layer.shape[:2]
     sel = check_selection(selection, (H, W))
+    check_segments_option(opts.segments, opts.method, (H, W))
     p_steps, t_steps = opts.resolved_steps()
     encode = "encoder" in opts.needs()  # one encoder forward, weighed like a projection step
     stages = Stages(progress, {"align": 0.02 * (p_steps + t_steps) + 1 if opts.align == "auto" else 0,
@@ -425,17 +530,65 @@ def create_session(G, image, selection=None, options: Optional[SessionOptions] =
         stages.say("align", 1.0, "Found the face")
     check_cancel(cancel)
     device = G.w_avg.device
+    labels = None
+    if opts.segment_source() == "labels":
+        mask, labels = label_masks_for(geometry, opts.segments, sel, mask)
     inv = invert(G, target.to(device), mask.to(device), opts, p_steps, t_steps, stages, cancel, directions, assets)
+    if labels is not None:
+        inv.info["segment_labels"] = labels
     stages.say("render", 0.0, "Rendering")
     inv.reconstructions()  # cache the unedited render: later renders are one forward
     info = {"method": opts.method, "project_steps": p_steps, "tune_steps": t_steps,
             "seconds": time.perf_counter() - t0, "resolution": res}
     if opts.method == "pti":
         info["pivot"] = opts.pivot
+    info["segment_source"] = opts.segment_source()
     info.update({k: inv.info[k] for k in _REPORTED if k in inv.info})
     session = EditSession(G, layer, sel, inv, opts, geometry, directions, info)
     stages.say("render", 1.0, "Ready")
     return session
+
+
+def label_masks_for(geometry: LayerGeometry, labels: np.ndarray, sel: np.ndarray, mask: torch.Tensor
+                    ) -> tuple[torch.Tensor, list[int]]:
+    """The label map's segments (:func:`segment_layer_masks`) at generator resolution, ``(n,r,r)`` each within
+    the generator-resolution selection ``mask`` (1,r,r), and their label values; InvalidInput for a segment
+    too small to cover a generator pixel (merge it or use a larger layer)."""
+    layer_masks, values = segment_layer_masks(labels, sel)
+    inside = (mask[0] > 0).numpy()
+    out = np.stack([geometry.to_generator(m) * inside for m in layer_masks]).astype(np.float32)
+    empty = [v for v, m in zip(values, out) if not (m > 0).any()]
+    if empty:
+        raise InvalidInput(f"segments: label value(s) {empty} cover no pixel of the generator's "
+                           f"{geometry.resolution}×{geometry.resolution} crop; merge them with a neighbour")
+    return torch.from_numpy(out), values
+
+
+def auto_segments(G, target: torch.Tensor, mask: torch.Tensor, assets: MethodAssets):
+    """segments="auto": ``(masks, mask_generator, info)`` for core.chunks.invert_segments from the model's
+    segmenter (``assets.segmenter``): with a part head on G's features (DatasetGAN), the masks are
+    ``S = G^S(X^S)`` with X^S optimised jointly (ChunkyGAN §3), starting from the encoder's code of ``target``
+    when the model has an encoder (else the mean code); with an image network only (a face parser), static
+    masks from its labels of ``target``.  Each segment is one part inside the selection ``mask`` (1,r,r);
+    ``info["segment_labels"]`` their part indices, ``info["segment_parts"]`` their names."""
+    from core.segmenter import image_part_masks, part_mask_generator
+
+    seg = assets.segmenter
+    support = (mask[None] > 0) if mask.ndim == 3 else mask > 0
+    if seg.head is not None:
+        seg.check_generator(G)
+        if assets.encoder is not None:
+            from core.encoder import encoder_pivot
+
+            xs = encoder_pivot(assets.encoder, target).to(target.device)
+        else:
+            xs = G.w_avg.reshape(1, 1, -1).expand(1, int(G.num_ws), -1).clone()
+        fn, kept = part_mask_generator(G, seg, xs, support)
+        masks, generator = mask, (fn, xs)
+    else:
+        masks, kept = image_part_masks(seg, target, support)
+        masks, generator = masks * mask, None
+    return masks, generator, {"segment_labels": kept, "segment_parts": [seg.parts[k] for k in kept]}
 
 
 # Inversion.info entries create_session copies into the session info (scalars: they are saved with it)
@@ -452,16 +605,22 @@ def invert(G, target, mask, opts: SessionOptions, p_steps: int, t_steps: int, st
     "encoder": the encoder's W+ code (one forward); "pti": a pivot — ``opts.pivot`` "w" is PTI's W projection
     fitted (like the tuning) to the selection's dilated region when there is a selection, "magec" / "encoder"
     the whole-crop codes above — then pivotal tuning on the region (with PTI's locality regulariser when
-    ``opts.locality``); "chunks": core.chunks segment inversion (the selection is one segment) with optional
-    segment-restricted tuning.  ``assets`` (:class:`MethodAssets`) as checked by :func:`check_assets`."""
+    ``opts.locality``); "chunks": core.chunks segment inversion (``mask`` (n,r,r): one mask per segment, the
+    selection alone is one) with optional segment-restricted tuning.  ``assets`` (:class:`MethodAssets`) as
+    checked by :func:`check_assets`."""
     stages = stages or Stages(None, {"encode": 1, "project": p_steps, "tune": t_steps})
     assets = assets if assets is not None else MethodAssets()
     chunks_opts = ChunksOptions(seed=opts.seed)
     if opts.method == "chunks":
-        # one segment: invert_segments' own fraction spans its projection and tuning, as the session's do
-        return invert_segments(G, target, mask, steps=p_steps, space=opts.space, reg=opts.reg, tune_steps=t_steps,
-                               progress=stages.span("project", "tune"), cancel=cancel,
-                               options=chunks_opts).inversion
+        masks, generator, info = mask, None, {}
+        if opts.segment_source() == "auto":
+            masks, generator, info = auto_segments(G, target, mask, assets)
+        # invert_segments' own fraction spans its projection and tuning, as the session's do
+        inv = invert_segments(G, target, masks, steps=p_steps, space=opts.space, reg=opts.reg, tune_steps=t_steps,
+                              progress=stages.span("project", "tune"), cancel=cancel, options=chunks_opts,
+                              mask_generator=generator).inversion
+        inv.info.update(info)
+        return inv
 
     S, coverage = normalize_masks(mask[:, None] if mask.ndim == 3 else mask)
     whole = bool((mask >= 1).all())

@@ -2,8 +2,8 @@
 
 ``default_model_path()`` is the shipped generator (``weights/face64.pt``, loaded by ``core.load_generator``);
 its directions manifest ``weights/face64.directions.json`` sits beside it.  ``render``, ``render_parts``,
-``sample_params``, ``ATTRIBUTES``, ``PARTS``, ``ATTRIBUTE_PARTS`` (renderer) and ``score`` (scorer) are imported
-lazily.
+``sample_params``, ``ATTRIBUTES``, ``PARTS``, ``ATTRIBUTE_PARTS`` (renderer), ``score`` (scorer) and ``segment``
+(core.segmenter: part labels of images) are imported lazily.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ _EXPORTS = {
     "EXTRAS": "core.demo.renderer",
     "score": "core.demo.scorer",
     "load_scorer": "core.demo.scorer",
+    "segment": "core.segmenter",  # images uint8 (N,H,W,3) -> (N,H,W) PARTS labels (the embedded segmenter)
 }
 
 __all__ = sorted([*_EXPORTS, "default_model_path", "default_directions_path", "default_encoder_path", "WEIGHTS_DIR"])
