@@ -476,6 +476,14 @@ class RemoteSession:
             return w
         raise WorkerLost("the Ray workers kept failing while loading this session")
 
+    def __del__(self):
+        """Forgotten by the server (evicted, deleted): the actor drops its copy of the photo's session too."""
+        try:
+            if self.worker is not None and self.worker.alive and self.key:
+                self.worker.actor.drop.remote(self.key)
+        except Exception:  # interpreter or Ray shutting down
+            pass
+
     def __getattr__(self, name: str):
         if name.startswith("_") or "engine" not in self.__dict__:
             raise AttributeError(name)
@@ -563,6 +571,8 @@ class RayEngine:
                 return self._invert_on(w, model, image, selection, options, progress, cancel)
             except WorkerLost as exc:
                 self.pool.lost(w, str(exc))
+                if cancel is not None and cancel.is_set():  # cancelled or shutting down: not a worker failure
+                    raise Cancelled("cancelled while its Ray worker was lost") from None
                 if attempt == self.retries:
                     raise WorkerLost(f"the Ray worker running this job was lost {attempt + 1} time(s); "
                                      "POST /v1/jobs/{id}/retry to run it again") from None

@@ -1,12 +1,16 @@
 """A Ray cluster of several nodes on this one machine (the Ray backend's tests and bench/scaleout.py).
 
 Each node is ``ray start --block`` in its own process group, so one node can be killed whole (its raylet and
-every worker process on it) while the others keep running: what a studio sees when a GPU box dies.
+every worker process on it) while the others keep running: what a studio sees when a GPU box dies.  The
+nodes require a token of their own (Ray's token authentication): whoever drives the cluster — a server, a
+test — needs ``auth_env`` in its environment *before it imports ray* (Ray reads it once).
 """
 from __future__ import annotations
 
 import os
 import re
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,8 +32,9 @@ class LocalCluster:
                  start_timeout_s: float = 120.0):
         self.temp = tempfile.mkdtemp(prefix="le-ray-", dir="/tmp")  # short: Ray's socket paths must fit
         self.cpus, self.start_timeout_s = cpus, start_timeout_s
+        self.auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *map(str, pythonpath)]),
-                        OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+                        OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", **self.auth_env)
         self.flags = ["--num-cpus", str(cpus), "--object-store-memory", str(object_store_mb * 1024 * 1024),
                       "--disable-usage-stats", "--block"]
         self.procs: list = []
@@ -87,3 +92,4 @@ class LocalCluster:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(30)
+        shutil.rmtree(self.temp, ignore_errors=True)

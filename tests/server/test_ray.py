@@ -7,6 +7,7 @@ node is killed mid-job.  Without Ray this module is skipped on a workstation and
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -30,10 +31,7 @@ from test_jobs import (test_cancel_queued_job_never_runs_and_queue_limit, test_c
                        test_render_and_health_do_not_wait_for_running_job, test_retry_cancelled_job_same_id,
                        test_session_files_gone_answers_410, test_timeout_fails_job)
 
-try:
-    import ray
-except ImportError:
-    ray = None
+HAVE_RAY = importlib.util.find_spec("ray") is not None  # imported by the cluster, once its token is in os.environ
 
 def _unavailable(why: str):
     if os.environ.get("CI") == "true":
@@ -46,29 +44,43 @@ class Cluster(LocalCluster):
 
     def __init__(self):
         super().__init__(nodes=2, cpus=1, pythonpath=[ROOT / "tests" / "server"])
-        ray.init(address=self.address, namespace="latent-edit", configure_logging=False, log_to_driver=False)
-        self.head_node = ray.get_runtime_context().get_node_id()
-        deadline = time.monotonic() + 60
-        while len(self.alive_nodes()) < 2:
-            assert time.monotonic() < deadline, ray.nodes()
-            time.sleep(0.2)  # polling the cluster's own node table (a condition with a deadline)
-        self.worker_node = next(n for n in self.alive_nodes() if n != self.head_node)
+        self.saved_env = {k: os.environ.get(k) for k in self.auth_env}
+        os.environ.update(self.auth_env)  # this process and the servers it starts drive the cluster
+        try:
+            import ray
 
-    @staticmethod
-    def alive_nodes() -> list:
-        return [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+            self.ray = ray
+            ray.init(address=self.address, namespace="latent-edit", configure_logging=False, log_to_driver=False)
+            self.head_node = ray.get_runtime_context().get_node_id()
+            deadline = time.monotonic() + 60
+            while len(self.alive_nodes()) < 2:
+                assert time.monotonic() < deadline, ray.nodes()
+                time.sleep(0.2)  # polling the cluster's own node table (a condition with a deadline)
+            self.worker_node = next(n for n in self.alive_nodes() if n != self.head_node)
+        except BaseException:
+            self.stop()
+            raise
+
+    def alive_nodes(self) -> list:
+        return [n["NodeID"] for n in self.ray.nodes() if n["Alive"]]
 
     def kill_worker(self) -> None:
         self.kill_node(1)
 
     def stop(self) -> None:
-        ray.shutdown()
+        if getattr(self, "ray", None) is not None:
+            self.ray.shutdown()
         super().stop()
+        for k, v in self.saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    if ray is None:
+    if not HAVE_RAY:
         _unavailable("ray is not installed")
     c = Cluster()
     yield c
