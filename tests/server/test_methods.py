@@ -185,3 +185,37 @@ def test_render_fusion_keeps_pixels_outside_the_selection(real):
     assert np.array_equal(a[outside], b[outside])
     default = real.request("POST", url, {"edits": edit})
     assert np.array_equal(np.frombuffer(default.body["layer"]["data"], np.uint8).reshape(img.shape), a)
+
+
+def test_automatic_segments_end_to_end_with_a_segmenter_beside_the_checkpoint(tmp_path):
+    """``options.segments: "auto"`` through the server: a segmenter file beside a checkpoint (here an untrained
+    ``<stem>.segmenter.pt``: this checks the path, not the parts) makes the model list ``segmenter: true``; the
+    session's segments come from it and the render's metadata lists them, their areas adding up to the
+    selected pixels."""
+    import core.session as cs
+
+    if "segmenter" not in cs.CAPABILITIES:
+        pytest.skip("this core.session has no segmenter capability yet")
+    import torch
+
+    from core.demo import PARTS
+    from core.segmenter import PartUNet, save_segmenter
+
+    models = tiny_models_dir(tmp_path)
+    torch.manual_seed(0)
+    save_segmenter(models / "tiny32.segmenter.pt", unet=PartUNet(PARTS, width=4))
+    srv = LiveServer(tmp_path / "data", Engine.from_core(models, "cpu"))
+    try:
+        model = next(m for m in srv.request("GET", "/v1/models").body["models"] if m["name"] == "tiny32")
+        assert model["segmenter"] is True and "segmenter" not in model.get("unavailable", {}), model
+        img, sel, body = _body(model, "chunks", {"project_steps": 3, "segments": "auto"}, seed=4)
+        r = srv.request("POST", "/v1/sessions", body)
+        assert r.status == 202, r.body
+        job = wait_job(srv, r.body["job_id"], timeout=300)
+        assert job["state"] == "done", job
+        rr = srv.request("POST", f"/v1/sessions/{r.body['session_id']}/render", {"edits": []})
+        assert rr.status == 200 and len(rr.body["segments"]) >= 1, rr.body
+        total, selected = sum(s["area"] for s in rr.body["segments"]), int((sel > 0).sum())
+        assert abs(total - selected) <= 0.05 * selected + 2, (total, selected)
+    finally:
+        srv.stop()
