@@ -257,7 +257,6 @@ class Worker:
     alive: bool = True
     busy: bool = False
     sessions: int = 0  # sessions placed on it by this server (for choosing where to load one)
-    was_ready: bool = False
 
     @property
     def node_id(self) -> Optional[str]:
@@ -310,7 +309,6 @@ class WorkerPool:
                     continue
                 try:
                     w.info = self.ray.get(w.ready_ref)
-                    w.was_ready = True
                     log.info("ray worker up on node %s (pid %s, %s)", w.info["node_id"][:12], w.info["pid"], w.info["device"])
                 except Exception as exc:  # the actor could not start: say why, do not respawn it
                     w.alive = False

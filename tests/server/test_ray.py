@@ -143,6 +143,23 @@ def test_jobs_spread_over_both_nodes_and_renders_go_to_the_holder(tmp_path, clus
         srv.stop()
 
 
+def test_workers_that_cannot_start_fail_the_job_with_their_reason(tmp_path, cluster):
+    """An engine the workers cannot build (here: a factory module missing on the nodes) is a failed job that
+    says why, not a job waiting forever."""
+    from server.ray_backend import RayEngine, WorkerSpec
+
+    engine = RayEngine(make_engine(step_s=0.01), WorkerSpec(factory="no_such_module_on_the_nodes:make"),
+                       cluster.address, workers=1, wait_s=30)
+    srv = LiveServer(tmp_path / "data", engine)
+    try:
+        r = srv.request("POST", "/v1/sessions", {"layer": layer(make_image(16, 16)), "options": {"project_steps": 2}})
+        job = wait_job(srv, r.body["job_id"], timeout=90)
+        assert job["state"] == "failed" and job["error"]["error"] == "worker_lost", job
+        assert "no_such_module_on_the_nodes" in job["error"]["message"]
+    finally:
+        srv.stop()
+
+
 def test_restart_on_ray(tmp_path, cluster, monkeypatch):
     """test_restart's SIGKILL-and-restart, with `python -m server --backend ray` (one worker, so a job queues)."""
     monkeypatch.setattr(test_restart, "FAKE", test_restart.FAKE + ["--backend", "ray", "--ray-address", cluster.address,
