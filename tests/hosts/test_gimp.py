@@ -235,12 +235,16 @@ def test_gimp_label_layer_gives_a_three_segment_session(gimp_root, gimp_plugin, 
     case = _case([_layer("photo", 7), labels], (24, 56, 80, 56), [0])
     case["args"].update(method="chunks", segments="layer", steps=10)
     case["args"]["keep-detail"] = True
-    case["more_calls"] = [{"keep-detail": False}]  # the same session re-rendered without "Keep photo detail"
+    # the same session re-rendered without "Keep photo detail"; then "Automatic", which needs a segmenter
+    case["more_calls"] = [{"keep-detail": False}, {"segments": "auto"}]
     case["label_layer"] = 1
     info = run_gimp(gimp_root, latent_server, case, "labels", tmp_path)
     _check(info, case, np.uint8, edited=[0])
-    second = info["calls"][1]
+    second, auto = info["calls"][1:]
     assert second["status"] == "success" and json.loads(second["message"])["reused"] == 1, second["message"]
+    if not latent_server.model_info.get("segmenter"):  # refused before any upload, saying what to add
+        assert auto["status"] == "execution-error" and "cannot find segments by itself" in auto["message"]
+        assert "Traceback" not in auto["message"] and auto["tree"] == second["tree"]
     result = json.loads(info["message"])
     (segments,) = result["segments"]
     assert len(segments) >= 3 and [s.get("label") for s in segments] == [0, 1, 2], segments
