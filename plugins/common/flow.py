@@ -122,6 +122,29 @@ def parse_edits(text: str):
     return edits
 
 
+def parse_segments(text) -> Optional[list]:
+    """"1, 3" -> [1, 3] (the segments an edit applies to, as the result metadata numbers them); "" -> None
+    (every segment)."""
+    parts = [p for p in re.split(r"[\s,;]+", str(text or "").strip()) if p]
+    if not parts:
+        return None
+    if not all(p.isdigit() for p in parts):
+        raise FlowError("Cannot read the segments \"%s\". Write segment numbers, for example 1, 3." % text)
+    out = []
+    for v in (int(p) for p in parts):
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def wire_edits(edits, segments=None) -> list:
+    """The render's edit entries for ``[(name, strength)]``: plain pairs, or with ``segments`` (indices) each
+    ``{direction, strength, segments}`` so the edit changes only those segments."""
+    if not segments:
+        return [(name, float(strength)) for name, strength in edits]
+    return [{"direction": name, "strength": float(strength), "segments": list(segments)} for name, strength in edits]
+
+
 # --- what the server offers ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -269,6 +292,7 @@ class EditOptions:
     segments: str = "selection"  # SEGMENT_CHOICES: "layer" = each Item's ``segments`` label map
     label_layer: Optional[str] = None  # segments "layer": the host's id (or name) of the label layer
     keep_detail: bool = False  # KEEP_DETAIL: render with fusion "relevance"
+    edit_segments: Optional[list] = None  # the segments the edits change (parse_segments); None: all
 
     def session_options(self) -> dict:
         out = {}
@@ -599,7 +623,8 @@ def _render(client, items, sessions, options, report, should_cancel, reused) -> 
             raise cl.JobCancelled("Cancelled.")
         report(Progress(start + (1 - start) * i / len(items), "Rendering the edit"))
         extra = {"fusion": options.fusion} if options.fusion else {}
-        out.append(client.render(sid, options.edits, feather=options.feather, format=item.layer["format"], **extra))
+        out.append(client.render(sid, wire_edits(options.edits, options.edit_segments), feather=options.feather,
+                                 format=item.layer["format"], **extra))
     return out
 
 

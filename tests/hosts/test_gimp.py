@@ -236,11 +236,14 @@ def test_gimp_label_layer_gives_a_three_segment_session(gimp_root, gimp_plugin, 
     case["args"].update(method="chunks", segments="layer", steps=10)
     case["args"]["keep-detail"] = True
     # the same session re-rendered without "Keep photo detail"; then "Automatic", which needs a segmenter
-    case["more_calls"] = [{"keep-detail": False}, {"segments": "auto"}]
+    # and an edit of segment 1 only, at +3 and at -3 (both re-renders of the same session)
+    case["more_calls"] = [{"keep-detail": False}, {"segments": "auto"},
+                          {"keep-detail": False, "edit-segments": "1"},
+                          {"keep-detail": False, "edit-segments": "1", "strength-1": -3.0}]
     case["label_layer"] = 1
     info = run_gimp(gimp_root, latent_server, case, "labels", tmp_path)
     _check(info, case, np.uint8, edited=[0])
-    second, auto = info["calls"][1:]
+    second, auto, plus1, minus1 = info["calls"][1:]
     assert second["status"] == "success" and json.loads(second["message"])["reused"] == 1, second["message"]
     if not latent_server.model_info.get("segmenter"):  # refused before any upload, saying what to add
         assert auto["status"] == "execution-error" and "cannot find segments by itself" in auto["message"]
@@ -258,3 +261,17 @@ def test_gimp_label_layer_gives_a_three_segment_session(gimp_root, gimp_plugin, 
     c1 = _read(info["dir"] / "composite_after_1.raw", cw, ch, np.uint8).astype(int)
     assert np.array_equal(c0[sel == 0], c1[sel == 0])
     assert (np.abs(c0 - c1)[..., :3].max(-1)[sel == 255] > 0).any(), "keep-detail changed nothing"
+    # an edit of segment 1 changes segment 1 and nothing of segments 0 and 2 (3 px away from it), where the
+    # top result covers the canvas fully (the selection eroded past its 2 px feather)
+    assert plus1["status"] == "success" and minus1["status"] == "success", (plus1["message"], minus1["message"])
+    c3 = _read(info["dir"] / "composite_after_3.raw", cw, ch, np.uint8).astype(int)
+    c4 = _read(info["dir"] / "composite_after_4.raw", cw, ch, np.uint8).astype(int)
+    core = sel == 255
+    for _ in range(4):
+        core = core & np.roll(core, 1, 0) & np.roll(core, -1, 0) & np.roll(core, 1, 1) & np.roll(core, -1, 1)
+    band1 = np.flatnonzero(cols == 1)
+    xs = np.arange(cw)[None, :].repeat(ch, 0)
+    far = core & ((xs < band1[0] - 3) | (xs > band1[-1] + 3))
+    changed = np.abs(c3 - c4)[..., :3].max(-1) > 0
+    assert far.sum() > 200 and not changed[far].any(), "an edit of segment 1 changed segments 0 or 2"
+    assert changed[core & (cols[None, :] == 1)].mean() > 0.2, "the edit of segment 1 did not change it"

@@ -120,3 +120,19 @@ def test_segment_choices_are_checked_before_any_upload():
     server.segmenter = True
     F.run_edit(server, [_item()], F.EditOptions(edits=[("smile", 1)], method="chunks", segments="auto"), F.SessionCache())
     assert server.created == [("chunks", {"segments": "auto"})]
+
+
+def test_edit_segments_are_read_and_sent_with_each_edit():
+    assert F.parse_segments("") is None and F.parse_segments(" 1, 3;3 ") == [1, 3]
+    with pytest.raises(F.FlowError, match="segment numbers"):
+        F.parse_segments("mouth")
+    assert F.wire_edits([("smile", 1)]) == [("smile", 1.0)]
+    assert F.wire_edits([("smile", 1), ("age", -2)], [1]) == [
+        {"direction": "smile", "strength": 1.0, "segments": [1]}, {"direction": "age", "strength": -2.0, "segments": [1]}]
+    server = SegServer()
+    sent = []
+    server.render = lambda sid, edits, **kw: sent.append(edits) or SegServer.render(server, sid, edits, **kw)
+    lm = F.label_map(_rgba(_bands()), 30, 10)
+    F.run_edit(server, [_item(lm.wire)], F.EditOptions(edits=[("smile", 1.0)], method="chunks", segments="layer",
+                                                        edit_segments=[2]), F.SessionCache())
+    assert sent == [[{"direction": "smile", "strength": 1.0, "segments": [2]}]]

@@ -139,7 +139,8 @@ def _run(procedure, run_mode, image, drawables, config):
         align=config.get_property("align"), feather=float(config.get_property("feather")),
         project_steps=config.get_property("steps") or None, tune_steps=config.get_property("tune-steps") or None,
         each_region=bool(config.get_property("each-region")), segments=config.get_property("segments"),
-        keep_detail=bool(config.get_property("keep-detail")))
+        keep_detail=bool(config.get_property("keep-detail")),
+        edit_segments=le_flow.parse_segments(config.get_property("edit-segments") or ""))
 
     progress = _Progress()
     Gimp.progress_init("Latent Edit")
@@ -207,6 +208,9 @@ class LatentEdit(Gimp.PlugIn):
                               _choice(SEGMENTS, SEGMENT_HELP), "selection", rw)
         p.add_layer_argument("label-layer", "_Label layer", "Segments 'From layer': the layer whose flat colours "
                              "are the segments", True, rw)
+        p.add_string_argument("edit-segments", "Edit _segments", "Apply the edits only to these segments, e.g. "
+                              "'1, 3' (numbered from 0 in the order the label colours appear from the top-left); "
+                              "empty: all", "", rw)
         p.add_boolean_argument("keep-detail", "_" + le_flow.KEEP_DETAIL, "Blend the photo's own detail back into "
                                "the edited result where the edit does not change it", False, rw)
         for i in range(1, EDIT_SLOTS + 1):

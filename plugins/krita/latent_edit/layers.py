@@ -92,9 +92,9 @@ class Preview:
         self.source, self.digest = source, digest
         self.node = None
         self.pixels = None
-        self.edits, self.feather, self.keep_detail = None, None, False
+        self.edits, self.feather, self.keep_detail, self.segments = None, None, False, None
 
-    def show(self, doc, rect, pixels: bytes, edits, feather, keep_detail: bool = False) -> None:
+    def show(self, doc, rect, pixels: bytes, edits, feather, keep_detail: bool = False, segments=None) -> None:
         if self.node is None or self.node.parentNode() is None:
             parent = self.source.parentNode() or doc.rootNode()
             self.node = doc.createNode(flow.PREVIEW_NAME, "paintlayer")
@@ -103,11 +103,13 @@ class Preview:
         self.node.setPixelData(pixels, rect.x, rect.y, rect.width, rect.height)
         self.node.setLocked(True)  # painting on a preview would be lost at the next slider move
         self.pixels, self.edits, self.feather, self.keep_detail = pixels, list(edits), feather, keep_detail
+        self.segments = segments
         doc.refreshProjection()
 
     def matches(self, item, options) -> bool:
         return (self.node is not None and self.pixels is not None and list(options.edits) == self.edits
                 and options.feather == self.feather and bool(options.keep_detail) == self.keep_detail
+                and options.edit_segments == self.segments
                 and content_digest(item) == self.digest)
 
     def remove(self, doc):

@@ -90,6 +90,12 @@ class LatentEditDialog(QtWidgets.QDialog):
         self.label_layer_box.setToolTip("The layer whose flat colours are the segments (one segment per colour)")
         self.segments_box.setCurrentIndex(max(0, self.segments_box.findData(self.conf.segments)))
         self.segments_box.currentIndexChanged.connect(self._segments_changed)
+        self.edit_segments = QtWidgets.QLineEdit()
+        self.edit_segments.setPlaceholderText("all segments (or e.g. 1, 3)")
+        self.edit_segments.setToolTip("Apply the edits only to these segments, numbered from 0 in the order their "
+                                      "colours appear from the top-left (Automatic: in the order the model finds "
+                                      "them); empty: every segment")
+        self.edit_segments.textChanged.connect(lambda _t: self._edits_changed())
         self.keep_detail = QtWidgets.QCheckBox(flow.KEEP_DETAIL)
         self.keep_detail.setToolTip("Blend the photo's own detail back into the edited result where the edit does "
                                     "not change it (the first render after Invert takes longer)")
@@ -99,6 +105,7 @@ class LatentEditDialog(QtWidgets.QDialog):
         form.addRow("Method", self.method_box)
         form.addRow("Segments", self.segments_box)
         form.addRow("Label layer", self.label_layer_box)
+        form.addRow("Edit segments", self.edit_segments)
         form.addRow("", self.keep_detail)
         form.addRow("", self.align)
         form.addRow("Projection steps", self.steps)
@@ -314,6 +321,7 @@ class LatentEditDialog(QtWidgets.QDialog):
                 self.label_layer_box.addItem(name, uid)
             self.label_layer_box.setCurrentIndex(max(0, self.label_layer_box.findData(keep)))
         self.label_layer_box.setEnabled(from_layer)
+        self.edit_segments.setEnabled(source != "selection")
         if source != "selection":  # several segments are ChunkyGAN's: its method
             i = self.method_box.findData(flow.SEGMENTS_METHOD)
             if i >= 0:
@@ -340,7 +348,14 @@ class LatentEditDialog(QtWidgets.QDialog):
             align="auto" if self.align.isChecked() else "none", feather=self.feather.value(),
             project_steps=conf.project_steps or None, use_selection=self.use_selection.isChecked(),
             each_region=self.each_region.isChecked(), segments=self.segments_box.currentData() or "selection",
-            label_layer=self.label_layer_box.currentData(), keep_detail=self.keep_detail.isChecked())
+            label_layer=self.label_layer_box.currentData(), keep_detail=self.keep_detail.isChecked(),
+            edit_segments=self.chosen_segments())
+
+    def chosen_segments(self):
+        """The "Edit segments" numbers (None: every segment, or the selection as the one segment)."""
+        if self.segments_box.currentData() == "selection":
+            return None
+        return flow.parse_segments(self.edit_segments.text())
 
     def _update_buttons(self):
         busy = self.ext.busy()
@@ -378,21 +393,28 @@ class LatentEditDialog(QtWidgets.QDialog):
         if not edits:
             self._drop_preview_layer()
             return
+        try:
+            segments = self.chosen_segments()
+        except flow.FlowError as e:
+            self.message.setText(str(e))
+            return
         self._changed_at = time.perf_counter()
-        self.renderer.submit((target, edits, self.feather.value(), self._changed_at, self.keep_detail.isChecked()))
+        self.renderer.submit((target, edits, self.feather.value(), self._changed_at, self.keep_detail.isChecked(),
+                              segments))
 
     def _render_preview(self, request):
         """Worker thread: one render of the preview target (no Krita calls here)."""
-        (session_id, item, client), edits, feather, _t, keep = request
+        (session_id, item, client), edits, feather, _t, keep, segments = request
         extra = {"fusion": flow.EditOptions(keep_detail=keep).fusion} if keep else {}
-        body = client.render(session_id, edits, feather=feather, format=item.space.wire_format, **extra)
+        body = client.render(session_id, flow.wire_edits(edits, segments), feather=feather,
+                             format=item.space.wire_format, **extra)
         return document.wire_to_krita(cl.result_layers(body)[0], item.space, item.rect)
 
     def _poll_preview(self):
         done = self.renderer.take()
         if done is None:
             return
-        (target, edits, feather, t0, keep), pixels, error = done
+        (target, edits, feather, t0, keep, segments), pixels, error = done
         if error is not None:
             self.message.setText("Preview failed: %s" % _escape(str(error)))
             return
@@ -401,7 +423,7 @@ class LatentEditDialog(QtWidgets.QDialog):
         doc = Krita.instance().activeDocument()
         if doc is None:
             return
-        self.preview.show(doc, target[1].rect, pixels, edits, feather, keep)
+        self.preview.show(doc, target[1].rect, pixels, edits, feather, keep, segments)
         ms = (time.perf_counter() - t0) * 1000.0
         self.preview_latency_ms.append(round(ms, 1))
         self.message.setText("Preview: %s (%d ms)." % (flow.edit_label(edits), round(ms)))
@@ -434,10 +456,10 @@ class LatentEditDialog(QtWidgets.QDialog):
             self.message.setText("Open a document first.")
             return
         doc, nodes = self._nodes()
-        options = self.options(conf)
         try:
+            options = self.options(conf)
             client = conf.client()
-        except cl.ClientError as e:
+        except (cl.ClientError, flow.FlowError) as e:
             self.message.setText(str(e))
             return
         self.progress.setValue(0)
