@@ -446,7 +446,8 @@ def label_bands() -> np.ndarray:
 def test_krita_label_layer_segments_in_the_dialog(krita, latent_server, tmp_path):
     """Issue 21 in Krita: Segments ▸ From layer… with a 3-colour label layer (hidden, like a user's guide layer)
     gives a 3-segment ChunkyGAN session (the result metadata's segment count), added as new layers; the photo and
-    every pixel outside the selection stay as they were."""
+    every pixel outside the selection stay as they were. The apply also names its segments ("Edit segments")
+    and keeps photo detail, so both widgets reach the server."""
     direction = latent_server.directions()[0]
     img, png, sel, sel_path = write_inputs(tmp_path)
     bands = label_bands()
@@ -455,7 +456,8 @@ def test_krita_label_layer_segments_in_the_dialog(krita, latent_server, tmp_path
                    add_layers=[{"name": "labels", "raw": str(tmp_path / "labels.raw"), "x": 0, "y": 0, "w": SIZE,
                                 "h": SIZE, "visible": False}],
                    dialog={"method": "chunks", "steps": STEPS, "align": False, "edits": [[direction, 2.0]],
-                           "segments": "layer", "label_layer": "labels", "keep_detail": False})
+                           "segments": "layer", "label_layer": "labels", "edit_segments": "0, 1, 2",
+                           "keep_detail": True})
     res = run_ok(krita, job, tmp_path, latent_server)
     d, out = res.result["dialog"], res.out_dir
     sources = {s["name"]: s for s in d["segment_sources"]}
@@ -464,6 +466,7 @@ def test_krita_label_layer_segments_in_the_dialog(krita, latent_server, tmp_path
     assert sources["auto"]["enabled"] is has  # "Automatic" only for a model with a segmenter ...
     assert has or "segments by itself" in sources["auto"]["tooltip"]  # ... else disabled, saying why
     assert d["method_after_segments"] == "chunks" and d["label_layer_enabled"] and "labels" in d["label_layers"]
+    assert d["edit_segments"] == [0, 1, 2] and d["edit_segments_enabled"]  # every segment, named one by one
     (a1,) = d["applies"]
     assert a1["message"].startswith("Added"), a1["message"]
     (segments,) = a1["segments"]

@@ -223,7 +223,9 @@ class LatentEditDialog(QtWidgets.QDialog):
         c.model = self.model_box.currentData() or ""
         c.align, c.use_selection, c.live_preview = self.align.isChecked(), self.use_selection.isChecked(), self.live.isChecked()
         c.each_region = self.each_region.isChecked()
-        c.segments, c.keep_detail = self.segments_box.currentData() or "selection", self.keep_detail.isChecked()
+        source = self.segments_box.currentData() or "selection"
+        c.segments = "selection" if source == "layer" else source  # a label layer belongs to one document
+        c.keep_detail = self.keep_detail.isChecked()
         settings.save(Krita.instance(), c)
         return c
 

@@ -13,7 +13,8 @@ job.json keys (all paths absolute):
   settings      optional {"server_url", "token_file", ...}: written to Krita's settings, then read back
   dialog        optional {"method", "steps", "align", "batch", "edits": [[name, strength]], "edits2",
                 "preview": [[name, strength], ...], "screenshot": png path, "segments": "selection" | "auto" |
-                "layer", "label_layer": layer name, "keep_detail": bool}: drive the real dialog (open it with
+                "layer", "label_layer": layer name, "edit_segments": "1, 3", "keep_detail": bool}: drive the real
+                dialog (open it with
                 the real menu action, wait for the models, screenshot, set the widgets; with "preview": click
                 Invert, then move each slider and wait for the preview layer; click Apply; with "edits2": change
                 the edits and click Apply again without re-selecting; Close)
@@ -106,7 +107,9 @@ class Automation:
             sel = Selection()
             sel.setPixelData(mask, 0, 0, doc.width(), doc.height())
             doc.setSelection(sel)
-        for key, value in (job.get("settings") or {}).items():
+        defaults = settings.Settings()  # every run starts from these, whatever an earlier run left in kritarc
+        isolated = {"segments": defaults.segments, "keep_detail": defaults.keep_detail}
+        for key, value in dict(isolated, **(job.get("settings") or {})).items():
             app.writeSetting(settings.GROUP, key, str(value))
         conf = settings.load(app)
         self.log("settings", vars(conf))
@@ -220,6 +223,10 @@ class Automation:
         if spec.get("label_layer"):
             dlg.label_layer_box.setCurrentIndex(dlg.label_layer_box.findText(spec["label_layer"]))
         dlg.keep_detail.setChecked(bool(spec.get("keep_detail", False)))
+        if spec.get("edit_segments") is not None:
+            dlg.edit_segments.setText(spec["edit_segments"])
+            info["edit_segments"] = dlg.chosen_segments()
+            info["edit_segments_enabled"] = dlg.edit_segments.isEnabled()
         dlg.method_box.setCurrentIndex(dlg.method_box.findData(spec["method"]))
         dlg.steps.setValue(int(spec["steps"]))
         dlg.align.setChecked(bool(spec.get("align", False)))
