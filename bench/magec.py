@@ -37,7 +37,8 @@ PTI table (rows ``table=pti``, skipped with ``--no-pti``): each held-out face al
 with the session's early stop) — ``PTI`` (PTI's own W pivot) and ``PTI (MAGEC pivot)`` — and ``PTI (W+ ablation
 pivot)`` (MAGEC's schedule without the MAGEC loss, then the same tuning) to separate the MAGEC loss from W+ itself:
 ``mse``/``lpips`` after tuning, ``delta_score`` of the tuned generator (every attribute), ``tune_steps_run``,
-``cpu_seconds`` per face and the ratios to ``PTI``.
+``cpu_seconds`` per face and the ratios to ``PTI`` (``--quick``: the first face only, ``--steps`` pivot steps and 20
+tuning steps — a smoke run, not a measurement).
 
 Faces: ``core.demo.sample_params(n, seed=1919)`` rendered at 64 px (``core.demo.render``).  Training uses numpy
 ``default_rng(0)``/``(1)`` normals, the directions torch seeds 123/321/99/7, bench/editability numpy seed 1616,
@@ -390,7 +391,8 @@ def run_bench(args) -> int:
                 title=f"Table 3 analogue: ECS per edit (strength ±{ECS_STRENGTH}, lower is better) and edit-delta score")
     tp = []
     if not args.no_pti:
-        tp = table_pti(G, ctx, p, imgs, steps if quick else None, 20 if quick else None)
+        n_pti = 1 if quick else len(imgs)  # --quick: one face, short pivot and tuning (a smoke run)
+        tp = table_pti(G, ctx, p[:n_pti], imgs[:n_pti], steps if quick else None, 20 if quick else None)
         print()
         print_table(tp, ["method", "faces", "mse", "lpips", "delta_score", "project_steps", "tune_steps_run",
                          "cpu_seconds", "mse_vs_pti", "cpu_vs_pti"],
