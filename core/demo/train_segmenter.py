@@ -187,8 +187,8 @@ def train(out: pathlib.Path, opts: SegmenterTrainOptions, model_path=None, log=p
             state["head_steps"] += 1
             if time.time() - last > 30:
                 state["head_seconds"], last = time.time() - t0, time.time()
-                state["log"].append(("head", state["head_steps"], float(loss)))
-                log(f"head step {state['head_steps']} loss {float(loss):.3f}"), save()
+                state["log"].append(("head", state["head_steps"], float(loss.detach())))
+                log(f"head step {state['head_steps']} loss {float(loss.detach()):.3f}"), save()
         state["head_seconds"] = time.time() - t0
         save()
         del feats
@@ -204,7 +204,7 @@ def train(out: pathlib.Path, opts: SegmenterTrainOptions, model_path=None, log=p
         state["unet_steps"] += 1
         if time.time() - last > 30:
             state["unet_seconds"], last = time.time() - t0, time.time()
-            state["log"].append(("unet", state["unet_steps"], float(loss)))
+            state["log"].append(("unet", state["unet_steps"], float(loss.detach())))
             log(f"U-Net step {state['unet_steps']} loss {float(loss):.3f}"), save()
     state["unet_seconds"] = time.time() - t0
     save()
