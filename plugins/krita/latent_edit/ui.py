@@ -124,6 +124,7 @@ class LatentEditDialog(QtWidgets.QDialog):
         inner = QtWidgets.QWidget()
         self.grid = QtWidgets.QGridLayout(inner)
         self.grid.setColumnStretch(1, 1)
+        self.grid.setVerticalSpacing(1)  # compact rows: a model with dense and sparse directions lists ~30 edits
         self.grid.setAlignment(Qt.AlignmentFlag.AlignTop)
         self.scroll.setWidget(inner)
         v.addWidget(self.scroll, 1)
