@@ -69,6 +69,21 @@ class SessionNotLoaded(LookupError):
     """Raised by an actor asked to render a session it does not hold (evicted from its LRU)."""
 
 
+def check_reachable(address: Optional[str], timeout: float = 5.0) -> None:
+    """BackendUnavailable when nothing listens at ``HOST:PORT`` (``ray.init`` would wait on it for minutes);
+    ``None``/``"auto"`` and other forms are left to Ray."""
+    import socket
+
+    host, sep, port = (address or "").rpartition(":")
+    if not sep or not port.isdigit() or address in (None, "auto"):
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise BackendUnavailable(f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one with "
+                                 f"`ray start --head` (docs/scaleout.md) or pass its address with --ray-address") from None
+
+
 def require_ray():
     """The ``ray`` module, or BackendUnavailable saying how to install it."""
     try:
@@ -520,6 +535,7 @@ class RayEngine:
                  retries: int = DEFAULT_RETRIES, wait_s: float = DEFAULT_WAIT_S, gpu: Optional[bool] = None):
         ray = require_ray()
         if not ray.is_initialized():
+            check_reachable(address)
             try:
                 ray.init(address=address, namespace="latent-edit", configure_logging=False, log_to_driver=False)
             except Exception as exc:  # ConnectionError, bad address...

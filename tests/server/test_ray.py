@@ -126,6 +126,22 @@ def test_backend_ray_without_ray_installed_is_one_clear_error(tmp_path):
     assert "--backend ray needs the ray package" in proc.stderr and "install.py --with ray" in proc.stderr
 
 
+def test_backend_ray_with_no_cluster_at_the_address_is_one_clear_error(tmp_path):
+    import socket
+
+    if not HAVE_RAY:
+        _unavailable("ray is not installed")
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "server")]))
+    proc = subprocess.run([sys.executable, "-m", "server", "--port", "0", "--data-dir", str(tmp_path / "d"),
+                           "--backend", "ray", "--ray-address", f"127.0.0.1:{port}", *test_restart.FAKE], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in proc.stderr
+
+
 def test_jobs_spread_over_both_nodes_and_renders_go_to_the_holder(tmp_path, cluster):
     srv = ray_server(tmp_path, cluster, 0.02)
     try:
