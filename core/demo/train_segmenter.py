@@ -1,5 +1,6 @@
 """Train the embedded model's segmenter: ``python -m core.demo.train_segmenter [--out DIR] [--minutes M]
-[--install] [--model PATH]`` — one command to redo after the generator changes (the head reads its features).
+[--install] [--model PATH] [--renderer v1|v2]`` — one command to redo after the generator changes (the head reads
+its features; the checkpoint, ``OUT/ckpt.pt``, is only resumed for the same generator).
 
 Two networks in one file (core.segmenter format), both predicting ``core.demo.PARTS`` labels:
 
@@ -11,11 +12,12 @@ Two networks in one file (core.segmenter format), both predicting ``core.demo.PA
   ``EXTRA_FRACTION`` of the faces, labels ``render_parts`` of the same arguments.
 
 Held-out: ``EVAL_SEED`` latents (never trained on), with and without extras; the mean IoU over the face parts
-(:data:`FACE_PARTS`) is written to ``OUT/segmenter.eval.json``.  Resumable: ``OUT/data.npz`` (the rendered data)
+(:data:`FACE_PARTS`) is written to ``OUT/segmenter.eval.json``.  Resumable: ``OUT/data.<renderer>.z<dim>.npz`` (the rendered data)
 and ``OUT/ckpt.pt`` (weights, optimisers, steps); ``--minutes`` is the total time over all runs.  Default out:
 ``~/.cache/latent-edit-train/segmenter``; ``--install`` copies the file to ``core/demo/weights/face64.segmenter.pt``::
 
-    nice -n 10 python -m core.demo.train_segmenter --minutes 12 --install
+    nice -n 10 python -m core.demo.train_segmenter --minutes 22 --install                   # the shipped run
+    nice -n 10 python -m core.demo.train_segmenter --model face64.pt --renderer v2 --out DIR --minutes 22 --install
 """
 from __future__ import annotations
 
@@ -56,10 +58,13 @@ class SegmenterTrainOptions:
     seed: int = 0
 
 
-def sample_data(n: int, seed: int, z_dim: int, extras: bool) -> dict:
-    """``{"z" (n,z_dim), "labels" (n,64,64) u8, "images" (n,64,64,3) u8, "extra" (n,) int (-1 none)}``."""
-    from core.demo.data import params_from_z
-    from core.demo.renderer import EXTRAS, render, render_parts
+def sample_data(n: int, seed: int, z_dim: int, extras: bool, renderer: str = "v1") -> dict:
+    """``{"z" (n,z_dim), "labels" (n,64,64) u8 (plain faces), "labels_x" / "images_x" (with the extras), "extra"
+    (n,) int (-1 none)}`` drawn by ``core.demo.data.RENDERERS[renderer]``."""
+    from core.demo.data import params_from_z, renderer_module
+
+    mod = renderer_module(renderer)
+    EXTRAS, render, render_parts = mod.EXTRAS, mod.render, mod.render_parts
 
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((n, z_dim)).astype(np.float32)
@@ -75,10 +80,12 @@ def sample_data(n: int, seed: int, z_dim: int, extras: bool) -> dict:
     return {"z": z, "labels": labels, "labels_x": labels_x, "images_x": images_x, "extra": extra}
 
 
-def held_out_with_extras(n: int, z_dim: int) -> dict:
+def held_out_with_extras(n: int, z_dim: int, renderer: str = "v1") -> dict:
     """Held-out faces, each with one extra (cycling through EXTRAS)."""
-    from core.demo.data import params_from_z
-    from core.demo.renderer import EXTRAS, render, render_parts
+    from core.demo.data import params_from_z, renderer_module
+
+    mod = renderer_module(renderer)
+    EXTRAS, render, render_parts = mod.EXTRAS, mod.render, mod.render_parts
 
     z = np.random.default_rng(EVAL_SEED).standard_normal((n, z_dim)).astype(np.float32)
     params = params_from_z(z)
@@ -123,7 +130,7 @@ def _to_images(u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def train(out: pathlib.Path, opts: SegmenterTrainOptions, model_path=None, log=print) -> dict:
+def train(out: pathlib.Path, opts: SegmenterTrainOptions, model_path=None, log=print, renderer: str = "v1") -> dict:
     """Build / resume the data, train both networks within ``opts.minutes`` in all, evaluate, write
     ``out/face64.segmenter.pt`` and ``out/segmenter.eval.json``; returns the evaluation."""
     import core
@@ -135,14 +142,15 @@ def train(out: pathlib.Path, opts: SegmenterTrainOptions, model_path=None, log=p
     torch.manual_seed(opts.seed)
     G = load_generator(model_path or core.default_model_path()).eval().requires_grad_(False)
     sha = fingerprint(G)
-    data_path = out / "data.npz"
+    data_path = out / f"data.{renderer}.z{G.z_dim}.npz"  # labels depend on the renderer and z, not on G
     if data_path.is_file():
         data = dict(np.load(data_path))
     else:
         t = time.time()
-        data = sample_data(opts.train + opts.held_out, TRAIN_SEED, G.z_dim, extras=True)
-        ev = sample_data(opts.held_out, EVAL_SEED, G.z_dim, extras=False)
-        evx = held_out_with_extras(opts.held_out, G.z_dim)
+        # (drawn as train + held_out rows and cut, as the shipped run did: the same z and extras on a redo)
+        data = sample_data(opts.train + opts.held_out, TRAIN_SEED, G.z_dim, extras=True, renderer=renderer)
+        ev = sample_data(opts.held_out, EVAL_SEED, G.z_dim, extras=False, renderer=renderer)
+        evx = held_out_with_extras(opts.held_out, G.z_dim, renderer)
         data = {**{k: v[:opts.train] for k, v in data.items()}, "eval_z": ev["z"], "eval_labels": ev["labels"],
                 "eval_images": ev["images_x"], "evalx_labels": evx["labels"], "evalx_images": evx["images"]}
         np.savez(data_path, **data)
@@ -215,7 +223,7 @@ def train(out: pathlib.Path, opts: SegmenterTrainOptions, model_path=None, log=p
         pred_head = head({b: v.float() for b, v in f.items()}).argmax(1).numpy()
         pred_u = unet(_to_images(data["eval_images"])).argmax(1).numpy()
         pred_ux = unet(_to_images(data["evalx_images"])).argmax(1).numpy()
-    report = {"generator_sha256": sha, "held_out": int(len(data["eval_z"])), "face_parts": list(FACE_PARTS),
+    report = {"generator_sha256": sha, "renderer": renderer, "held_out": int(len(data["eval_z"])), "face_parts": list(FACE_PARTS),
               "train": int(len(data["z"])), "head_steps": state["head_steps"], "unet_steps": state["unet_steps"],
               "minutes": (state["head_seconds"] + state["unet_seconds"]) / 60}
     for name, pred, truth in (("head", pred_head, data["eval_labels"]), ("unet", pred_u, data["eval_labels"]),
@@ -234,12 +242,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
     ap.add_argument("--minutes", type=float, default=SegmenterTrainOptions.minutes)
     ap.add_argument("--model", type=pathlib.Path, default=None, help="generator checkpoint (default: embedded)")
+    ap.add_argument("--renderer", default="v1", help="the renderer the generator was distilled from (v1 | v2)")
     ap.add_argument("--threads", type=int, default=1)  # 2 threads ran 6× slower on the shared 2 cores
     ap.add_argument("--install", action="store_true", help="copy the result into core/demo/weights/")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = train(args.out, SegmenterTrainOptions(minutes=args.minutes), args.model,
-                   log=lambda s: print(s, flush=True))
+                   log=lambda s: print(s, flush=True), renderer=args.renderer)
     print(json.dumps({k: v for k, v in report.items() if not k.endswith("_iou")}, indent=2))
     if args.install:
         from core.segmenter import default_segmenter_path
