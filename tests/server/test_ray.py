@@ -7,6 +7,7 @@ node is killed mid-job.  Without Ray this module is skipped on a workstation and
 """
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 
 from fake_engine import StepLog, make_engine
 from server.ray_local import LocalCluster
-from server_helpers import ROOT, LiveServer, layer, make_image, wait_job, wait_running
+from server_helpers import ROOT, LiveServer, collect_events, layer, make_image, tiny_models_dir, wait_job, wait_running
 import test_restart
 
 # The same end-to-end tests as the local backend, collected again here with this module's fixtures.
@@ -172,6 +173,37 @@ def test_workers_that_cannot_start_fail_the_job_with_their_reason(tmp_path, clus
         job = wait_job(srv, r.body["job_id"], timeout=90)
         assert job["state"] == "failed" and job["error"]["error"] == "worker_lost", job
         assert "no_such_module_on_the_nodes" in job["error"]["message"]
+    finally:
+        srv.stop()
+
+
+def test_real_engine_session_on_ray_and_reloaded_from_storage(tmp_path, cluster):
+    """The real core engine in a worker (tiny random generator): PTI with progress, a render on the actor that
+    tuned it, then the same render after the session is loaded again from the server's saved files."""
+    from server.app import RENDERER
+    from server.engine import Engine
+    from server.ray_backend import RayEngine, WorkerSpec
+
+    models_dir = tiny_models_dir(tmp_path)
+    engine = RayEngine(Engine.from_core(models_dir, "cpu"), WorkerSpec(models_dir=str(models_dir)), cluster.address,
+                       workers=1)
+    srv = LiveServer(tmp_path / "data", engine)
+    try:
+        model = next(m for m in srv.request("GET", "/v1/models").body["models"] if m["name"] == "tiny32")
+        img = make_image(32, 32)
+        r = srv.request("POST", "/v1/sessions", {"layer": layer(img), "model": "tiny32", "method": "pti", "align": "none",
+                                                 "options": {"project_steps": 4, "tune_steps": 2}})
+        assert r.status == 202, r.body
+        events = asyncio.run(collect_events(srv.port, srv.token, r.body["job_id"], timeout=240))
+        assert events[-1]["state"] == "done", events[-1]
+        assert any(0 < e["progress"] < 1 for e in events)  # progress came back from the worker
+        sid, edit = r.body["session_id"], {"direction": model["directions"][0]["name"], "strength": 2.0}
+        first = srv.request("POST", f"/v1/sessions/{sid}/render", {"edits": [edit]})
+        assert first.status == 200, first.body
+        srv.app[RENDERER].live.drop(sid)  # forgotten: the next render loads the saved files onto a worker
+        again = srv.request("POST", f"/v1/sessions/{sid}/render", {"edits": [edit]})
+        assert again.status == 200 and again.body["layer"]["data"] == first.body["layer"]["data"]
+        assert srv.request("GET", "/v1/health", token=None).body["perceptual_backbone"] not in ("loading", "none")
     finally:
         srv.stop()
 
