@@ -71,7 +71,7 @@ def test_l1_fitting_moves_the_attribute_and_sparsity_shrinks_the_direction(G):
     clf = _linear_classifier(G)
     gen = torch.Generator().manual_seed(1)
     init = 0.3 * torch.randn(G.w_dim, generator=gen)
-    base = SparseOptions(steps=20, batch=2, lpips=0.0, lr=0.2, seed=5)
+    base = SparseOptions(steps=20, batch=2, lpips=0.0, lr=0.2, seed=5, calibrate_n=0)  # the L1 fit alone
     dense, rep_dense = fit_sparse_direction(G, clf, 0, init, dataclasses.replace(base, sparsity=0.0))
     sparse, rep_sparse = fit_sparse_direction(G, clf, 0, init, dataclasses.replace(base, sparsity=1e4))
     assert dense.shape == (G.num_ws, G.w_dim)
