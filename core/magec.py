@@ -455,6 +455,9 @@ class PhaseWeights:
 # (0.17·3e-4 against 0.004–0.006 at the mean W, two tuning faces), yet Adam's per-coordinate scaling lets it move
 # the code — the LinkNet reading error falls from 0.17 (W+) to 0.016 at no MSE cost — along directions the
 # image barely shows, so ECS does not follow; a weight large enough to move the image costs reconstruction.
+# What ECS measures here (bench/magec.py Table 3 columns, held-out faces, both methods alike): the ±2 edits change
+# the 64 px image by MSE 3e-4–9e-4, the re-inversion leaves a residual of 0.9e-4–3.4e-4, and the re-inverted
+# code lands 1.4–2.1 edit lengths from the edited one — W+'s freedom, which 13 LinkNet readings do not pin down.
 MAGEC_WEIGHT = 3e-4
 
 
