@@ -125,7 +125,7 @@ for key, bad in [("project_steps", -1), ("project_steps", "100"), ("project_step
                  ("tune_steps", True), ("feather", float("nan")), ("feather", float("inf")), ("feather", -1.0),
                  ("feather", "8"), ("blend", "multiply"), ("seed", -1), ("seed", 1.5), ("seed", 2**40),
                  ("timeout_s", 0), ("timeout_s", float("nan")), ("timeout_s", 1e12), ("speed", 2),
-                 ("color_match", 1), ("space", "s"), ("reg", -1.0), ("min_face", 0), ("project_steps", 0),
+                 ("color_match", 1), ("space", "z"), ("reg", -1.0), ("min_face", 0), ("project_steps", 0),
                  ("reg", float("inf")), ("locality", "yes")]:
     case(f"options.{key}={bad!r}", dict(with_layer(), options={key: bad}), 422)
 case("method w with project_steps 0", dict(with_layer(), method="w", options={"project_steps": 0}), 422)
