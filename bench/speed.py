@@ -12,7 +12,9 @@ Rows (one per method and image, all measured in this run, same device and thread
 * ``recipe@k``: the same W pivot after k tuning steps (read from the recipe's own tuning run);
 * ``W+``: ``project`` in W+, 450 steps;
 * ``encoder``: ``core.encoder.encoder_pivot`` alone (+ one synthesis);
-* ``enc+k``: encoder pivot, then k tuning steps (one tuning run of max(k) steps read at each k).
+* ``enc+k``: encoder pivot, then k tuning steps at the fast path's learning rate (``core.pti.ENCODER_PIVOT_LR``,
+  what a session with ``pivot="encoder"`` uses; one tuning run of max(k) steps read at each k);
+* ``enc+k@3e-4``: the same at PTI's own learning rate.
 
 A curve point "after k steps" is the image the tuning loop renders at step k+1 (PTI computes it anyway), its time
 the wall clock there minus the time spent computing the bench's own metrics.  Columns: ``mse`` ([-1,1] scale),
@@ -24,6 +26,7 @@ early-stop rule (``PLATEAU_WINDOW``, ``PLATEAU_GAIN``) on the enc+k curves.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -37,7 +40,7 @@ PLATEAU_GAIN = 0.02
 def _extra(parser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--faces", type=int, default=3, help="held-out rendered faces")
-    parser.add_argument("--ks", default="10,25,50,100,150", help="tuning steps after the encoder pivot")
+    parser.add_argument("--ks", default="10,25,50,100,150,200", help="tuning steps after the encoder pivot")
     parser.add_argument("--model", default=None, help="generator (default: the embedded model)")
     parser.add_argument("--encoder", default=None, help="encoder (default: core.demo.default_encoder_path())")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
@@ -104,7 +107,7 @@ def _final(G, ws, target):
 def run_image(G, E, target, proj_steps, tune_steps, ks, device) -> list:
     from core.encoder import encoder_pivot
     from core.projection import ProjectOptions, project
-    from core.pti import PTIOptions, pivotal_tune_report
+    from core.pti import ENCODER_PIVOT_LR, PTIOptions, pivotal_tune_report
 
     popts, topts = ProjectOptions(), PTIOptions(preview_every=1)
     if hasattr(topts, "plateau_window"):  # PTI's recipe runs its full 350 steps; the curves show every k
@@ -139,16 +142,20 @@ def run_image(G, E, target, proj_steps, tune_steps, ks, device) -> list:
     _sync(device)
     t_enc = time.perf_counter() - t0
     rows.append({"method": "encoder", "steps": "0", **_final(G, ws_e, target), "seconds": t_enc})
-    # --- encoder pivot + k tuning steps (one run, read at every k)
+    # --- encoder pivot + k tuning steps (one run per learning rate, read at every k): the session's fast path
+    # (ENCODER_PIVOT_LR) as "enc+k", PTI's own lr as "enc+k@3e-4"
     kmax = max(ks)
-    t0 = time.perf_counter()
-    ws_e = encoder_pivot(E, target)
-    curve_e = Curve(target, ks, t0, device)
-    G_e, _ = pivotal_tune_report(G, ws_e, target, steps=kmax + 1, options=topts, progress=curve_e)
-    for k, p in sorted(curve_e.points.items()):
-        rows.append({"method": f"enc+{k}", "steps": str(k), **p})
-    stop = plateau_stop(curve_e.mse_all)
-    return rows, curve_e.mse_all, stop
+    for label, lr in (("", ENCODER_PIVOT_LR), ("@3e-4", topts.learning_rate)):
+        t0 = time.perf_counter()
+        ws_e = encoder_pivot(E, target)
+        curve_e = Curve(target, ks, t0, device)
+        pivotal_tune_report(G, ws_e, target, steps=kmax + 1, options=replace(topts, learning_rate=lr),
+                            progress=curve_e)
+        for k, p in sorted(curve_e.points.items()):
+            rows.append({"method": f"enc+{k}{label}", "steps": str(k), **p})
+        if not label:
+            mse_curve = curve_e.mse_all
+    return rows, mse_curve, plateau_stop(mse_curve)
 
 
 def main():

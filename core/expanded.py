@@ -383,6 +383,9 @@ class FusedRender:
         self.inversion = inversion
         self.options = options or FusionOptions()
         inv = inversion
+        if getattr(inv, "styles", None):
+            raise InvalidInput("Keep photo detail (fusion 'relevance') does not work with S-space segment codes yet; "
+                               "use space 'w+' or fusion 'none'")
         with torch.enable_grad():
             self.content = fit_content(inv.G, inv.ws, inv.image, inv.masks, self.options, inv.noise_mode)
         with torch.no_grad():
@@ -406,9 +409,10 @@ class FusedRender:
         if not edits or not idx:
             return self._rec_mixed
         outs = self._rec.clone()
-        ws_e, deltas = edit_inputs(inv.ws[idx], edits, inv.G, directions)
-        content = self.content if len(idx) == inv.segments else self.content.select(idx)
-        outs[idx] = fused_synthesis(inv.G, ws_e, content, self.options, deltas, inv.noise_mode)
+        for group, group_edits in inv.edit_groups(edits, idx):  # an edit's own "segments" narrow it further
+            ws_e, deltas = edit_inputs(inv.ws[group], group_edits, inv.G, directions)
+            content = self.content if len(group) == inv.segments else self.content.select(group)
+            outs[group] = fused_synthesis(inv.G, ws_e, content, self.options, deltas, inv.noise_mode)
         return self._mix(outs)
 
 

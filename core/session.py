@@ -34,6 +34,7 @@ from core.compositing import DEFAULT_FEATHER, check_render_options, compose
 from core.expanded import FusedRender, check_fusion
 from core.geometry import LayerGeometry, aligned_geometry, plain_geometry, to_numpy, to_tensor
 from core.inversion import Inversion
+from core.pti import ENCODER_PIVOT_LR, ENCODER_PIVOT_TUNE_STEPS
 
 ALIGNS = ("auto", "none")
 # The inversion methods, their defaults and the SessionOptions fields each uses: the one source the server's
@@ -61,6 +62,9 @@ _PIVOTS = (
 )
 PIVOTS = tuple(p[0] for p in _PIVOTS)
 PIVOT_STEPS = {p[0]: p[2] for p in _PIVOTS}
+# a pivot's own tuning (default steps, learning rate) where it differs from PTI's 350 at 3e-4: the encoder's fast
+# path tunes 150 steps at 2e-3 (measured: core.pti.ENCODER_PIVOT_LR)
+PIVOT_TUNING = {"encoder": (ENCODER_PIVOT_TUNE_STEPS, ENCODER_PIVOT_LR)}
 # what a model must offer for a method (or a pivot) beyond a generator: a descriptor + LinkNet, an encoder
 NEEDS = {"magec": "magec", "encoder": "encoder"}
 # "segmenter": the model can segment a face itself (SessionOptions.segments="auto"; core.segmenter)
@@ -76,7 +80,7 @@ def method_catalog(capabilities=CAPABILITIES) -> list[dict]:
     encoder, "segmenter" = automatic segments) supports, the default first; ``label`` in user words, steps the
     defaults used when ``SessionOptions`` leaves them None, ``options`` the SessionOptions fields the method
     reads (besides align, feather, blend, color_match, which all use); "pti" also lists ``pivots``
-    [{name, label, project_steps}] (``options.pivot``, "w" first: PTI's own); "chunks" lists ``segments``, the
+    [{name, label, project_steps, tune_steps}] (``options.pivot``, "w" first: PTI's own); "chunks" lists ``segments``, the
     segment sources it offers (:data:`SEGMENT_SOURCES`; "auto" only with a segmenter)."""
     caps = set(capabilities)
     out = []
@@ -85,7 +89,8 @@ def method_catalog(capabilities=CAPABILITIES) -> list[dict]:
             continue
         entry = {"name": name, "label": label, "project_steps": p, "tune_steps": t, "options": list(fields)}
         if name == "pti":
-            entry["pivots"] = [{"name": v, "label": lab, "project_steps": steps}
+            entry["pivots"] = [{"name": v, "label": lab, "project_steps": steps,
+                                "tune_steps": PIVOT_TUNING.get(v, (t,))[0]}
                                for v, lab, steps, need in _PIVOTS if need is None or need in caps]
         if name == "chunks":
             entry["segments"] = [v for v in SEGMENT_SOURCES if v != "auto" or "segmenter" in caps]
@@ -123,7 +128,7 @@ class SessionOptions:
     seed: int = 0
     color_match: bool = False  # krita-ai-diffusion color_match; off: edits may change colour on purpose
     space: str = "w+"  # chunks: ChunkyGAN's default space
-    reg: float = 1.0  # chunks: ChunkyGAN λ_reg = 1 (only acts with several segments)
+    reg: float = 1.0  # chunks: ChunkyGAN λ_reg = 1 (only acts with several segments; per element: see invert)
     min_face: int = 32  # align="auto": smallest face (eye-to-mouth box side, layer px) accepted; our choice
     locality: bool = False  # pti: PTI §3.3 locality regulariser (PTI@da94d59 ships it off) with its settings
     pivot: str = "w"  # pti: PTI's own pivot is the W projection (PTI §3.1); "magec" | "encoder" (PIVOTS)
@@ -151,6 +156,7 @@ class SessionOptions:
         p, t = METHOD_STEPS[self.method]
         if self.method == "pti":
             p = PIVOT_STEPS.get(self.pivot, p)
+            t = PIVOT_TUNING.get(self.pivot, (t,))[0]
         p = p if self.project_steps is None else int(self.project_steps)
         t = t if self.tune_steps is None else int(self.tune_steps)
         if self.method in ("w", "wplus", "magec", "encoder"):
@@ -610,7 +616,10 @@ def invert(G, target, mask, opts: SessionOptions, p_steps: int, t_steps: int, st
     checked by :func:`check_assets`."""
     stages = stages or Stages(None, {"encode": 1, "project": p_steps, "tune": t_steps})
     assets = assets if assets is not None else MethodAssets()
-    chunks_opts = ChunksOptions(seed=opts.seed)
+    # λ_reg per element / W variance (ChunksOptions.reg_normalise), not Eq. 2's plain sum: at this scale the plain
+    # sum with the paper's λ=1 pulls every segment onto one code (bench/chunks.py, 100 steps, 2 held-out faces:
+    # L2 57× global W+ on renders, 3.7× on photos; normalised 1.02× / 1.33×)
+    chunks_opts = ChunksOptions(seed=opts.seed, reg_normalise=True)
     if opts.method == "chunks":
         masks, generator, info = mask, None, {}
         if opts.segment_source() == "auto":
@@ -654,10 +663,13 @@ def invert(G, target, mask, opts: SessionOptions, p_steps: int, t_steps: int, st
         info["space"] = space
     G_inv = G
     if opts.method == "pti" and t_steps > 0:
-        from core.pti import pivotal_tune_report
+        from core.pti import PTIOptions, pivotal_tune_report
 
+        tuning = PTIOptions()
+        if opts.pivot in PIVOT_TUNING:
+            tuning = dataclasses.replace(tuning, learning_rate=PIVOT_TUNING[opts.pivot][1])
         G_inv, report = pivotal_tune_report(G, ws, target, steps=t_steps, mask=region, locality=opts.locality,
-                                            progress=stages.callback("tune"), cancel=cancel)
+                                            progress=stages.callback("tune"), cancel=cancel, options=tuning)
         info.update(tune_steps_run=report.steps_run, steps_run=report.steps_run,
                     early_stopped=report.stopped_early, stop_rule=report.stop_rule,
                     lpips_backbone=report.lpips_backbone, locality=bool(opts.locality),

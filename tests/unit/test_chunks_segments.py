@@ -99,6 +99,19 @@ def test_edit_on_one_segment_changes_nothing_outside_it(sessions, size):
     assert not np.array_equal(both, base)
 
 
+def test_fused_render_keeps_a_segment_edit_in_its_segment(G):
+    """Keep photo detail (fusion "relevance") honours an edit's own "segments" as the plain render does."""
+    from core.expanded import FusedRender, FusionOptions
+
+    sess = create_session(G, layer(32, 32), selection(32), SessionOptions(segments=three_labels(32), **FAST))
+    sess._fused = FusedRender(sess.inversion, FusionOptions(fit_steps=4))  # fewer fitting steps than a user gets
+    d = torch.randn(32, generator=torch.Generator().manual_seed(4))
+    base = sess.render([], feather=0.0, fusion="relevance")
+    out = sess.render([{"direction": d, "strength": 3.0, "segments": [1]}], feather=0.0, fusion="relevance")
+    changed = np.abs(out - base).max(-1) > 0
+    assert changed.any() and not changed[sess.segment_masks[1] == 0].any()
+
+
 def test_segment_edits_with_feather_stay_in_segment_plus_feather(sessions):
     sess = sessions[32]
     d = torch.randn(32, generator=torch.Generator().manual_seed(5))

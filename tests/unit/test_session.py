@@ -418,3 +418,15 @@ def test_catalog_lists_methods_and_pivots_by_capability():
     assert pivots(full) == ["w", "magec", "encoder"] and "pivot" in full[0]["options"]
     for p in full[0]["pivots"]:
         assert SessionOptions(method="pti", pivot=p["name"]).resolved_steps()[0] == p["project_steps"]
+
+
+def test_encoder_pivot_has_its_own_tuning_budget():
+    """The fast path (encoder pivot) defaults to its measured budget; explicit steps still win; PTI's own is 350."""
+    from core.pti import ENCODER_PIVOT_TUNE_STEPS
+    from core.session import SessionOptions, method_catalog
+
+    assert SessionOptions(method="pti", pivot="encoder").resolved_steps() == (0, ENCODER_PIVOT_TUNE_STEPS)
+    assert SessionOptions(method="pti", pivot="encoder", tune_steps=7).resolved_steps() == (0, 7)
+    assert SessionOptions(method="pti").resolved_steps() == (450, 350)
+    pivots = {p["name"]: p for e in method_catalog() if e["name"] == "pti" for p in e["pivots"]}
+    assert pivots["encoder"]["tune_steps"] == ENCODER_PIVOT_TUNE_STEPS and pivots["w"]["tune_steps"] == 350
