@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_generator
+from tests.conftest import make_tiny_generator
 from core.common import InvalidInput
 
 
