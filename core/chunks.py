@@ -488,7 +488,9 @@ def invert_segments(G, image: torch.Tensor, masks: torch.Tensor, steps: Optional
         info["tune_steps"] = int(tune_steps)
         info["seconds"] = time.perf_counter() - t0
     style_codes = None if styles is None else {i: v.detach().clone() for i, v in enumerate(styles)}
-    inv = Inversion("chunks", image, ws, S_final, coverage, G_out, G, opts.noise_mode, info, styles=style_codes)
+    moved = None if mask_fn is None else (lambda code: mask_fn(code) * support)  # the masks an X^S edit draws
+    inv = Inversion("chunks", image, ws, S_final, coverage, G_out, G, opts.noise_mode, info, styles=style_codes,
+                    mask_generator=moved)
     return SegmentSession(inv, opts, directions)
 
 

@@ -395,9 +395,10 @@ class FusedRender:
     def __getattr__(self, name):
         return getattr(self.inversion, name)
 
-    def _mix(self, outs: torch.Tensor) -> torch.Tensor:
+    def _mix(self, outs: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
         inv = self.inversion
-        return torch.where(inv.support, (outs * inv.masks).sum(0, keepdim=True), inv.image)
+        masks = inv.masks if masks is None else masks
+        return torch.where(inv.support, (outs * masks).sum(0, keepdim=True), inv.image)
 
     @torch.no_grad()
     def generated(self, edits=None, directions: Optional[Mapping] = None, segments: Optional[Sequence[int]] = None):
@@ -413,7 +414,7 @@ class FusedRender:
             ws_e, deltas = edit_inputs(inv.ws[group], group_edits, inv.G, directions)
             content = self.content if len(group) == inv.segments else self.content.select(group)
             outs[group] = fused_synthesis(inv.G, ws_e, content, self.options, deltas, inv.noise_mode)
-        return self._mix(outs)
+        return self._mix(outs, inv.edited_masks(edits, directions) if len(idx) == inv.segments else None)
 
 
 @torch.no_grad()

@@ -39,6 +39,9 @@ class Inversion:
     # S-space codes (ChunkyGAN in StyleSpace): per-segment style offsets {style layer: (n, C_in)} added to the
     # styles of ``ws`` (None: the codes are ``ws`` alone)
     styles: Optional[dict] = None
+    # ChunkyGAN's segment generator, when the masks came from one: X^S (1,num_ws,w_dim) -> (n,1,r,r) weights on
+    # the support summing to 1, with X^S in info["mask_code"] (not saved: a loaded session's masks are static)
+    mask_generator: Optional[object] = dataclasses.field(default=None, repr=False)
     _rec: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)
     _rec_mixed: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)
 
@@ -150,7 +153,23 @@ class Inversion:
         for group, group_edits in self.edit_groups(edits, idx):
             ws_e, deltas = edit_inputs(self.ws[group], group_edits, self.G, directions)
             outs[group] = self.synthesize(ws_e, deltas, rows=group)
-        return torch.where(self.support, (outs * self.masks).sum(0, keepdim=True), self.image)
+        masks = self.edited_masks(edits, directions) if len(idx) == self.segments else self.masks
+        return torch.where(self.support, (outs * masks).sum(0, keepdim=True), self.image)
+
+    @torch.no_grad()
+    def edited_masks(self, edits=None, directions: Optional[Mapping] = None) -> torch.Tensor:
+        """The segment weights after ``edits`` (n,1,r,r): ChunkyGAN §4.2 applies a global edit to the segment code
+        too, ``S = G^S(X^S + d)``, so e.g. a head turn moves the masks with the face.  Unchanged without a segment
+        generator, for edits narrowed to some segments, and for StyleSpace edits (no X^S counterpart)."""
+        code = self.info.get("mask_code")
+        if not edits or self.mask_generator is None or code is None:
+            return self.masks
+        if any(isinstance(e, Mapping) and e.get("segments") is not None for e in edits):
+            return self.masks
+        code_e, deltas = edit_inputs(code, edits, self.base_G, directions)
+        if deltas:
+            return self.masks
+        return self.mask_generator(code_e).to(self.masks)
 
     def replace(self, **changes) -> "Inversion":
         """A new inversion with ``changes`` (caches dropped); this one is unchanged."""

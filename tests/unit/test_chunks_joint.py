@@ -99,3 +99,33 @@ def test_masks_from_a_segment_code_are_optimised_jointly(G, photo):
     fixed = invert_segments(G, photo, (start * support[None])[:, 0], steps=40, reg=0.0, options=FAST)
     assert float(masked_mse(sess.generated(), photo, support)) <= 1.05 * float(
         masked_mse(fixed.generated(), photo, support))
+
+
+def test_a_global_edit_moves_masks_from_a_segment_code(G, photo):
+    """ChunkyGAN §4.2: the same edit on X^S redraws the masks (the toy generator's boundary follows w[0]); an edit
+    narrowed to one segment, or no edit, keeps the optimised masks; the selection's outside stays the input."""
+    cols = torch.arange(32).float()
+
+    def mask_fn(xs):
+        left = torch.sigmoid((16 + 8 * torch.tanh(xs[0, 0, 0]) - cols) * 0.7).expand(32, 32)
+        return torch.stack([left, 1 - left])[:, None]
+
+    support = torch.zeros(1, 32, 32)
+    support[0, 4:28, 4:28] = 1
+    sess = invert_segments(G, photo, support, steps=4, reg=0.0, options=FAST,
+                           mask_generator=(mask_fn, torch.zeros(1, G.num_ws, G.w_dim)))
+    inv = sess.inversion
+    d = torch.zeros(G.w_dim)
+    d[0] = 1.0
+    moved = inv.edited_masks([(d, 2.0)])
+    assert not torch.allclose(moved, inv.masks, atol=1e-3)  # the boundary moved with the code
+    assert torch.all(moved[:, :, support[0] == 0] == 0)
+    assert torch.allclose(moved.sum(0)[0][support[0] > 0], torch.ones(int(support.sum())), atol=1e-5)
+    assert torch.equal(inv.edited_masks([{"direction": d, "strength": 2.0, "segments": [0]}]), inv.masks)
+    assert torch.equal(inv.edited_masks([]), inv.masks)
+    out = inv.generated([(d, 2.0)])
+    static = torch.where(inv.support, (inv.synthesize(inv.edited_codes([(d, 2.0)])) * inv.masks).sum(0, keepdim=True),
+                         inv.image)
+    assert not torch.allclose(out, static)  # the render composites with the moved masks
+    outside = (support == 0).expand(1, 3, 32, 32)
+    assert torch.equal(out[outside], photo[outside])
