@@ -8,9 +8,11 @@ Where a model's segmenter lives (``find_segmenter``):
   ``{"format": "latent-edit-segmenter", "version": 1, "meta": JSON text with "head" {channels, parts, resolution,
   hidden} and/or "unet" {parts, width} and "generator_sha256", "head.*" / "unet.*" tensors}``, read with
   ``weights_only=True``).  A head needs part labels for that generator's images; an image network (the U-Net)
-  can be trained on any labelled face set.  A BiSeNet face-parsing checkpoint (``<stem>.faceparsing.pth``, the
-  CelebAMask-HQ 19-class network STIT uses) is *not* read yet: its name is reserved (never taken for a
-  generator) and the refusal says so.
+  can be trained on any labelled face set;
+* or ``<stem>.faceparsing.pth``: a BiSeNet face-parsing ``state_dict`` (the CelebAMask-HQ 19-class network of
+  face-parsing.PyTorch that STIT uses; ``core.faceparsing``), read as an image network whose 19 classes are
+  grouped into the parts of :data:`core.faceparsing.PART_GROUPS`.  Its masks are static (it sees pixels, not
+  codes); ``<stem>.segmenter.pt`` wins when both exist.
 
 A model without a segmenter offers no "auto" segments; a session asking for them is refused naming the file to
 add (a label-map layer works with any model).
@@ -48,12 +50,12 @@ def find_segmenter(checkpoint, default: bool = False) -> tuple[Optional[pathlib.
         return None, (f"the embedded model's segmenter {path.name} is not installed (python -m "
                       "core.demo.train_segmenter writes it); use a label-map layer instead")
     head, parsing = segmenter_paths(checkpoint)
-    if head.is_file():
-        return head, ""
-    note = f" ({parsing.name} was found, but BiSeNet face-parsing files are not supported yet)" \
-        if parsing.is_file() else ""
-    return None, (f"add a segmenter for {pathlib.Path(checkpoint).name} beside it as {head.name} "
-                  f"(core.segmenter format){note}; or use a label-map layer")
+    for path in (head, parsing):
+        if path.is_file():
+            return path, ""
+    return None, (f"add a segmenter for {pathlib.Path(checkpoint).name} beside it: a BiSeNet face-parsing file "
+                  f"as {parsing.name} (face-parsing.PyTorch's 79999_iter.pth) or {head.name} (core.segmenter "
+                  f"format); or use a label-map layer")
 
 
 # ------------------------------------------------------------------------------------------------ networks
@@ -183,10 +185,16 @@ class Segmenter:
 
 
 def load_segmenter(path) -> Segmenter:
-    """Read :func:`save_segmenter` output (``weights_only=True``); InvalidInput naming what is wrong."""
+    """Read :func:`save_segmenter` output, or a BiSeNet ``*.faceparsing.pth`` (both ``weights_only=True``);
+    InvalidInput naming what is wrong."""
     import json
 
     path = pathlib.Path(path)
+    if path.name.endswith(FACE_PARSING_SUFFIX):
+        from core.faceparsing import CELEBAMASK_CLASSES, load_face_parser
+
+        return Segmenter(unet=load_face_parser(path), meta={"source": "bisenet", "classes": list(CELEBAMASK_CLASSES)},
+                         path=path)
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
         if record.get("format") != FORMAT:

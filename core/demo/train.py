@@ -353,6 +353,10 @@ def train_generator(out: pathlib.Path, data: dict, o: GeneratorTrainOptions, res
             save_ckpt()
             t_ckpt = time.time()
     save_ckpt()
+    if world > 1:  # the next phase starts from this phase's final checkpoint: no worker may read it before rank 0 wrote it
+        import torch.distributed as dist
+
+        dist.barrier()
     G_ema.reset_w_avg()
     return G_ema, log
 
@@ -487,8 +491,8 @@ def main(argv=None) -> int:
             continue
         t0 = time.time()
         G, log = train_generator(out, data, po, resume=args.resume, ckpt_name=ckpt_name, init_from=init, held_out=test)
-        if _dist()[0] != 0:
-            return 0
+        if _dist()[0] != 0:  # rank 0 evaluates and saves; the other workers go on to the next phase (or stop below)
+            continue
         (out / f"train_log_{stage}.json").write_text(json.dumps(log))
         logs = _phase_logs(out)
         ev = evaluate_generator(G, test, out / "scorer.pt")
@@ -502,6 +506,8 @@ def main(argv=None) -> int:
         save_shipped_generator(G, out / "face64.pt", meta)
         (out / "generator_eval.json").write_text(json.dumps(meta, indent=2))
         print(json.dumps(meta, indent=2), f"(stage took {(time.time() - t0) / 60:.1f} min)")
+    if _dist()[0] != 0:  # directions, encoder and install run in rank 0 only
+        return 0
     if "directions" in stages:
         from core.demo.directions import edit_matrix, fit_directions, refine_directions, write_manifest
         from core.demo.scorer import load_scorer

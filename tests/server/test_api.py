@@ -161,7 +161,7 @@ def test_models_serve_method_catalog_and_defaults(server):
 
     body = server.request("GET", "/v1/models").body
     names = [m["name"] for m in body["methods"]]
-    assert names == list(cs.METHODS) and all(m.get("label") for m in body["methods"] if hasattr(cs, "method_catalog"))
+    assert names == list(cs.METHODS) and all(m.get("label") for m in body["methods"])
     defaults = {f.name: f.default for f in dataclasses.fields(cs.SessionOptions)}
     assert body["defaults"]["feather"] == defaults["feather"] and body["defaults"]["method"] == defaults["method"]
 
@@ -190,12 +190,6 @@ def test_long_poll_answers_at_the_next_change(server):
 
 def test_locality_reaches_the_engine_from_the_protocol(server):
     """Issue 15: ``options.locality`` is a protocol option; validated by SessionOptions, it reaches the engine."""
-    import dataclasses
-
-    import core.session as cs
-
-    if "locality" not in {f.name for f in dataclasses.fields(cs.SessionOptions)}:
-        pytest.skip("this core.session has no locality option yet")
     r = server.request("POST", "/v1/sessions", {"layer": layer(make_image(16, 16)), "method": "pti",
                                                 "options": {"project_steps": 1, "tune_steps": 1, "locality": True}})
     assert r.status == 202, r.body
@@ -211,19 +205,10 @@ def _labels(arr: np.ndarray, fmt: str = "label8", **extra) -> dict:
     return dict({"width": a.shape[1], "height": a.shape[0], "format": fmt, "data": a.tobytes()}, **extra)
 
 
-def _needs_core_segments():
-    import dataclasses
-
-    import core.session as cs
-
-    if "segments" not in {f.name for f in dataclasses.fields(cs.SessionOptions)}:
-        pytest.skip("this core.session has no segments option yet")
-
 
 def test_segments_option_wire_types_and_validation_name_the_field(server):
     """Issue 21: ``options.segments`` is "selection" | "auto" | a label map at the layer's size; each bad input
     is a 422 naming the field, before anything is queued."""
-    _needs_core_segments()
     h, w = 16, 16
     img = layer(make_image(h, w))
     three = np.repeat(np.array([0, 1, 2, 2], np.int32), 4)[None, :].repeat(h, 0)  # (16,16): 3 vertical bands

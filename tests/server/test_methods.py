@@ -101,10 +101,6 @@ def _three_bands(h: int, w: int) -> np.ndarray:
 
 
 def test_models_say_which_have_a_segmenter_and_auto_is_refused_without_one(real):
-    import core.session as cs
-
-    if "segmenter" not in cs.CAPABILITIES:
-        pytest.skip("this core.session has no segmenter capability yet")
     tiny = real.models["tiny32"]
     assert tiny["segmenter"] is False and "tiny32" in tiny["unavailable"]["segmenter"]
     emb = real.embedded
@@ -120,12 +116,6 @@ def test_label_map_session_renders_segments_metadata_and_segment_edits(real):
     """A 3-colour label map -> a 3-segment chunks session; the render's metadata has each segment's area; an
     edit on one segment leaves the others' pixels as the reconstruction has them; an index past the session's
     segments is a 422 naming the edit."""
-    import dataclasses
-
-    import core.session as cs
-
-    if "segments" not in {f.name for f in dataclasses.fields(cs.SessionOptions)}:
-        pytest.skip("this core.session has no segments option yet")
     model = real.models["tiny32"]
     res = model["resolution"]
     img, labels = _face(res, 3), _three_bands(res, res)
@@ -164,12 +154,6 @@ def test_label_map_session_renders_segments_metadata_and_segment_edits(real):
 
 
 def test_render_fusion_keeps_pixels_outside_the_selection(real):
-    import inspect
-
-    import core.session as cs
-
-    if "fusion" not in inspect.signature(cs.EditSession.render).parameters:
-        pytest.skip("this core.session renders without fusion yet")
     model = real.models["tiny32"]
     img, sel, body = _body(model, "w", {"project_steps": 3})
     r = real.request("POST", "/v1/sessions", body)
@@ -187,15 +171,12 @@ def test_render_fusion_keeps_pixels_outside_the_selection(real):
     assert np.array_equal(np.frombuffer(default.body["layer"]["data"], np.uint8).reshape(img.shape), a)
 
 
-def test_automatic_segments_end_to_end_with_a_segmenter_beside_the_checkpoint(tmp_path):
-    """``options.segments: "auto"`` through the server: a segmenter file beside a checkpoint (here an untrained
-    ``<stem>.segmenter.pt``: this checks the path, not the parts) makes the model list ``segmenter: true``; the
-    session's segments come from it and the render's metadata lists them, their areas adding up to the
-    selected pixels."""
-    import core.session as cs
-
-    if "segmenter" not in cs.CAPABILITIES:
-        pytest.skip("this core.session has no segmenter capability yet")
+@pytest.mark.parametrize("sidecar", ["tiny32.segmenter.pt", "tiny32.faceparsing.pth"])
+def test_automatic_segments_end_to_end_with_a_segmenter_beside_the_checkpoint(tmp_path, sidecar):
+    """``options.segments: "auto"`` through the server: a segmenter file beside a checkpoint (an untrained
+    ``<stem>.segmenter.pt`` U-Net, or a BiSeNet ``<stem>.faceparsing.pth`` with seeded weights: this checks the
+    path, not the parts) makes the model list ``segmenter: true``; the session's segments come from it and the
+    render's metadata lists them, their areas adding up to the selected pixels."""
     import torch
 
     from core.demo import PARTS
@@ -203,7 +184,12 @@ def test_automatic_segments_end_to_end_with_a_segmenter_beside_the_checkpoint(tm
 
     models = tiny_models_dir(tmp_path)
     torch.manual_seed(0)
-    save_segmenter(models / "tiny32.segmenter.pt", unet=PartUNet(PARTS, width=4))
+    if sidecar.endswith(".segmenter.pt"):
+        save_segmenter(models / sidecar, unet=PartUNet(PARTS, width=4))
+    else:
+        from tests.unit.test_faceparsing import save_parser_file
+
+        save_parser_file(models / sidecar)
     srv = LiveServer(tmp_path / "data", Engine.from_core(models, "cpu"))
     try:
         model = next(m for m in srv.request("GET", "/v1/models").body["models"] if m["name"] == "tiny32")

@@ -54,9 +54,10 @@ def test_find_segmenter_names_the_file_to_add(tmp_path):
     ckpt = tmp_path / "ffhq.pkl"
     path, why = find_segmenter(ckpt)
     assert path is None and "ffhq.segmenter.pt" in why and "label-map" in why
+    assert "ffhq.faceparsing.pth" in why and "79999_iter.pth" in why
     (tmp_path / "ffhq.faceparsing.pth").write_bytes(b"x")
-    assert "not supported yet" in find_segmenter(ckpt)[1]
-    (tmp_path / "ffhq.segmenter.pt").write_bytes(b"x")
+    assert find_segmenter(ckpt) == (tmp_path / "ffhq.faceparsing.pth", "")
+    (tmp_path / "ffhq.segmenter.pt").write_bytes(b"x")  # this module's own format wins
     assert find_segmenter(ckpt) == (tmp_path / "ffhq.segmenter.pt", "")
 
 
