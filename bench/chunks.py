@@ -52,7 +52,7 @@ def _to_tensor(rgb01: np.ndarray) -> torch.Tensor:
 
 def images(res: int, faces: int, photos: bool = True) -> list[tuple[str, str, torch.Tensor]]:
     """(group, name, (1,3,res,res) in [-1,1]): held-out renders, the same with an extra, the aligned photos."""
-    from core.demo.renderer import EXTRAS, render, sample_params
+    from core.demo import EXTRAS, render, sample_params
 
     out = []
     params = sample_params(faces, seed=HELDOUT_SEED)

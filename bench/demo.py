@@ -23,7 +23,7 @@ import torch
 import core
 from core.demo.data import params_from_z
 from core.demo.directions import edit_matrix
-from core.demo.renderer import ATTRIBUTES, render, sample_params
+from core.demo import ATTRIBUTES, render, sample_params
 from core.demo.scorer import load_scorer, score
 from core.demo.train import generate
 from core.edits import Direction

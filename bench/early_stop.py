@@ -28,7 +28,7 @@ def _extra(parser):
 
 
 def heldout_faces(n: int) -> dict:
-    from core.demo.renderer import render, sample_params
+    from core.demo import render, sample_params
 
     imgs = render(sample_params(n, seed=HELDOUT_SEED))
     t = torch.from_numpy(imgs.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)

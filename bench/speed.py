@@ -48,7 +48,7 @@ def _extra(parser):
 
 def heldout_faces(n: int) -> dict:
     """{name: (1,3,64,64) in [-1,1]} rendered from ``sample_params(n, seed=HELDOUT_SEED)``."""
-    from core.demo.renderer import render, sample_params
+    from core.demo import render, sample_params
 
     imgs = render(sample_params(n, seed=HELDOUT_SEED))
     t = torch.from_numpy(imgs.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)

@@ -412,6 +412,34 @@ def _phase_logs(out: pathlib.Path) -> dict:
             if (out / f"train_log_{st}.json").exists()}
 
 
+# A run's state that cannot be recomputed cheaply: what --carry-to keeps and --carry-from restores (the render
+# caches are not carried: build_cache remakes them bit-identically from their seeds in a few minutes)
+CARRIED = ("scorer.pt", "scorer_eval.json", "ckpt.pt", "ckpt_finetune.pt", "face64.pt", "generator_eval.json",
+           "train_log_generator.json", "train_log_finetune.json", "face64.directions.json", "face64.directions",
+           "directions_eval.json", "log.txt")
+
+
+def carry(src: pathlib.Path, dst: pathlib.Path, names=CARRIED, replace: bool = True) -> list:
+    """Copy the run files ``names`` found in ``src`` into ``dst`` (folders whole); ``replace=False`` keeps what
+    ``dst`` already has.  Returns the names copied.  Used to move a run between machines: a session that must
+    stop mid-run carries its state into the repository, the next one carries it back (core/demo/TRAINING.md)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    done = []
+    for name in names:
+        a, b = src / name, dst / name
+        if not a.exists() or (b.exists() and not replace):
+            continue
+        if a.is_dir():
+            shutil.rmtree(b, ignore_errors=True)
+            shutil.copytree(a, b)
+        else:
+            tmp = b.with_name(b.name + ".part")
+            shutil.copy2(a, tmp)
+            tmp.replace(b)
+        done.append(name)
+    return done
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=pathlib.Path, required=True, help="work folder (caches, checkpoints, outputs)")
@@ -435,7 +463,20 @@ def main(argv=None) -> int:
                     help="the face renderer distilled (core.demo.data.RENDERERS); one per --out folder")
     ap.add_argument("--encoder-minutes", type=float, default=90.0, help="wall time of the encoder stage")
     ap.add_argument("--install", action="store_true", help="copy the results into core/demo/weights/")
+    ap.add_argument("--carry-from", type=pathlib.Path, default=None,
+                    help="first copy a carried run state (CARRIED files) into OUT where OUT lacks them")
+    ap.add_argument("--carry-to", type=pathlib.Path, default=None,
+                    help="after the stages, copy OUT's run state (CARRIED files) into this folder")
     args = ap.parse_args(argv)
+    if args.carry_from is not None:
+        rank, world = _dist()
+        if rank == 0:
+            got = carry(args.carry_from, args.out, replace=False)
+            print(f"carried from {args.carry_from}: {', '.join(got) or 'nothing new'}", file=sys.stderr)
+        if world > 1:  # no worker reads OUT before rank 0 has filled it
+            import torch.distributed as dist
+
+            dist.barrier()
     if args.install:
         import core.demo
 
@@ -552,6 +593,9 @@ def main(argv=None) -> int:
             else:
                 continue
             print(f"installed {dst}")
+    if args.carry_to is not None:
+        got = carry(out, args.carry_to)
+        print(f"carried to {args.carry_to}: {', '.join(got) or 'nothing'}", file=sys.stderr)
     return 0
 
 

@@ -96,7 +96,7 @@ def _stage(frac: float, o: EncoderTrainOptions, num_ws: int):
 
 def rendered_batch(n: int, seed: int) -> torch.Tensor:
     """``n`` rendered faces ``(n,3,64,64)`` in [-1,1] from ``sample_params(n, seed)``."""
-    from core.demo.renderer import render, sample_params
+    from core.demo import render, sample_params
 
     img = render(sample_params(n, seed=seed))
     return torch.from_numpy(img.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()

@@ -32,9 +32,9 @@ GROUP_PREFIX = "Latent Edit · "
 def face_image(seed: int) -> np.ndarray:
     """(SIZE,SIZE,3) uint8: a face from the embedded demo renderer, else skimage's astronaut."""
     try:
-        from core.demo import renderer
+        from core import demo
 
-        img = renderer.render(renderer.sample_params(1, seed), size=SIZE)
+        img = demo.render(demo.sample_params(1, seed), size=SIZE)
         return np.asarray(img[0] if img.ndim == 4 else img, np.uint8)
     except ImportError:
         from skimage import data

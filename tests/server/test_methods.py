@@ -32,7 +32,7 @@ def _pivots(model):
 
 
 def _face(res: int, seed: int = 0) -> np.ndarray:
-    from core.demo.renderer import render, sample_params
+    from core.demo import render, sample_params
 
     rgb = render(sample_params(1, seed=seed)[0], size=res)
     return np.concatenate([rgb, np.full((res, res, 1), 255, np.uint8)], axis=2)

@@ -40,7 +40,7 @@ def input_image(model: dict, seed: int = 0) -> np.ndarray:
     """A face of the embedded domain (core.demo's renderer) for the embedded model, else random pixels."""
     res = model["resolution"]
     if model["name"] != "tiny32":
-        from core.demo.renderer import render, sample_params
+        from core.demo import render, sample_params
 
         rgb = render(sample_params(1, seed=seed)[0], size=res)
         return np.concatenate([rgb, np.full((res, res, 1), 255, np.uint8)], axis=2)

@@ -14,7 +14,7 @@ import torch
 
 from core.demo import train
 from core.demo.data import params_from_z
-from core.demo.renderer import render
+from core.demo import render
 from core.demo.scorer import WEIGHTS as SCORER_WEIGHTS
 
 
@@ -155,3 +155,24 @@ def _cli_checks(tmp_path, tiny):
     assert sorted(p.name for p in train.WEIGHTS_DIR.iterdir()) == weights
     with pytest.raises(SystemExit):
         train.main(tiny + ["--channels", "4:x"])
+
+
+def test_run_state_carries_between_folders(tmp_path):
+    """--carry-to keeps a run's state (files and the directions folder, not the render caches); --carry-from
+    restores only what the work folder lacks, so a newer checkpoint there is never overwritten."""
+    from core.demo.train import carry, main
+
+    run, keep = tmp_path / "run", tmp_path / "repo" / "training"
+    (run / "face64.directions").mkdir(parents=True)
+    (run / "face64.directions" / "smile.npy").write_bytes(b"d")
+    (run / "ckpt.pt").write_bytes(b"step 10")
+    (run / "train.npz").write_bytes(b"cache")
+    assert main(["--out", str(run), "--stages", "", "--carry-to", str(keep)]) == 0
+    assert sorted(p.name for p in keep.iterdir()) == ["ckpt.pt", "face64.directions"]
+    assert (keep / "face64.directions" / "smile.npy").read_bytes() == b"d"
+    fresh = tmp_path / "new-machine"
+    assert main(["--out", str(fresh), "--stages", "", "--carry-from", str(keep)]) == 0
+    assert (fresh / "ckpt.pt").read_bytes() == b"step 10" and not (fresh / "train.npz").exists()
+    (fresh / "ckpt.pt").write_bytes(b"step 20")  # the run went on here
+    assert carry(keep, fresh, replace=False) == [] and (fresh / "ckpt.pt").read_bytes() == b"step 20"
+    assert carry(fresh, keep) == ["ckpt.pt", "face64.directions"] and (keep / "ckpt.pt").read_bytes() == b"step 20"

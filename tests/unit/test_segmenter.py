@@ -107,7 +107,7 @@ def test_embedded_segmenter_iou_on_held_out_renders():
     """core.demo.segment on held-out renders (a seed range no trainer uses), with and without extras:
     mean IoU over the face parts >= 0.7 (issue 21)."""
     import core.demo as demo
-    from core.demo.renderer import EXTRAS, render, render_parts, sample_params
+    from core.demo import EXTRAS, render, render_parts, sample_params
     from core.demo.train_segmenter import mean_iou
 
     p = sample_params(12, seed=8_400_000)
