@@ -1,0 +1,47 @@
+#!/bin/bash
+# Install the finished v2 run as the embedded default and refit what belongs to the generator
+# (core/demo/TRAINING.md, "Installing it"). Resumable: each step leaves a marker in $OUT/install/ and is skipped
+# when it is there; the encoder and segmenter trainers resume from their own checkpoints.
+#   nohup setsid training/face-v2/install.sh >> ~/.cache/latent-edit-train/face-v2/install.txt 2>&1 < /dev/null &
+# It edits core/demo/__init__.py (RENDERER) and writes core/demo/weights/: review and commit the result, then
+# re-measure (TRAINING.md step 5). FORCE=1 installs a run below the issue's 30 dB target.
+set -e
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$REPO"
+export OMP_NUM_THREADS=1 PYTHONPATH="$REPO"
+OUT=${OUT:-$HOME/.cache/latent-edit-train/face-v2}
+CACHE=$(dirname "$OUT")
+PY="nice -n 10 .venv/bin/python"
+FLAGS="--out $OUT --renderer v2 --channels 4:128,8:128,16:128,32:64,64:32"
+mkdir -p "$OUT/install"
+step_done() { [ -e "$OUT/install/$1" ]; }
+mark() { touch "$OUT/install/$1"; echo "== $1 done $(date -u +%H:%M)"; }
+
+[ -e "$OUT/directions_eval.json" ] || { echo "the run has not finished: no $OUT/directions_eval.json (training/face-v2/run.sh)"; exit 2; }
+PSNR=$(.venv/bin/python -c "import json; print(json.load(open('$OUT/generator_eval.json'))['test_psnr_db'])")
+echo "held-out PSNR $PSNR dB (issue 16 asks >= 30)"
+if ! .venv/bin/python -c "import sys; sys.exit(0 if $PSNR >= 30 else 1)" && [ -z "$FORCE" ]; then
+  echo "below the target: resume the finetune with a larger --finetune-steps (run.sh), or FORCE=1"; exit 3
+fi
+
+# 1. core.demo draws with v2; 2. generator, scorer, directions into core/demo/weights/
+sed -i 's/^RENDERER = "core.demo.renderer"$/RENDERER = "core.demo.renderer_v2"/' core/demo/__init__.py
+grep -q '^RENDERER = "core.demo.renderer_v2"$' core/demo/__init__.py
+step_done weights || { $PY -m core.demo.train $FLAGS --stages '' --install; mark weights; }
+
+# 3. two lanes on the two cores: the encoder (90 min) | segmenter, sparse directions, MAGEC LinkNet (~45 min)
+(
+  step_done encoder || { $PY -m core.demo.train_encoder --out "$CACHE/encoder-v2" --resume --minutes 90 --install && mark encoder; }
+) &
+ENC=$!
+(
+  if ! step_done segmenter; then
+    [ -e "$OUT/install/segmenter-started" ] || { rm -rf "$CACHE/segmenter"; touch "$OUT/install/segmenter-started"; }
+    $PY -m core.demo.train_segmenter --renderer v2 --minutes 22 --install && mark segmenter
+  fi
+  step_done sparse || { $PY -m core.edits fit-sparse core/demo/weights/face64.pt --report "$OUT/fit_sparse.json" && mark sparse; }
+  step_done linknet || { $PY -m core.magec core/demo/weights/face64.pt && mark linknet; }
+) &
+LANE=$!
+wait $ENC; wait $LANE
+echo "v2 installed: run the tests, re-measure (TRAINING.md step 5) and commit"
