@@ -1,8 +1,14 @@
-"""Shared test fixtures: paths and tiny random generators (seconds, not minutes)."""
+"""Shared test fixtures: paths and tiny random generators (seconds, not minutes).
+
+Test modules import the helpers as ``from tests.conftest import ...`` (a bare ``import conftest`` can resolve
+to tests/hosts/conftest.py in a full run). The fixtures below are visible to every test; a module that needs a
+different ``G`` (a real checkpoint, another seed) defines its own, which takes precedence.
+"""
 from __future__ import annotations
 
 import pathlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,3 +40,28 @@ def make_tiny_generator(resolution: int = 32, w_dim: int = 32, seed: int = 0):
 @pytest.fixture
 def tiny_generator():
     return make_tiny_generator()
+
+
+@pytest.fixture(scope="module")
+def G():
+    """The default tiny generator, built once per test module."""
+    return make_tiny_generator()
+
+
+def layer(size: int, seed: int = 0, soft_rows: int = 0) -> np.ndarray:
+    """A (size,size,4) float32 RGBA test layer: smooth gradients plus seeded noise, opaque except its first
+    ``soft_rows`` rows, which are at alpha 0.5."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    rgb = np.stack([xx, yy, 0.5 + 0.3 * np.sin(8 * xx)], -1) * 0.7 + 0.3 * rng.random((size, size, 3))
+    alpha = np.ones((size, size, 1))
+    alpha[:soft_rows] = 0.5
+    return np.concatenate([rgb, alpha], -1).astype(np.float32)
+
+
+def fast_chunks_options():
+    """``core.chunks.ChunksOptions`` for tests: L2 only, a small w_avg estimate (seconds on 2 cores). A fresh
+    instance per call, so modules never share one mutable options object."""
+    from core.chunks import ChunksOptions
+
+    return ChunksOptions(lpips_weight=0.0, l2_weight=1.0, w_avg_samples=200)

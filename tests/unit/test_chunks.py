@@ -8,19 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import make_tiny_generator
+from tests.conftest import fast_chunks_options
 from core.chunks import (ChunksOptions, SegmentSession, code_spread, invert_segments, normalize_masks,
                          seam_contrast, seam_energy)
 from core.common import Cancelled, InvalidInput
 from core.edits import edit_inputs
 from core.losses import masked_mse
 
-FAST = ChunksOptions(lpips_weight=0.0, l2_weight=1.0, w_avg_samples=200)  # L2 only: seconds on 2 cores
-
-
-@pytest.fixture(scope="module")
-def G():
-    return make_tiny_generator()
+FAST = fast_chunks_options()  # L2 only: seconds on 2 cores
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import make_tiny_generator
+from tests.conftest import fast_chunks_options
 from core.chunks import ChunksOptions, SegmentSession, dispersion, invert_segments
 from core.common import InvalidInput
 from core.losses import masked_mse
 
-FAST = ChunksOptions(lpips_weight=0.0, l2_weight=1.0, w_avg_samples=200)  # L2 only: seconds on 2 cores
-
-
-@pytest.fixture(scope="module")
-def G():
-    return make_tiny_generator()
+FAST = fast_chunks_options()  # L2 only: seconds on 2 cores
 
 
 @pytest.fixture(scope="module")

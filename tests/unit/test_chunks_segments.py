@@ -6,24 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_tiny_generator
+from tests.conftest import layer
 from core.common import InvalidInput
 from core.session import (EditSession, MethodAssets, SessionOptions, create_session, method_catalog,
                           segment_layer_masks)
 
 FAST = dict(method="chunks", align="none", project_steps=4)
-
-
-@pytest.fixture(scope="module")
-def G():
-    return make_tiny_generator()
-
-
-def layer(size: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    rgb = np.stack([xx, yy, 0.5 + 0.3 * np.sin(8 * xx)], -1) * 0.7 + 0.3 * rng.random((size, size, 3))
-    return np.concatenate([rgb, np.ones((size, size, 1))], -1).astype(np.float32)
 
 
 def grow(region: np.ndarray, r: int) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_tiny_generator
+from tests.conftest import layer as shared_layer, make_tiny_generator
 from core.common import Cancelled, InvalidInput, NoFace
 from core.edits import Direction
 from core.session import METHOD_STEPS, METHODS, EditSession, SessionOptions, create_session, method_catalog
@@ -17,18 +17,9 @@ from core.session import METHOD_STEPS, METHODS, EditSession, SessionOptions, cre
 FAST = dict(align="none", project_steps=3, tune_steps=2)
 
 
-@pytest.fixture(scope="module")
-def G():
-    return make_tiny_generator()
-
-
 def layer(size: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    rgb = np.stack([xx, yy, 0.5 + 0.3 * np.sin(8 * xx)], -1) * 0.7 + 0.3 * rng.random((size, size, 3))
-    alpha = np.ones((size, size, 1))
-    alpha[:4] = 0.5  # some partial transparency
-    return np.concatenate([rgb, alpha], -1).astype(np.float32)
+    """The shared test layer with some partial transparency (its first 4 rows at alpha 0.5)."""
+    return shared_layer(size, seed, soft_rows=4)
 
 
 def random_selection(size: int, seed: int) -> np.ndarray:
