@@ -32,7 +32,7 @@ import numpy as np
 
 from _util import ROOT, parse_args, print_table, write_json
 
-from server.launch import port_of, wait_for_ready
+from server.launch import port_of, stop_process, wait_for_ready
 
 FACE_SEED = 2323  # held-out faces: the training caches use seeds 0 and 1, bench/editability default_rng(1616)
 TERMINAL = {"done", "failed", "cancelled", "interrupted"}
@@ -86,13 +86,7 @@ class Server:
         return job
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+        stop_process(self.proc, 60, kill_timeout=30)
         self.log.close()
         shutil.rmtree(self.data, ignore_errors=True)
 

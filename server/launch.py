@@ -1,7 +1,8 @@
 """Starting ``python -m server`` from other programs (tests, benchmarks, scripts): its ready line.
 
 Once it listens, the server prints exactly one line to stdout, ``latent-edit server ready at URL``;
-:func:`wait_for_ready` reads a child process's stdout until that line and returns the URL.
+:func:`wait_for_ready` reads a child process's stdout until that line and returns the URL;
+:func:`stop_process` ends such a child again.
 """
 from __future__ import annotations
 
@@ -36,3 +37,16 @@ def wait_for_ready(proc: subprocess.Popen, timeout: float) -> Optional[str]:
 
 def port_of(url: str) -> int:
     return int(urllib.parse.urlsplit(url).port)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float, kill_timeout: Optional[float] = None) -> None:
+    """Stop ``proc`` if it still runs: SIGTERM, wait up to ``timeout`` seconds, then SIGKILL and wait up to
+    ``kill_timeout`` seconds (default: ``timeout``). A process that already ended is left as it is."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout if kill_timeout is None else kill_timeout)

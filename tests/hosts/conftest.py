@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from server.launch import wait_for_ready
+from server.launch import stop_process, wait_for_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_START_TIMEOUT_S = 180.0  # the first start may build caches and load the model on a busy 2-core machine
@@ -104,12 +104,7 @@ def start_server(data_dir: Path, host: str = "127.0.0.1", extra_args=()) -> Runn
 
 
 def stop_server(server: RunningServer) -> None:
-    server.proc.terminate()
-    try:
-        server.proc.wait(20)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait(10)
+    stop_process(server.proc, 20, kill_timeout=10)
 
 
 @pytest.fixture(scope="module")
