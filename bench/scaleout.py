@@ -92,7 +92,7 @@ class Server:
 
 
 def faces(n: int) -> list:
-    from core.demo.renderer import render, sample_params
+    from core.demo import render, sample_params
 
     out = []
     for p in sample_params(n, seed=FACE_SEED):

@@ -26,7 +26,6 @@ from core.edits import (
     sefa,
     style_deltas_for,
 )
-from tests.conftest import make_tiny_generator
 
 
 def _ffhq_ws(n=2, seed=0):
@@ -38,10 +37,6 @@ def _unit(shape, seed=1, dtype=torch.float32):
     v = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return (v / v.norm()).to(dtype)
 
-
-@pytest.fixture(scope="module")
-def G():
-    return make_tiny_generator()
 
 
 @pytest.fixture(scope="module")

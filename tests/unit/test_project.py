@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_tiny_generator
 from core.common import Cancelled, InvalidInput
 from core.losses import _cached_lpips
 from core.lpips_nets import HUB_FILES, VGG16Features
@@ -18,10 +17,6 @@ from core.projection import (FALLBACK_L2_WEIGHT, ProjectOptions, effective_l2_we
 # the tiny random generator's W spread is ~5 (FFHQ's lr 0.01 is tuned for a trained 512-D W): a larger lr
 FAST = ProjectOptions(lpips_net="alex", l2_weight=1.0, initial_learning_rate=0.1, w_avg_samples=200)
 
-
-@pytest.fixture(scope="module")
-def G():
-    return make_tiny_generator(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +64,16 @@ def test_masked_projection_ignores_pixels_outside_the_mask(G, known):
     garbage = target.clone()
     garbage[(mask == 0).expand_as(target)] = 0.7
     o = ProjectOptions(lpips_net="alex", l2_weight=1.0, initial_learning_rate=0.1, w_avg_samples=50)
+    # Outside pixels enter the loss multiplied by an exact zero; what is left is float rounding, which differs
+    # when the CPU's threads split a reduction differently (seen at 2.4e-7 on a loaded 2-core machine). Without
+    # the mask the garbage moves the code by orders of magnitude more.
     for crop in (True, False):
         o.crop_to_mask = crop
         a = project(G, target, steps=8, mask=mask, options=o)
         b = project(G, garbage, steps=8, mask=mask, options=o)
-        assert torch.equal(a, b)
-    assert not torch.equal(project(G, target, steps=8, options=o), project(G, garbage, steps=8, options=o))
+        assert float((a - b).abs().max()) <= 1e-5
+    unmasked = project(G, target, steps=8, options=o) - project(G, garbage, steps=8, options=o)
+    assert float(unmasked.abs().max()) > 1e-3
 
 
 def test_progress_and_cancel_within_one_step(G, known):

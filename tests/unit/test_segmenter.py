@@ -16,10 +16,6 @@ from core.session import MethodAssets, SessionOptions, create_session
 PARTS = ("background", "left", "right")
 
 
-@pytest.fixture(scope="module")
-def G():
-    return make_tiny_generator()
-
 
 def tiny_head(G, seed=0) -> PartHead:
     torch.manual_seed(seed)
