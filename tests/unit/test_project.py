@@ -51,29 +51,35 @@ def test_known_w_inversion_reaches_small_mse_and_leaves_G_alone(G, known):
     assert _mse(G, ws_plus, target) < err
 
 
-def test_projection_is_deterministic(G, known):
+@pytest.fixture
+def one_thread():
+    """Bit-exact comparisons on one CPU thread: with two, a loaded machine rounds some reductions differently
+    from call to call (seen: 2.4e-7 apart on the shared 2 cores while a training job ran)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_projection_is_deterministic(G, known, one_thread):
     _, target, _ = known
     o = ProjectOptions(lpips_net="alex", w_avg_samples=50)
     assert torch.equal(project(G, target, steps=5, options=o), project(G, target, steps=5, options=o))
 
 
-def test_masked_projection_ignores_pixels_outside_the_mask(G, known):
+def test_masked_projection_ignores_pixels_outside_the_mask(G, known, one_thread):
     _, target, _ = known
     mask = torch.zeros(1, 1, G.resolution, G.resolution)
     mask[..., 4:20, 6:26] = 1.0
     garbage = target.clone()
     garbage[(mask == 0).expand_as(target)] = 0.7
     o = ProjectOptions(lpips_net="alex", l2_weight=1.0, initial_learning_rate=0.1, w_avg_samples=50)
-    # Outside pixels enter the loss multiplied by an exact zero; what is left is float rounding, which differs
-    # when the CPU's threads split a reduction differently (seen at 2.4e-7 on a loaded 2-core machine). Without
-    # the mask the garbage moves the code by orders of magnitude more.
     for crop in (True, False):
         o.crop_to_mask = crop
         a = project(G, target, steps=8, mask=mask, options=o)
         b = project(G, garbage, steps=8, mask=mask, options=o)
-        assert float((a - b).abs().max()) <= 1e-5
-    unmasked = project(G, target, steps=8, options=o) - project(G, garbage, steps=8, options=o)
-    assert float(unmasked.abs().max()) > 1e-3
+        assert torch.equal(a, b)
+    assert not torch.equal(project(G, target, steps=8, options=o), project(G, garbage, steps=8, options=o))
 
 
 def test_progress_and_cancel_within_one_step(G, known):
