@@ -65,3 +65,23 @@ def fast_chunks_options():
     from core.chunks import ChunksOptions
 
     return ChunksOptions(lpips_weight=0.0, l2_weight=1.0, w_avg_samples=200)
+
+
+def auto_segments_session(G, segmenter, steps: int = 2):
+    """``(session, layer, selection)``: a chunks session with ``segments="auto"`` from ``segmenter`` on a random 32 px
+    layer with a rectangular selection; checks what every segment source must hold: each segment's mask lies
+    inside the selection and the masks sum to one there."""
+    import numpy as np
+
+    from core.session import MethodAssets, SessionOptions, create_session
+
+    rng = np.random.default_rng(0)
+    img = np.concatenate([rng.random((32, 32, 3)), np.ones((32, 32, 1))], -1).astype(np.float32)
+    sel = np.zeros((32, 32), np.float32)
+    sel[4:28, 6:30] = 1
+    sess = create_session(G, img, sel, SessionOptions(method="chunks", align="none", project_steps=steps,
+                                                      segments="auto"), assets=MethodAssets(segmenter=segmenter))
+    m = sess.segment_masks
+    assert m.shape == (sess.inversion.segments, 32, 32) and np.all(m[:, sel == 0] == 0)
+    assert np.allclose(m.sum(0)[sel > 0], 1, atol=1e-5)
+    return sess, img, sel

@@ -118,8 +118,7 @@ def test_face_parser_is_a_checkpoints_segmenter(tmp_path):
     """A checkpoint with <stem>.faceparsing.pth beside it: find_segmenter names it, load_segmenter gives an
     image-network Segmenter, and an auto-segments session makes static segments inside the selection."""
     from core.segmenter import find_segmenter, load_segmenter
-    from core.session import MethodAssets, SessionOptions, create_session
-    from tests.conftest import make_tiny_generator
+    from tests.conftest import auto_segments_session, make_tiny_generator
 
     ckpt = tmp_path / "ffhq.pt"
     save_parser_file(tmp_path / "ffhq.faceparsing.pth")
@@ -128,15 +127,5 @@ def test_face_parser_is_a_checkpoints_segmenter(tmp_path):
     seg = load_segmenter(path)
     assert seg.head is None and isinstance(seg.unet, FaceParser) and seg.parts == tuple(PART_GROUPS)
     assert seg.meta["source"] == "bisenet"
-    G = make_tiny_generator()
-    rng = np.random.default_rng(0)
-    img = np.concatenate([rng.random((32, 32, 3)), np.ones((32, 32, 1))], -1).astype(np.float32)
-    sel = np.zeros((32, 32), np.float32)
-    sel[4:28, 6:30] = 1
-    sess = create_session(G, img, sel, SessionOptions(method="chunks", align="none", project_steps=2,
-                                                      segments="auto"), assets=MethodAssets(segmenter=seg))
-    m = sess.segment_masks
-    n = sess.inversion.segments
-    assert m.shape == (n, 32, 32) and np.all(m[:, sel == 0] == 0)
-    assert np.allclose(m.sum(0)[sel > 0], 1, atol=1e-5)
-    assert set(sess.inversion.info["segment_parts"]) <= set(PART_GROUPS)
+    sess, _, _ = auto_segments_session(make_tiny_generator(), seg)
+    assert sess.info["segment_source"] == "auto" and set(sess.inversion.info["segment_parts"]) <= set(PART_GROUPS)
