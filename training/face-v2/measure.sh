@@ -9,7 +9,7 @@ cd "$REPO"
 export PYTHONPATH="$REPO"
 OUT=${OUT:-$HOME/.cache/latent-edit-train/face-v2}/bench
 mkdir -p "$OUT"
-for bench in demo edits editability expanded magec chunks speed; do
+for bench in demo edits expanded magec chunks speed editability; do  # editability last: hours at full settings
   [ -e "$OUT/$bench.json" ] && continue
   echo "== bench/$bench.py $(date -u +%H:%M)"
   .venv/bin/python "bench/$bench.py" --json "$OUT/$bench.json.part" > "$OUT/$bench.txt" 2>&1
