@@ -16,6 +16,7 @@ facexlib 0.3.0's implementation of the same network: ``tests/fixtures/faceparsin
 from __future__ import annotations
 
 import pathlib
+import pickle
 
 import torch
 import torch.nn as nn
@@ -180,8 +181,9 @@ class FaceParser(nn.Module):
         """``(N,3,H,W)`` in [-1,1] -> the 19 CelebAMask-HQ class logits ``(N,19,H,W)``."""
         H, W = images.shape[-2:]
         x = ((images.float() + 1) / 2 - self.mean) / self.std
-        if (H, W) != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        if (H, W) != (self.size, self.size):  # antialiased when shrinking, as PIL's BILINEAR in the reference test.py
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                              antialias=min(H, W) > self.size)
         logits = self.net(x)
         if (H, W) != (self.size, self.size):
             logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
@@ -198,15 +200,19 @@ def load_face_parser(path, size: int = PARSE_SIZE) -> FaceParser:
     path = pathlib.Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated, not a torch file, or holds objects beyond tensors
-        raise InvalidInput(f"cannot read the face-parsing file {path.name}: {str(exc).splitlines()[0][:200]}") from exc
+    except pickle.UnpicklingError as exc:  # objects beyond tensors: refused, never unpickled
+        raise InvalidInput(f"cannot read the face-parsing file {path.name}: it holds Python objects besides "
+                           "tensors (only plain state_dict files are read)") from exc
+    except Exception as exc:  # noqa: BLE001 - empty, truncated, or not a torch file
+        why = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise InvalidInput(f"cannot read the face-parsing file {path.name}: {why}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InvalidInput(f"{path.name} is not a BiSeNet state_dict (a mapping of tensor names to tensors)")
     state = {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
     head = state.get("conv_out.conv_out.weight")
-    if head is None:
+    if head is None or head.ndim != 4:
         raise InvalidInput(f"{path.name} is not a face-parsing BiSeNet file (no conv_out.conv_out.weight)")
     if head.shape[0] != len(CELEBAMASK_CLASSES):
         raise InvalidInput(f"{path.name} parses {head.shape[0]} classes; the CelebAMask-HQ BiSeNet has "

@@ -160,7 +160,7 @@ class LoadedModel:
 
                     seg = load_segmenter(self.segmenter_path)
                     seg.check_generator(self.generator)
-                    self._assets["segmenter"] = seg
+                    self._assets["segmenter"] = seg.to(self.generator.w_avg.device)
             descriptor, linknet = self._assets.get("magec", (None, None))
             return MethodAssets(descriptor, linknet, self._assets.get("encoder"),
                                 {k: v for k, v in self.missing.items() if k in needs}, self._assets.get("segmenter"))

@@ -166,6 +166,13 @@ class Segmenter:
         self.head, self.unet, self.meta, self.path = head, unet, dict(meta or {}), path
         self.parts = tuple((head or unet).parts)
 
+    def to(self, device) -> "Segmenter":
+        """Move the networks to ``device`` (the generator's: sessions segment its crops there); returns self."""
+        for net in (self.head, self.unet):
+            if net is not None:
+                net.to(device)
+        return self
+
     @torch.no_grad()
     def segment(self, images: torch.Tensor) -> torch.Tensor:
         """Image-space labels: ``(N,3,H,W)`` in [-1,1] -> ``(N,H,W)`` int64 indices into ``parts``."""

@@ -419,23 +419,44 @@ CARRIED = ("scorer.pt", "scorer_eval.json", "ckpt.pt", "ckpt_finetune.pt", "face
            "directions_eval.json", "log.txt")
 
 
+def _checkpoint_step(path: pathlib.Path) -> int:
+    """The ``step`` a trainer checkpoint records (-1 when it cannot be read)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    except Exception:  # noqa: BLE001 - unreadable: the other copy wins
+        return -1
+
+
 def carry(src: pathlib.Path, dst: pathlib.Path, names=CARRIED, replace: bool = True) -> list:
-    """Copy the run files ``names`` found in ``src`` into ``dst`` (folders whole); ``replace=False`` keeps what
-    ``dst`` already has.  Returns the names copied.  Used to move a run between machines: a session that must
-    stop mid-run carries its state into the repository, the next one carries it back (core/demo/TRAINING.md)."""
+    """Copy the run files ``names`` found in ``src`` into ``dst`` (folders whole, through a ``.part`` copy that is
+    renamed); ``replace=False`` keeps what ``dst`` already has, except a checkpoint (``ckpt*.pt``) that records
+    an earlier step than ``src``'s.  Returns the names copied.  Used to move a run between machines: a session
+    that must stop mid-run carries its state into the repository, the next one carries it back
+    (core/demo/TRAINING.md)."""
+    from core.common import InvalidInput
+
+    if not src.is_dir():
+        raise InvalidInput(f"no run state to carry at {src}")
+    if src.resolve() == dst.resolve():
+        return []
     dst.mkdir(parents=True, exist_ok=True)
     done = []
     for name in names:
         a, b = src / name, dst / name
-        if not a.exists() or (b.exists() and not replace):
+        if not a.exists():
             continue
+        if b.exists() and not replace:
+            newer = name.startswith("ckpt") and a.is_file() and _checkpoint_step(a) > _checkpoint_step(b)
+            if not newer:
+                continue
+        tmp = b.with_name(b.name + ".part")
         if a.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(a, tmp)
             shutil.rmtree(b, ignore_errors=True)
-            shutil.copytree(a, b)
         else:
-            tmp = b.with_name(b.name + ".part")
             shutil.copy2(a, tmp)
-            tmp.replace(b)
+        tmp.replace(b)
         done.append(name)
     return done
 

@@ -176,3 +176,20 @@ def test_run_state_carries_between_folders(tmp_path):
     (fresh / "ckpt.pt").write_bytes(b"step 20")  # the run went on here
     assert carry(keep, fresh, replace=False) == [] and (fresh / "ckpt.pt").read_bytes() == b"step 20"
     assert carry(fresh, keep) == ["ckpt.pt", "face64.directions"] and (keep / "ckpt.pt").read_bytes() == b"step 20"
+    assert carry(keep, keep) == [] and (keep / "face64.directions" / "smile.npy").exists()
+    from core.common import InvalidInput
+
+    with pytest.raises(InvalidInput, match="no run state to carry"):
+        carry(tmp_path / "typo", fresh)
+
+
+def test_carry_from_restores_a_checkpoint_only_when_it_is_further_on(tmp_path):
+    from core.demo.train import carry
+
+    old, new = tmp_path / "stale-machine", tmp_path / "repo"
+    old.mkdir(), new.mkdir()
+    torch.save({"step": 100}, old / "ckpt.pt")
+    torch.save({"step": 900}, new / "ckpt.pt")
+    assert carry(new, old, replace=False) == ["ckpt.pt"] and torch.load(old / "ckpt.pt")["step"] == 900
+    torch.save({"step": 1000}, old / "ckpt.pt")  # the run went on here: kept
+    assert carry(new, old, replace=False) == [] and torch.load(old / "ckpt.pt")["step"] == 1000

@@ -2,7 +2,7 @@
 # Install the finished v2 run as the embedded default and refit what belongs to the generator
 # (core/demo/TRAINING.md, "Installing it"). Resumable: each step leaves a marker in $OUT/install/ and is skipped
 # when it is there; the encoder and segmenter trainers resume from their own checkpoints.
-#   nohup setsid training/face-v2/install.sh >> ~/.cache/latent-edit-train/face-v2/install.txt 2>&1 < /dev/null &
+#   mkdir -p ~/.cache/latent-edit-train/face-v2 && nohup setsid training/face-v2/install.sh >> ~/.cache/latent-edit-train/face-v2/install.txt 2>&1 < /dev/null &
 # It edits core/demo/__init__.py (RENDERER) and writes core/demo/weights/: review and commit the result, then
 # re-measure (TRAINING.md step 5). FORCE=1 installs a run below the 30 dB target.
 set -e
@@ -29,19 +29,23 @@ sed -i 's/^RENDERER = "core.demo.renderer"$/RENDERER = "core.demo.renderer_v2"/'
 grep -q '^RENDERER = "core.demo.renderer_v2"$' core/demo/__init__.py
 step_done weights || { $PY -m core.demo.train $FLAGS --stages '' --install; mark weights; }
 
-# 3. two lanes on the two cores: the encoder (90 min) | segmenter, sparse directions, MAGEC LinkNet (~45 min)
+# 3. two lanes on the two cores: the encoder (90 min) | segmenter, sparse directions, MAGEC LinkNet (~45 min);
+# every step ends its lane on failure, and the script fails when either lane did
 (
-  step_done encoder || { $PY -m core.demo.train_encoder --out "$CACHE/encoder-v2" --resume --minutes 90 --install && mark encoder; }
+  step_done encoder || { $PY -m core.demo.train_encoder --out "$CACHE/encoder-v2" --resume --minutes 90 --install && mark encoder; } || exit 1
 ) &
 ENC=$!
 (
   if ! step_done segmenter; then
-    [ -e "$OUT/install/segmenter-started" ] || { rm -rf "$CACHE/segmenter"; touch "$OUT/install/segmenter-started"; }
-    $PY -m core.demo.train_segmenter --renderer v2 --minutes 22 --install && mark segmenter
+    [ -e "$OUT/install/segmenter-started" ] || { rm -rf "$CACHE/segmenter-v2"; touch "$OUT/install/segmenter-started"; }
+    $PY -m core.demo.train_segmenter --out "$CACHE/segmenter-v2" --renderer v2 --minutes 22 --install && mark segmenter || exit 1
   fi
-  step_done sparse || { $PY -m core.edits fit-sparse core/demo/weights/face64.pt --report "$OUT/fit_sparse.json" && mark sparse; }
-  step_done linknet || { $PY -m core.magec core/demo/weights/face64.pt && mark linknet; }
+  step_done sparse || { $PY -m core.edits fit-sparse core/demo/weights/face64.pt --report "$OUT/fit_sparse.json" && mark sparse; } || exit 1
+  step_done linknet || { $PY -m core.magec core/demo/weights/face64.pt && mark linknet; } || exit 1
 ) &
 LANE=$!
-wait $ENC; wait $LANE
+rc=0
+wait $ENC || rc=1
+wait $LANE || rc=1
+[ $rc = 0 ] || { echo "a refit failed (see above); rerun install.sh: finished steps are skipped"; exit 1; }
 echo "v2 installed: run the tests, re-measure (TRAINING.md step 5) and commit"
