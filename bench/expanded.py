@@ -17,7 +17,9 @@ Table 2, fusion (``EditSession.render(fusion=...)``): the held-out faces alone a
 ``create_session`` with the embedded encoder (Yin et al. edit encoder codes: e4e/pSp), edited at ±2 with both
 direction sets, ``fusion="none"`` vs ``"relevance"``: ``total_mse`` (result vs the true edited render), ``score``,
 ``err_in``/``err_out``, ``lpips`` (result vs truth; the project's LPIPS, backbone named in the JSON);
-``render_ms`` a re-render (median of repeats) and ``fit_s`` the once-per-session content fit.
+``render_ms`` a re-render (median of repeats) and ``fit_s`` the once-per-session content fit; with the learned
+content extractor installed (``core/demo/weights/face64.content.pt``), rows ``learned``: the same fusion with the
+content from one extractor forward (``fit_s`` its time).
 
 Table 3, Yin Table 1 analogue (faces with extras): L2 (MSE) and LPIPS of the edit vs the ground-truth edit, rows
 dense/none (the InterfaceGAN-style baseline), sparse/none ("edit"), sparse/relevance ("edit_refine").
@@ -93,35 +95,62 @@ def _median_ms(fn, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def learned_extractor(G):
+    """The embedded model's learned content extractor (core.demo.train_content), or None when not installed."""
+    from core.models import content_path_for
+
+    path = content_path_for(None, default=True)
+    if not path.is_file():
+        return None
+    from core.expanded import load_content_extractor
+
+    return load_content_extractor(path, G)
+
+
 def fusion_records(dom, sets: dict, params, faces, repeats: int, skipped: dict) -> list:
-    """Table 2/3 records: one encoder session per face, every case × set × fusion."""
+    """Table 2/3 records: one encoder session per face, every case × set × fusion ("learned": relevance fusion
+    with the content from the learned extractor, in a second session of the same face)."""
+    import dataclasses as dc
+
     from core.session import SessionOptions, create_session
 
     opts = SessionOptions(method="encoder", align="none")
     assets = E._assets(opts)
+    extractor = learned_extractor(dom.G)
+    fusions = FUSIONS + (("learned",) if extractor is not None else ())
     out = []
     for i, ex in faces:
         base, cases = E.build_cases(dom, params[i], ex, (1,), STRENGTHS, skipped)
         cases = [c for c in cases if c.attribute in sets["dense"]]
         session = create_session(dom.G, E._layer(base[1]), None, opts, directions={}, assets=assets)
+        sessions = {f: session for f in FUSIONS}
         t = time.perf_counter()
         session.fused_inversion()
-        fit_s = time.perf_counter() - t
+        fit_s = {f: time.perf_counter() - t for f in FUSIONS}
+        if extractor is not None:
+            sessions["learned"] = create_session(dom.G, E._layer(base[1]), None, opts, directions={},
+                                                 assets=dc.replace(assets, content=extractor))
+            t = time.perf_counter()
+            sessions["learned"].fused_inversion()
+            fit_s["learned"] = time.perf_counter() - t
+        mode = lambda f: "relevance" if f == "learned" else f  # noqa: E731
         probe = [(sets["dense"][cases[0].attribute], cases[0].strength)] if cases else []
-        ms = {f: _median_ms(lambda: session.render(probe, fusion=f), repeats) for f in FUSIONS}
+        ms = {f: _median_ms(lambda: sessions[f].render(probe, fusion=mode(f)), repeats) for f in fusions}
         for s_name, dirs in sets.items():
-            for fusion in FUSIONS:
-                un = _result(session, [], fusion)
-                outs = [_result(session, [(dirs[c.attribute], c.strength)], fusion) for c in cases]
+            for fusion in fusions:
+                sess, how = sessions[fusion], mode(fusion)
+                un = _result(sess, [], how)
+                outs = [_result(sess, [(dirs[c.attribute], c.strength)], how) for c in cases]
                 reads = dom.readings([un] + outs)
                 for c, o, r in zip(cases, outs, reads[1:]):
                     rec = E.score_case(dom, c, 1, o, un, base[1], r, reads[0])
                     rec.update(set=s_name, fusion=fusion, face=i, domain="+".join(ex) or "in-domain",
-                               domain_kind="extras" if ex else "in-domain", render_ms=ms[fusion], fit_s=fit_s,
+                               domain_kind="extras" if ex else "in-domain", render_ms=ms[fusion], fit_s=fit_s[fusion],
                                lpips=dom.distance(o, c.true[1])[0])
                     out.append(rec)
-        print(f"  face {i} {'+'.join(ex) or 'in-domain'}: fit {fit_s:.2f} s, re-render none {ms['none']:.1f} ms, "
-              f"relevance {ms['relevance']:.1f} ms", file=sys.stderr)
+        print(f"  face {i} {'+'.join(ex) or 'in-domain'}: content fit {fit_s['relevance']:.2f} s"
+              + (f", learned {fit_s['learned'] * 1e3:.0f} ms" if "learned" in fit_s else "")
+              + ", re-render " + ", ".join(f"{f} {ms[f]:.1f} ms" for f in fusions), file=sys.stderr)
     return out
 
 
@@ -159,8 +188,11 @@ def main() -> int:
     yin = []
     for label, s_name, fusion in (("dense (InterfaceGAN-style)", "dense", "none"), ("sparse: edit", "sparse", "none"),
                                   ("sparse + fusion: edit_refine", "sparse", "relevance"),
-                                  ("dense + fusion", "dense", "relevance")):
+                                  ("dense + fusion", "dense", "relevance"),
+                                  ("sparse + learned content", "sparse", "learned")):
         rs = [x for x in recs if x["set"] == s_name and x["fusion"] == fusion and x["domain_kind"] == "extras"]
+        if not rs:
+            continue
         yin.append({"row": label, "n": len(rs), "L2": mean_finite(x["total_mse"] for x in rs),
                     "LPIPS": mean_finite(x["lpips"] for x in rs)})
 
@@ -178,6 +210,10 @@ def main() -> int:
             acceptance[f"{s_name}_fusion_total_mse_ratio_extras"] = ratio(b["total_mse"], a["total_mse"])
             acceptance[f"{s_name}_fusion_score_extras"] = [a["score"], b["score"]]
             acceptance[f"{s_name}_fusion_render_ratio"] = ratio(b["render_ms"], a["render_ms"])
+        c = fr.get((s_name, "learned", "extras"))
+        if a and c:
+            acceptance[f"{s_name}_learned_total_mse_ratio_extras"] = ratio(c["total_mse"], a["total_mse"])
+            acceptance[f"{s_name}_learned_score_extras"] = [a["score"], c["score"]]
     seconds = time.perf_counter() - t0
     print(f"bench/expanded ({name}): held-out seed {E.HELD_OUT_SEED}, {st['true_faces']} true-latent faces; "
           f"fusion on {len(faces)} encoder-inverted faces (extras {list(extras)}), strengths {list(STRENGTHS)}; "

@@ -324,18 +324,180 @@ def fit_content(G, ws: torch.Tensor, target: torch.Tensor, weight: Optional[torc
         for p, g in zip(params, grads):
             p.grad = g
         opt.step()
-    with torch.no_grad():
-        content = {b: v.detach() for b, v in content.items()}
-        record: dict = {}
-        img = _content_pass(G, ws, content, record, noise_mode)
-        after = rec_loss(img)
+    return _content_features(G, ws, blocks, content, noise_mode, rec_loss, before, {"steps": int(o.fit_steps)})
+
+
+@torch.no_grad()
+def _content_features(G, ws, blocks, content: Mapping, noise_mode: str, rec_loss: Callable, before,
+                      report: dict) -> ContentFeatures:
+    """The :class:`ContentFeatures` of per-block features ``content`` (full features, not residuals) for ``ws``:
+    one recorded content pass gives the residuals over the pipeline's own features and skip images."""
+    content = {b: v.detach() for b, v in content.items()}
+    record: dict = {}
+    img = _content_pass(G, ws, content, record, noise_mode)
+    after = rec_loss(img)
     unedited = {b: record[b][0].contiguous() for b in blocks}
     return ContentFeatures(
         blocks, {b: (content[b] - unedited[b]).contiguous() for b in blocks},
         {b: (record[b][2] - record[b][1]).contiguous() for b in blocks}, unedited,
         {b: unedited[b].square().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) for b in blocks}, ws,
         {"mse_before": [round(float(v), 6) for v in before], "mse_after": [round(float(v), 6) for v in after],
-         "steps": int(o.fit_steps), "blocks": list(blocks)})
+         "blocks": list(blocks), **report})
+
+
+# ------------------------------------------------------------------------- the learned content extractor
+
+CONTENT_SUFFIX = ".content.pt"  # <checkpoint stem>.content.pt: a ContentExtractor trained for that generator
+CONTENT_FORMAT = "latent-edit-content-extractor"
+
+
+class ContentExtractor(torch.nn.Module):
+    """The learned form of the content branch (Yin et al. §3.2: content features from an extractor network
+    instead of a per-image fit).  ``(target, own)`` — the input ``(N,3,r,r)`` in [-1,1] and the generator's
+    image of its code — -> ``{block: (N,C,R,R)}`` residuals added to the generator's own block features.
+    A convolutional pyramid on ``[target, own, target − own]`` with one 3×3 head per fused block; the heads start
+    at zero, so an untrained extractor keeps the generator's features (and the fused render equals the plain one)."""
+
+    def __init__(self, resolution: int, blocks: Mapping, width: int = 32):
+        super().__init__()
+        nn = torch.nn
+        self.resolution, self.width = int(resolution), int(width)
+        self.blocks = {int(b): (int(c), int(r)) for b, (c, r) in blocks.items()}
+        self.stem = nn.Conv2d(9, self.width, 3, padding=1)
+        lowest = min(r for _, r in self.blocks.values())
+        self.levels = []
+        r = self.resolution
+        while r > lowest:
+            r //= 2
+            self.levels.append(r)
+        self.down = nn.ModuleList(nn.Conv2d(self.width, self.width, 3, padding=1) for _ in self.levels)
+        self.heads = nn.ModuleDict({str(b): nn.Conv2d(self.width, c, 3, padding=1) for b, (c, _) in self.blocks.items()})
+        for head in self.heads.values():
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, target: torch.Tensor, own: torch.Tensor) -> dict:
+        x = F.leaky_relu(self.stem(torch.cat([target, own, target - own], 1)), 0.2)
+        feats = {self.resolution: x}
+        for r, conv in zip(self.levels, self.down):
+            x = F.leaky_relu(conv(F.avg_pool2d(x, 2)), 0.2)
+            feats[r] = x
+        return {b: self.heads[str(b)](feats[r]) for b, (_, r) in self.blocks.items()}
+
+    def config(self) -> dict:
+        return {"resolution": self.resolution, "width": self.width,
+                "blocks": {str(b): list(v) for b, v in self.blocks.items()}}
+
+
+def new_content_extractor(G, options: Optional[FusionOptions] = None, width: int = 32) -> ContentExtractor:
+    """An (untrained) :class:`ContentExtractor` shaped for ``G``'s blocks from ``options.first_block`` on."""
+    o = options or FusionOptions()
+    res = G.block_resolutions()
+    with torch.no_grad():
+        _, feats = G.block_features(G.w_avg.reshape(1, 1, -1).expand(1, int(G.num_ws), -1),
+                                    blocks=range(int(o.first_block), len(res)))
+    return ContentExtractor(int(G.resolution), {b: (int(f[0].shape[1]), res[b]) for b, f in feats.items()}, width)
+
+
+def extract_content(G, ws: torch.Tensor, target: torch.Tensor, extractor: ContentExtractor,
+                    weight: Optional[torch.Tensor] = None, noise_mode: str = "const") -> ContentFeatures:
+    """:func:`fit_content`'s result from one extractor forward: ``ws`` (n,num_ws,w_dim), ``target`` (1|n,3,r,r)
+    in [-1,1]; ``weight`` (1|n,1,r,r) only weighs the reported reconstruction error."""
+    blocks = tuple(sorted(extractor.blocks))
+    if target.ndim != 4 or target.shape[1] != 3 or target.shape[-1] != G.resolution:
+        raise InvalidInput(f"target must be (1|n,3,{G.resolution},{G.resolution}), got {tuple(target.shape)}")
+    ws = ws.detach()
+    n = ws.shape[0]
+    target = target.detach().to(ws.device).expand(n, -1, -1, -1)
+    w = torch.ones_like(target[:, :1]) if weight is None else weight.detach().to(ws.device).float().expand(n, 1, *target.shape[-2:])
+    wsum = w.sum(dim=(1, 2, 3)).clamp_min(1e-8)
+
+    def rec_loss(img):
+        return ((img - target).square().mean(1, keepdim=True) * w).sum(dim=(1, 2, 3)) / wsum
+
+    with torch.no_grad():
+        img0, feats = G.block_features(ws, blocks=blocks, noise_mode=noise_mode)
+        residual = extractor(target, img0.clamp(-1, 1))
+        content = {b: feats[b][0] + residual[b] for b in blocks}
+        return _content_features(G, ws, blocks, content, noise_mode, rec_loss, rec_loss(img0), {"extractor": True})
+
+
+def content_extractor_loss(G, extractor: ContentExtractor, ws: torch.Tensor, target: torch.Tensor,
+                           feature_reg: float, noise_mode: str = "const") -> torch.Tensor:
+    """The training loss of the extractor on a batch: the content pipeline's MSE against ``target`` plus
+    :class:`FusionOptions`' ``feature_reg`` × each block's residual energy relative to its features (as
+    :func:`fit_content` fits, so both forms agree on what the content is)."""
+    blocks = tuple(sorted(extractor.blocks))
+    with torch.no_grad():
+        img0, feats = G.block_features(ws, blocks=blocks, noise_mode=noise_mode)
+    residual = extractor(target, img0.clamp(-1, 1))
+    content = {b: feats[b][0] + residual[b] for b in blocks}
+    loss = (_content_pass(G, ws, content, noise_mode=noise_mode) - target).square().mean()
+    if feature_reg:
+        loss = loss + feature_reg * sum(residual[b].square().mean() / feats[b][0].square().mean().clamp_min(1e-12)
+                                        for b in blocks)
+    return loss
+
+
+def train_content_extractor(G, extractor: ContentExtractor, sample: Callable, steps: int, lr: float = 1e-3,
+                            feature_reg: Optional[float] = None, seed: int = 0, progress=None) -> list:
+    """Adam on :func:`content_extractor_loss` over ``steps`` batches ``sample(generator) -> (ws, target)``;
+    returns the loss per step.  ``G`` is not modified."""
+    reg = FusionOptions().feature_reg if feature_reg is None else float(feature_reg)
+    G.requires_grad_(False)
+    opt = torch.optim.Adam(extractor.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    extractor.train()
+    for step in range(int(steps)):
+        ws, target = sample(gen)
+        loss = content_extractor_loss(G, extractor, ws.detach(), target.detach(), reg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(float(loss.detach()))
+        if progress is not None:
+            progress(step + 1, history[-1])
+    extractor.eval()
+    return history
+
+
+def save_content_extractor(path, extractor: ContentExtractor, meta: Optional[dict] = None) -> None:
+    """``{"format", "config" (JSON text), "meta" (JSON text), "net.*" tensors}`` (read back with weights_only)."""
+    import json
+    import pathlib
+
+    record = {"format": CONTENT_FORMAT, "config": json.dumps(extractor.config()), "meta": json.dumps(meta or {})}
+    record.update({f"net.{k}": v.detach().cpu() for k, v in extractor.state_dict().items()})
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(record, path)
+
+
+def load_content_extractor(path, G=None) -> ContentExtractor:
+    """Read :func:`save_content_extractor` output (``weights_only=True``); with ``G``, refuse an extractor made
+    for another generator (its fingerprint in meta).  InvalidInput naming the file."""
+    import json
+    import pathlib
+
+    path = pathlib.Path(path)
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(record, dict) or record.get("format") != CONTENT_FORMAT:
+            raise InvalidInput(f"{path.name} is not a {CONTENT_FORMAT} file")
+        cfg, meta = json.loads(record["config"]), json.loads(record["meta"])
+        net = ContentExtractor(cfg["resolution"], {int(b): tuple(v) for b, v in cfg["blocks"].items()}, cfg["width"])
+        net.load_state_dict({k[4:]: v for k, v in record.items() if k.startswith("net.")})
+    except InvalidInput:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreadable or wrong tensors: say which file
+        raise InvalidInput(f"cannot read the content extractor {path.name}: {str(exc)[:200]}") from exc
+    if G is not None and meta.get("generator_sha256"):
+        from core.stylegan2.formats import fingerprint
+
+        if fingerprint(G) != meta["generator_sha256"]:
+            raise InvalidInput(f"the content extractor {path.name} was trained for another generator: retrain it "
+                               "(python -m core.demo.train_content)")
+    return net.eval().requires_grad_(False)
 
 
 def relevance_map(unedited: torch.Tensor, edited: torch.Tensor, energy: torch.Tensor, tau: float,
@@ -376,18 +538,24 @@ def fused_synthesis(G, ws: torch.Tensor, content: ContentFeatures, options: Opti
 
 class FusedRender:
     """An :class:`core.inversion.Inversion`'s renders with content fusion; stands in for it in
-    ``core.compositing.compose`` (every other attribute is the inversion's).  Fits the content once, on creation:
+    ``core.compositing.compose`` (every other attribute is the inversion's).  Gets the content once, on creation:
+    from ``extractor`` (a :class:`ContentExtractor` for this generator: one forward) when given, else fitted,
     each segment's code against the inverted image on its segment mask."""
 
-    def __init__(self, inversion, options: Optional[FusionOptions] = None):
+    def __init__(self, inversion, options: Optional[FusionOptions] = None,
+                 extractor: Optional[ContentExtractor] = None):
         self.inversion = inversion
         self.options = options or FusionOptions()
         inv = inversion
         if getattr(inv, "styles", None):
             raise InvalidInput("Keep photo detail (fusion 'relevance') does not work with S-space segment codes yet; "
                                "use space 'w+' or fusion 'none'")
-        with torch.enable_grad():
-            self.content = fit_content(inv.G, inv.ws, inv.image, inv.masks, self.options, inv.noise_mode)
+        if extractor is not None:  # the learned form: one forward
+            self.content = extract_content(inv.G, inv.ws, inv.image, extractor.to(inv.ws.device), inv.masks,
+                                           inv.noise_mode)
+        else:
+            with torch.enable_grad():
+                self.content = fit_content(inv.G, inv.ws, inv.image, inv.masks, self.options, inv.noise_mode)
         with torch.no_grad():
             self._rec = fused_synthesis(inv.G, inv.ws, self.content, self.options, noise_mode=inv.noise_mode)
         self._rec_mixed = self._mix(self._rec)

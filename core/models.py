@@ -74,6 +74,19 @@ def find_encoder(checkpoint, default: bool = False) -> tuple[Optional[pathlib.Pa
                   "(an official e4e/pSp .pt file works)")
 
 
+def content_path_for(checkpoint, default: bool = False) -> pathlib.Path:
+    """Where a checkpoint's learned content extractor lives (core.expanded, "Keep photo detail" in one forward):
+    ``<stem>.content.pt`` beside it, or ``core/demo/weights/face64.content.pt`` for the embedded model."""
+    from core.expanded import CONTENT_SUFFIX
+
+    if default:
+        from core.demo import WEIGHTS_DIR
+
+        return WEIGHTS_DIR / ("face64" + CONTENT_SUFFIX)
+    p = pathlib.Path(checkpoint)
+    return p.with_name(p.stem + CONTENT_SUFFIX)
+
+
 def find_descriptor(checkpoint, default: bool = False) -> str:
     """'' when MAGEC has a descriptor for the checkpoint, else what to add (core.magec.load_descriptor);
     ``default``: the checkpoint is the embedded model (its scorer is the descriptor)."""
@@ -118,6 +131,7 @@ class LoadedModel:
     missing: dict = dataclasses.field(default_factory=dict)  # {capability: what to add} (see the module doc)
     encoder_path: Optional[pathlib.Path] = None
     segmenter_path: Optional[pathlib.Path] = None  # core.segmenter.find_segmenter
+    content_path: Optional[pathlib.Path] = None  # core.expanded's learned content extractor (content_path_for)
     cache_dir: Optional[pathlib.Path] = None
     _assets: dict = dataclasses.field(default_factory=dict, repr=False)
     _lock: object = dataclasses.field(default_factory=threading.Lock, repr=False)
@@ -161,9 +175,14 @@ class LoadedModel:
                     seg = load_segmenter(self.segmenter_path)
                     seg.check_generator(self.generator)
                     self._assets["segmenter"] = seg.to(self.generator.w_avg.device)
+                elif need == "content" and self.content_path is not None:
+                    from core.expanded import load_content_extractor
+
+                    self._assets["content"] = load_content_extractor(self.content_path, self.generator)
             descriptor, linknet = self._assets.get("magec", (None, None))
             return MethodAssets(descriptor, linknet, self._assets.get("encoder"),
-                                {k: v for k, v in self.missing.items() if k in needs}, self._assets.get("segmenter"))
+                                {k: v for k, v in self.missing.items() if k in needs}, self._assets.get("segmenter"),
+                                self._assets.get("content"))
 
     def info(self) -> dict:
         """Plain JSON-able description of the model and its directions."""
@@ -196,11 +215,14 @@ def _methods(capabilities) -> list:
 
 
 def _is_sidecar(path: pathlib.Path) -> bool:
-    """True for the files that belong to a checkpoint beside them (encoder, descriptor, LinkNet fit, segmenter)."""
+    """True for the files that belong to a checkpoint beside them (encoder, descriptor, LinkNet fit, segmenter,
+    content extractor)."""
+    from core.expanded import CONTENT_SUFFIX
     from core.magec import DESCRIPTOR_SUFFIX, LINKNET_SUFFIX
     from core.segmenter import SIDECAR_SUFFIXES
 
-    return path.name.lower().endswith((ENCODER_SUFFIX, DESCRIPTOR_SUFFIX, LINKNET_SUFFIX, *SIDECAR_SUFFIXES))
+    return path.name.lower().endswith((ENCODER_SUFFIX, DESCRIPTOR_SUFFIX, LINKNET_SUFFIX, CONTENT_SUFFIX,
+                                       *SIDECAR_SUFFIXES))
 
 
 def _is_direction_file(path: pathlib.Path) -> bool:
@@ -346,8 +368,10 @@ class ModelRegistry:
         segmenter, why = find_segmenter(path, default=embedded)
         if segmenter is None:
             missing["segmenter"] = why
+        content = content_path_for(path, default=embedded)
         return LoadedModel(name, path, G, ordered, default=is_default, directions_error=error, missing=missing,
-                           encoder_path=encoder, segmenter_path=segmenter, cache_dir=self.cache_dir)
+                           encoder_path=encoder, segmenter_path=segmenter,
+                           content_path=content if content.is_file() else None, cache_dir=self.cache_dir)
 
     def directions(self, name: Optional[str] = None) -> dict:
         """``{direction name: Direction}`` of model ``name``."""

@@ -109,6 +109,7 @@ class MethodAssets:
     encoder: object = None
     missing: dict = dataclasses.field(default_factory=dict)  # {"magec"|"encoder"|"segmenter": why unavailable}
     segmenter: object = None  # core.segmenter.Segmenter for segments="auto"
+    content: object = None  # core.expanded.ContentExtractor: render(fusion="relevance") in one forward, no fit
 
 
 SESSION_FORMAT = "latent-edit-session"
@@ -312,7 +313,9 @@ class EditSession:
         self._base = to_tensor(image[..., :3])
         self._selection = torch.from_numpy(selection)[None, None]
         self._alpha_cache: dict = {}
-        self._fused: Optional[FusedRender] = None  # content fusion (render(fusion="relevance")), fitted once
+        self._fused: Optional[FusedRender] = None  # content fusion (render(fusion="relevance")), made once
+        # a learned content extractor for this generator (core.expanded); None: the content is fitted instead
+        self.content_extractor = None
         self._segment_masks: Optional[np.ndarray] = None  # segment_masks, computed once
         # the "unedited" generator-resolution image an edit delta is measured against (None: the reconstruction;
         # a hole-filled session keeps its parent's, so its baked-in edit shows)
@@ -375,9 +378,10 @@ class EditSession:
         return out
 
     def fused_inversion(self) -> FusedRender:
-        """The inversion's renders with content fusion (core.expanded.FusedRender), fitted once per session."""
+        """The inversion's renders with content fusion (core.expanded.FusedRender), made once per session: by the
+        learned ``content_extractor`` when the model has one, else fitted."""
         if self._fused is None:
-            self._fused = FusedRender(self.inversion)
+            self._fused = FusedRender(self.inversion, extractor=self.content_extractor)
         return self._fused
 
     def refine(self, correction, edits, steps: Optional[int] = None, progress: ProgressFn = None,
@@ -551,6 +555,7 @@ def create_session(G, image, selection=None, options: Optional[SessionOptions] =
     info["segment_source"] = opts.segment_source()
     info.update({k: inv.info[k] for k in _REPORTED if k in inv.info})
     session = EditSession(G, layer, sel, inv, opts, geometry, directions, info)
+    session.content_extractor = assets.content
     stages.say("render", 1.0, "Ready")
     return session
 

@@ -146,9 +146,9 @@ class Engine:
         lm = self.loaded(model)
         opts = self.options(options)
         kwargs = {}
-        needs = opts.needs() if hasattr(opts, "needs") else set()
-        if needs and hasattr(lm, "method_assets"):  # MAGEC's descriptor + LinkNet, the encoder (loaded once)
-            kwargs["assets"] = lm.method_assets(tuple(sorted(needs)))
+        needs = set(opts.needs()) if hasattr(opts, "needs") else set()
+        if hasattr(lm, "method_assets"):  # MAGEC's descriptor + LinkNet, the encoder, ... (loaded once); the
+            kwargs["assets"] = lm.method_assets(tuple(sorted(needs | {"content"})))  # content extractor if any
         return self.api.create_session(lm.generator, image, selection, options=opts, progress=progress,
                                        cancel=cancel, directions=lm.directions, **kwargs)
 
@@ -161,7 +161,10 @@ class Engine:
                 kwargs["directions"] = lm.directions
         except (TypeError, ValueError):
             pass
-        return load(directory, lm.generator, **kwargs)
+        session = load(directory, lm.generator, **kwargs)
+        if hasattr(lm, "method_assets") and hasattr(session, "content_extractor"):
+            session.content_extractor = lm.method_assets(("content",)).content
+        return session
 
 
 def render_session(session, req) -> tuple:

@@ -205,3 +205,29 @@ def test_automatic_segments_end_to_end_with_a_segmenter_beside_the_checkpoint(tm
         assert abs(total - selected) <= 0.05 * selected + 2, (total, selected)
     finally:
         srv.stop()
+
+
+def test_a_content_extractor_beside_the_checkpoint_keeps_photo_detail_without_a_fit(tmp_path):
+    """``<stem>.content.pt`` beside a checkpoint: it is not listed as a model, sessions made or reloaded by the
+    engine carry it, and their "Keep photo detail" renders take their content from it."""
+    import core
+    from core.expanded import new_content_extractor, save_content_extractor
+    from core.stylegan2.formats import fingerprint
+
+    models = tiny_models_dir(tmp_path)
+    G = core.load_generator(models / "tiny32.pt")
+    save_content_extractor(models / "tiny32.content.pt", new_content_extractor(G, width=4),
+                           {"generator_sha256": fingerprint(G)})
+    engine = Engine.from_core(models, "cpu")
+    names = [m["name"] for m in engine.registry.list()]
+    assert "tiny32" in names and not any("content" in n for n in names), names
+    rng = np.random.default_rng(3)
+    img = np.concatenate([rng.random((32, 32, 3)), np.ones((32, 32, 1))], -1).astype(np.float32)
+    sess = engine.create("tiny32", img, None, {"method": "w", "align": "none", "project_steps": 2},
+                         progress=lambda e: None, cancel=None)
+    assert sess.content_extractor is not None
+    sess.render([], fusion="relevance")
+    assert sess.fused_inversion().content.report.get("extractor") is True
+    sess.save(tmp_path / "saved")
+    back = engine.load(tmp_path / "saved", "tiny32")
+    assert back.content_extractor is not None

@@ -48,4 +48,6 @@ rc=0
 wait $ENC || rc=1
 wait $LANE || rc=1
 [ $rc = 0 ] || { echo "a refit failed (see above); rerun install.sh: finished steps are skipped"; exit 1; }
+# 4. the learned content extractor trains on the new encoder's codes (~5 min)
+step_done content || { $PY -m core.demo.train_content --steps 800 --install && mark content; }
 echo "v2 installed: run the tests, re-measure (TRAINING.md step 5) and commit"
