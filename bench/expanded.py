@@ -19,7 +19,7 @@ direction sets, ``fusion="none"`` vs ``"relevance"``: ``total_mse`` (result vs t
 ``err_in``/``err_out``, ``lpips`` (result vs truth; the project's LPIPS, backbone named in the JSON);
 ``render_ms`` a re-render (median of repeats) and ``fit_s`` the once-per-session content fit; with the learned
 content extractor installed (``core/demo/weights/face64.content.pt``), rows ``learned``: the same fusion with the
-content from one extractor forward (``fit_s`` its time).
+content fit started from the extractor's prediction, as sessions do (``fit_s`` both).
 
 Table 3, Yin Table 1 analogue (faces with extras): L2 (MSE) and LPIPS of the edit vs the ground-truth edit, rows
 dense/none (the InterfaceGAN-style baseline), sparse/none ("edit"), sparse/relevance ("edit_refine").
@@ -109,7 +109,7 @@ def learned_extractor(G):
 
 def fusion_records(dom, sets: dict, params, faces, repeats: int, skipped: dict) -> list:
     """Table 2/3 records: one encoder session per face, every case × set × fusion ("learned": relevance fusion
-    with the content from the learned extractor, in a second session of the same face)."""
+    with the content fit started from the learned extractor's, in a second session of the same face)."""
     import dataclasses as dc
 
     from core.session import SessionOptions, create_session
@@ -149,7 +149,7 @@ def fusion_records(dom, sets: dict, params, faces, repeats: int, skipped: dict) 
                                lpips=dom.distance(o, c.true[1])[0])
                     out.append(rec)
         print(f"  face {i} {'+'.join(ex) or 'in-domain'}: content fit {fit_s['relevance']:.2f} s"
-              + (f", learned {fit_s['learned'] * 1e3:.0f} ms" if "learned" in fit_s else "")
+              + (f", from the extractor {fit_s['learned']:.2f} s" if "learned" in fit_s else "")
               + ", re-render " + ", ".join(f"{f} {ms[f]:.1f} ms" for f in fusions), file=sys.stderr)
     return out
 

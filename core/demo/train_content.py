@@ -1,7 +1,7 @@
 """Train the embedded model's content extractor: ``python -m core.demo.train_content [--steps N] [--install]``.
 
-The learned form of Yin et al.'s content branch (core.expanded.ContentExtractor): "Keep photo detail" in one
-forward instead of a per-session fit.  Training pairs are what sessions see: faces of the embedded renderer, half
+The learned form of Yin et al.'s content branch (core.expanded.ContentExtractor): its one-forward prediction of
+the content features starts the per-session fit of "Keep photo detail" (or replaces it, ``FusionOptions(fit_steps=0)``).  Training pairs are what sessions see: faces of the embedded renderer, half
 of them with one of its out-of-domain ``EXTRAS`` (the detail the generator cannot draw), inverted by the shipped
 encoder; the loss is core.expanded.content_extractor_loss (the content pipeline's reconstruction, plus the fit's
 feature penalty).  Writes ``core/demo/weights/face64.content.pt`` with ``--install``, else ``--out``; about

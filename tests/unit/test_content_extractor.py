@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from core.common import InvalidInput
-from core.expanded import (FusedRender, content_extractor_loss, extract_content, fused_synthesis,
+from core.expanded import (FusedRender, FusionOptions, content_extractor_loss, extract_content, fused_synthesis,
                            load_content_extractor, new_content_extractor, save_content_extractor,
                            train_content_extractor)
 from tests.conftest import make_tiny_generator
@@ -93,6 +93,9 @@ def test_fused_render_fits_without_an_extractor_and_extracts_with_one(G):
     img = np.concatenate([rng.random((32, 32, 3)), np.ones((32, 32, 1))], -1).astype(np.float32)
     sess = create_session(G, img, None, SessionOptions(method="w", align="none", project_steps=2))
     fitted = FusedRender(sess.inversion)
-    learned = FusedRender(sess.inversion, extractor=new_content_extractor(G, width=4))
+    net = new_content_extractor(G, width=4)
+    started = FusedRender(sess.inversion, extractor=net)  # the fit starts from the extractor's content
+    alone = FusedRender(sess.inversion, FusionOptions(fit_steps=0), extractor=net)  # one forward, no fit
     assert fitted.content.report["steps"] > 0 and "extractor" not in fitted.content.report
-    assert learned.content.report["extractor"] is True
+    assert started.content.report["extractor"] is True and started.content.report["steps"] > 0
+    assert alone.content.report["extractor"] is True and "steps" not in alone.content.report
