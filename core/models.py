@@ -149,8 +149,12 @@ class LoadedModel:
         exists but does not load raises its InvalidInput."""
         from core.session import MethodAssets
 
-        if "segmenter" in needs and "encoder" not in needs and "encoder" not in self.missing:
-            needs = (*needs, "encoder")  # automatic segments start their segment code from the encoder's
+        from core.segmenter import FACE_PARSING_SUFFIX
+
+        parser = self.segmenter_path is not None and self.segmenter_path.name.endswith(FACE_PARSING_SUFFIX)
+        if "segmenter" in needs and "encoder" not in needs and "encoder" not in self.missing and not parser:
+            needs = (*needs, "encoder")  # a part head starts its segment code from the encoder's (a face parser:
+            #                              static masks from pixels, no code)
         with self._lock:
             for need in needs:
                 if need in self._assets or need in self.missing:
