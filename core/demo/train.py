@@ -249,7 +249,8 @@ def train_generator(out: pathlib.Path, data: dict, o: GeneratorTrainOptions, res
                                    f"resume with the same options (core/demo/TRAINING.md)")
         G.load_state_dict(ck["G"])
         G_ema.load_state_dict(ck["G_ema"])
-        opt.load_state_dict(ck["opt"])
+        if "opt" in ck:  # a finished phase's carried checkpoint has none (carry drops it)
+            opt.load_state_dict(ck["opt"])
         step, elapsed, log = ck["step"], ck["elapsed"], json.loads(ck["log"])
         gen.set_state(ck["rng"])
         if rank == 0:
@@ -427,10 +428,20 @@ def _checkpoint_step(path: pathlib.Path) -> int:
         return -1
 
 
+def _finished_phase(path: pathlib.Path) -> bool:
+    """True for a trainer checkpoint whose phase ran all its steps (``step`` ≥ its options' ``steps``)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        return int(ck["step"]) >= int(json.loads(ck.get("options", "{}")).get("steps", 1 << 62))
+    except Exception:  # noqa: BLE001 - unreadable: copied as it is
+        return False
+
+
 def carry(src: pathlib.Path, dst: pathlib.Path, names=CARRIED, replace: bool = True) -> list:
     """Copy the run files ``names`` found in ``src`` into ``dst`` (folders whole, through a ``.part`` copy that is
     renamed); ``replace=False`` keeps what ``dst`` already has, except a checkpoint (``ckpt*.pt``) that records
-    an earlier step than ``src``'s.  Returns the names copied.  Used to move a run between machines: a session
+    an earlier step than ``src``'s.  A finished phase's checkpoint is copied without its optimiser state (half
+    its size; resuming it only skips the phase).  Returns the names copied.  Used to move a run between machines: a session
     that must stop mid-run carries its state into the repository, the next one carries it back
     (core/demo/TRAINING.md)."""
     from core.common import InvalidInput
@@ -450,7 +461,11 @@ def carry(src: pathlib.Path, dst: pathlib.Path, names=CARRIED, replace: bool = T
             if not newer:
                 continue
         tmp = b.with_name(b.name + ".part")
-        if a.is_dir():
+        if name.startswith("ckpt") and a.is_file() and _finished_phase(a):  # its optimiser state is never used again
+            ck = torch.load(a, map_location="cpu", weights_only=True)
+            ck.pop("opt", None)
+            torch.save(ck, tmp)
+        elif a.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(a, tmp)
             shutil.rmtree(b, ignore_errors=True)

@@ -193,3 +193,19 @@ def test_carry_from_restores_a_checkpoint_only_when_it_is_further_on(tmp_path):
     assert carry(new, old, replace=False) == ["ckpt.pt"] and torch.load(old / "ckpt.pt")["step"] == 900
     torch.save({"step": 1000}, old / "ckpt.pt")  # the run went on here: kept
     assert carry(new, old, replace=False) == [] and torch.load(old / "ckpt.pt")["step"] == 1000
+
+
+def test_carry_drops_the_optimiser_state_of_a_finished_phase_only(tmp_path):
+    import json
+
+    from core.demo.train import carry
+
+    run, keep = tmp_path / "run", tmp_path / "keep"
+    run.mkdir()
+    torch.save({"step": 50, "opt": {"x": torch.ones(3)}, "options": json.dumps({"steps": 50})}, run / "ckpt.pt")
+    torch.save({"step": 10, "opt": {"x": torch.ones(3)}, "options": json.dumps({"steps": 50})},
+               run / "ckpt_finetune.pt")
+    carry(run, keep)
+    assert "opt" not in torch.load(keep / "ckpt.pt") and torch.load(keep / "ckpt.pt")["step"] == 50
+    assert "opt" in torch.load(keep / "ckpt_finetune.pt")
+
