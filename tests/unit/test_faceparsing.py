@@ -62,7 +62,9 @@ def test_outputs_match_the_reference_implementation(case):
     with torch.no_grad():
         got = net.eval()(x).numpy()
     assert got.shape == want.shape
-    assert np.abs(got - want).max() <= 2e-4  # measured 9.9e-5 (square, values up to 189) and 3.8e-5 (wide)
+    # float32 rounding grows with the values (up to 189 here) and differs with the convolution algorithm torch picks
+    # for a thread count: measured up to 2.1e-4 (square) and 3.8e-5 (wide), i.e. ~1.1e-6 of the largest value
+    assert np.abs(got - want).max() <= 3e-6 * np.abs(want).max()
 
 
 def save_parser_file(path, prefix=""):
