@@ -289,22 +289,17 @@ def fit_content(G, ws: torch.Tensor, target: torch.Tensor, weight: Optional[torc
                 options: Optional[FusionOptions] = None, noise_mode: str = "const",
                 start: Optional[Mapping] = None) -> ContentFeatures:
     """Fit per-block content features so the content pipeline of ``ws`` (n,num_ws,w_dim) reproduces ``target``
-    (1|n,3,r,r) in [-1,1] where ``weight`` (1|n,1,r,r) ≥ 0 (None: everywhere).  ``start``: per-block residuals to
-    start from (a learned extractor's, :func:`extract_content`), else the generator's own features.  Started from the generator's own
-    features; loss ``MSE_weight + feature_reg·Σ_i mean((f^cnt_i − f_i)²)/mean(f_i²)``.  ``G`` is not modified."""
+    (1|n,3,r,r) in [-1,1] where ``weight`` (1|n,1,r,r) ≥ 0 (None: everywhere).  Started from the generator's own
+    features plus ``start`` (per-block residuals over them: a learned extractor's prediction,
+    :func:`predict_residuals`) when given; loss ``MSE_weight + feature_reg·Σ_i mean((f^cnt_i − f_i)²)/mean(f_i²)``.
+    ``G`` is not modified."""
     o = options or FusionOptions()
     n_blocks = len(G.torgbs)
     if not 0 <= int(o.first_block) < n_blocks:
         raise InvalidInput(f"first_block must be in 0..{n_blocks - 1}, got {o.first_block}")
     blocks = tuple(range(int(o.first_block), n_blocks))
     ws = ws.detach()
-    n = ws.shape[0]
-    if target.ndim != 4 or target.shape[1] != 3 or target.shape[-1] != G.resolution:
-        raise InvalidInput(f"target must be (1|{n},3,{G.resolution},{G.resolution}), got {tuple(target.shape)}")
-    target = target.detach().to(ws.device)
-    w = torch.ones_like(target[:, :1]) if weight is None else weight.detach().to(ws.device).float()
-    w = w.expand(n, 1, *target.shape[-2:])
-    wsum = w.sum(dim=(1, 2, 3)).clamp_min(1e-8)
+    target, rec_loss = _reconstruction_loss(G, ws, target, weight)
     with torch.no_grad():
         img0, feats = G.block_features(ws, blocks=blocks, noise_mode=noise_mode)
     own = {b: feats[b][0].detach().contiguous() for b in blocks}
@@ -313,10 +308,6 @@ def fit_content(G, ws: torch.Tensor, target: torch.Tensor, weight: Optional[torc
                for b in blocks}
     params = list(content.values())
     opt = torch.optim.Adam([{"params": [content[b]], "lr": o.fit_lr * float(own_energy[b].sqrt())} for b in blocks])
-
-    def rec_loss(img):
-        return ((img - target).square().mean(1, keepdim=True) * w).sum(dim=(1, 2, 3)) / wsum
-
     before = rec_loss(img0).detach()
     for _ in range(int(o.fit_steps)):
         img = _content_pass(G, ws, content, noise_mode=noise_mode)
@@ -329,6 +320,24 @@ def fit_content(G, ws: torch.Tensor, target: torch.Tensor, weight: Optional[torc
             p.grad = g
         opt.step()
     return _content_features(G, ws, blocks, content, noise_mode, rec_loss, before, {"steps": int(o.fit_steps)})
+
+
+def _reconstruction_loss(G, ws: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor]) -> tuple:
+    """``(target (n,3,r,r) on ws's device, loss(img) -> (n,) weighted per-pixel MSE)`` for the codes ``ws``
+    (n,..); ``target`` (1|n,3,r,r), ``weight`` (1|n,1,r,r) ≥ 0 or None (everywhere).  InvalidInput on a target
+    of the wrong shape."""
+    n = ws.shape[0]
+    if target.ndim != 4 or target.shape[1] != 3 or target.shape[-1] != G.resolution:
+        raise InvalidInput(f"target must be (1|{n},3,{G.resolution},{G.resolution}), got {tuple(target.shape)}")
+    target = target.detach().to(ws.device).expand(n, -1, -1, -1)
+    w = torch.ones_like(target[:, :1]) if weight is None else weight.detach().to(ws.device).float()
+    w = w.expand(n, 1, *target.shape[-2:])
+    wsum = w.sum(dim=(1, 2, 3)).clamp_min(1e-8)
+
+    def loss(img):
+        return ((img - target).square().mean(1, keepdim=True) * w).sum(dim=(1, 2, 3)) / wsum
+
+    return target, loss
 
 
 @torch.no_grad()
@@ -403,27 +412,27 @@ def new_content_extractor(G, options: Optional[FusionOptions] = None, width: int
     return ContentExtractor(int(G.resolution), {b: (int(f[0].shape[1]), res[b]) for b, f in feats.items()}, width)
 
 
+def predict_residuals(G, extractor: ContentExtractor, ws: torch.Tensor, target: torch.Tensor,
+                      noise_mode: str = "const") -> tuple:
+    """``(img0, own, residual)``: the generator's image of ``ws`` (n,num_ws,w_dim), its own block features
+    ``{block: (n,C,R,R)}`` and the extractor's residuals over them for ``target`` (n,3,r,r) in [-1,1] (gradients
+    reach the extractor only)."""
+    blocks = tuple(sorted(extractor.blocks))
+    with torch.no_grad():
+        img0, feats = G.block_features(ws, blocks=blocks, noise_mode=noise_mode)
+    return img0, {b: feats[b][0] for b in blocks}, extractor(target, img0.clamp(-1, 1))
+
+
 def extract_content(G, ws: torch.Tensor, target: torch.Tensor, extractor: ContentExtractor,
                     weight: Optional[torch.Tensor] = None, noise_mode: str = "const") -> ContentFeatures:
     """:func:`fit_content`'s result from one extractor forward: ``ws`` (n,num_ws,w_dim), ``target`` (1|n,3,r,r)
     in [-1,1]; ``weight`` (1|n,1,r,r) only weighs the reported reconstruction error."""
-    blocks = tuple(sorted(extractor.blocks))
-    if target.ndim != 4 or target.shape[1] != 3 or target.shape[-1] != G.resolution:
-        raise InvalidInput(f"target must be (1|n,3,{G.resolution},{G.resolution}), got {tuple(target.shape)}")
     ws = ws.detach()
-    n = ws.shape[0]
-    target = target.detach().to(ws.device).expand(n, -1, -1, -1)
-    w = torch.ones_like(target[:, :1]) if weight is None else weight.detach().to(ws.device).float().expand(n, 1, *target.shape[-2:])
-    wsum = w.sum(dim=(1, 2, 3)).clamp_min(1e-8)
-
-    def rec_loss(img):
-        return ((img - target).square().mean(1, keepdim=True) * w).sum(dim=(1, 2, 3)) / wsum
-
+    target, rec_loss = _reconstruction_loss(G, ws, target, weight)
     with torch.no_grad():
-        img0, feats = G.block_features(ws, blocks=blocks, noise_mode=noise_mode)
-        residual = extractor(target, img0.clamp(-1, 1))
-        content = {b: feats[b][0] + residual[b] for b in blocks}
-        return _content_features(G, ws, blocks, content, noise_mode, rec_loss, rec_loss(img0), {"extractor": True})
+        img0, own, residual = predict_residuals(G, extractor, ws, target, noise_mode)
+        content = {b: own[b] + residual[b] for b in own}
+        return _content_features(G, ws, tuple(own), content, noise_mode, rec_loss, rec_loss(img0), {"extractor": True})
 
 
 def content_extractor_loss(G, extractor: ContentExtractor, ws: torch.Tensor, target: torch.Tensor,
@@ -431,15 +440,12 @@ def content_extractor_loss(G, extractor: ContentExtractor, ws: torch.Tensor, tar
     """The training loss of the extractor on a batch: the content pipeline's MSE against ``target`` plus
     :class:`FusionOptions`' ``feature_reg`` × each block's residual energy relative to its features (as
     :func:`fit_content` fits, so both forms agree on what the content is)."""
-    blocks = tuple(sorted(extractor.blocks))
-    with torch.no_grad():
-        img0, feats = G.block_features(ws, blocks=blocks, noise_mode=noise_mode)
-    residual = extractor(target, img0.clamp(-1, 1))
-    content = {b: feats[b][0] + residual[b] for b in blocks}
+    _, own, residual = predict_residuals(G, extractor, ws, target, noise_mode)
+    content = {b: own[b] + residual[b] for b in own}
     loss = (_content_pass(G, ws, content, noise_mode=noise_mode) - target).square().mean()
     if feature_reg:
-        loss = loss + feature_reg * sum(residual[b].square().mean() / feats[b][0].square().mean().clamp_min(1e-12)
-                                        for b in blocks)
+        loss = loss + feature_reg * sum(residual[b].square().mean() / own[b].square().mean().clamp_min(1e-12)
+                                        for b in own)
     return loss
 
 
@@ -557,12 +563,15 @@ class FusedRender:
         if getattr(inv, "styles", None):
             raise InvalidInput("Keep photo detail (fusion 'relevance') does not work with S-space segment codes yet; "
                                "use space 'w+' or fusion 'none'")
-        start = None
-        if extractor is not None:  # the learned form: one forward ...
-            learned = extract_content(inv.G, inv.ws, inv.image, extractor.to(inv.ws.device), inv.masks,
-                                      inv.noise_mode)
-            start, self.content = learned.content, learned
-        if extractor is None or self.options.fit_steps > 0:  # ... which the fit then starts from
+        if extractor is not None and self.options.fit_steps == 0:  # the learned form alone: one forward
+            self.content = extract_content(inv.G, inv.ws, inv.image, extractor.to(inv.ws.device), inv.masks,
+                                           inv.noise_mode)
+        else:
+            start = None
+            if extractor is not None:  # the fit starts from the extractor's prediction
+                with torch.no_grad():
+                    target = inv.image.expand(inv.ws.shape[0], -1, -1, -1)
+                    start = predict_residuals(inv.G, extractor.to(inv.ws.device), inv.ws, target, inv.noise_mode)[2]
             with torch.enable_grad():
                 self.content = fit_content(inv.G, inv.ws, inv.image, inv.masks, self.options, inv.noise_mode, start)
             if start is not None:
