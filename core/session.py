@@ -400,9 +400,11 @@ class EditSession:
         refined = refine_inversion(inv, C, list(edits or []), self.directions, steps,
                                    options=ChunksOptions(seed=self.options.seed), progress=progress, cancel=cancel)
         reference = inv.generated() if self.reference is None else self.reference
-        return EditSession(self.G, self.image, np.maximum(self.selection, corr), refined, self.options,
-                           self.geometry.including(corr > 0), self.directions, dict(self.info, refined=True),
-                           reference=reference.detach().cpu())
+        session = EditSession(self.G, self.image, np.maximum(self.selection, corr), refined, self.options,
+                              self.geometry.including(corr > 0), self.directions, dict(self.info, refined=True),
+                              reference=reference.detach().cpu())
+        session.content_extractor = self.content_extractor  # the same generator: its extractor still applies
+        return session
 
     # ---- persistence ----
     def save(self, directory) -> pathlib.Path:

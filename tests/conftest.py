@@ -71,8 +71,6 @@ def auto_segments_session(G, segmenter, steps: int = 2):
     """``(session, layer, selection)``: a chunks session with ``segments="auto"`` from ``segmenter`` on a random 32 px
     layer with a rectangular selection; checks what every segment source must hold: each segment's mask lies
     inside the selection and the masks sum to one there."""
-    import numpy as np
-
     from core.session import MethodAssets, SessionOptions, create_session
 
     rng = np.random.default_rng(0)

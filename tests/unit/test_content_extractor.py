@@ -99,3 +99,19 @@ def test_fused_render_fits_without_an_extractor_and_extracts_with_one(G):
     assert fitted.content.report["steps"] > 0 and "extractor" not in fitted.content.report
     assert started.content.report["extractor"] is True and started.content.report["steps"] > 0
     assert alone.content.report["extractor"] is True and "steps" not in alone.content.report
+
+
+def test_a_hole_filled_session_keeps_the_extractor(G):
+    from core.session import MethodAssets, SessionOptions, create_session
+
+    net = new_content_extractor(G, width=4)
+    rng = np.random.default_rng(2)
+    img = np.concatenate([rng.random((32, 32, 3)), np.ones((32, 32, 1))], -1).astype(np.float32)
+    sel = np.zeros((32, 32), np.float32)
+    sel[4:20, 4:20] = 1
+    sess = create_session(G, img, sel, SessionOptions(method="chunks", align="none", project_steps=2),
+                          assets=MethodAssets(content=net))
+    corr = np.zeros((32, 32), np.float32)
+    corr[8:24, 8:24] = 1
+    refined = sess.refine(corr, [], steps=1)
+    assert refined.content_extractor is net
