@@ -17,6 +17,15 @@ def _pairs(G, n=2, seed=0):
     return ws, target.detach()
 
 
+def _layer_and_box(seed: int, lo: int, hi: int):
+    """A random opaque 32 px RGBA layer and a square selection [lo, hi)²."""
+    rng = np.random.default_rng(seed)
+    img = np.concatenate([rng.random((32, 32, 3)), np.ones((32, 32, 1))], -1).astype(np.float32)
+    sel = np.zeros((32, 32), np.float32)
+    sel[lo:hi, lo:hi] = 1
+    return img, sel
+
+
 def test_untrained_extractor_keeps_the_generators_features(G):
     """Zero-initialised heads: the extracted content is the generator's own, the fused render the plain one."""
     net = new_content_extractor(G)
@@ -71,10 +80,7 @@ def test_sessions_use_the_extractor_for_keep_photo_detail(G):
 
     net = new_content_extractor(G, width=8)
     torch.nn.init.normal_(net.heads["2"].weight, std=0.01)
-    rng = np.random.default_rng(0)
-    img = np.concatenate([rng.random((32, 32, 3)), np.ones((32, 32, 1))], -1).astype(np.float32)
-    sel = np.zeros((32, 32), np.float32)
-    sel[4:28, 4:28] = 1
+    img, sel = _layer_and_box(0, 4, 28)
     sess = create_session(G, img, sel, SessionOptions(method="w", align="none", project_steps=2),
                           assets=MethodAssets(content=net))
     assert sess.content_extractor is net
@@ -89,8 +95,7 @@ def test_sessions_use_the_extractor_for_keep_photo_detail(G):
 def test_fused_render_fits_without_an_extractor_and_extracts_with_one(G):
     from core.session import SessionOptions, create_session
 
-    rng = np.random.default_rng(1)
-    img = np.concatenate([rng.random((32, 32, 3)), np.ones((32, 32, 1))], -1).astype(np.float32)
+    img, _ = _layer_and_box(1, 0, 0)
     sess = create_session(G, img, None, SessionOptions(method="w", align="none", project_steps=2))
     fitted = FusedRender(sess.inversion)
     net = new_content_extractor(G, width=4)
@@ -105,10 +110,7 @@ def test_a_hole_filled_session_keeps_the_extractor(G):
     from core.session import MethodAssets, SessionOptions, create_session
 
     net = new_content_extractor(G, width=4)
-    rng = np.random.default_rng(2)
-    img = np.concatenate([rng.random((32, 32, 3)), np.ones((32, 32, 1))], -1).astype(np.float32)
-    sel = np.zeros((32, 32), np.float32)
-    sel[4:20, 4:20] = 1
+    img, sel = _layer_and_box(2, 4, 20)
     sess = create_session(G, img, sel, SessionOptions(method="chunks", align="none", project_steps=2),
                           assets=MethodAssets(content=net))
     corr = np.zeros((32, 32), np.float32)
