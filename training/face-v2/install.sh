@@ -1,10 +1,12 @@
 #!/bin/bash
 # Install the finished v2 run as the embedded default and refit what belongs to the generator
-# (core/demo/TRAINING.md, "Installing it"). Resumable: each step leaves a marker in $OUT/install/ and is skipped
-# when it is there; the encoder and segmenter trainers resume from their own checkpoints.
+# (core/demo/TRAINING.md, "Installing it"). It starts as soon as the finetune has finished: the directions run
+# here, beside the encoder (which needs only the generator), so run.sh's own directions stage is not needed.
+# Resumable: each step leaves a marker in $OUT/install/ and is skipped when it is there; the encoder and
+# segmenter trainers resume from their own checkpoints.
 #   mkdir -p ~/.cache/latent-edit-train/face-v2 && nohup setsid training/face-v2/install.sh >> ~/.cache/latent-edit-train/face-v2/install.txt 2>&1 < /dev/null &
 # It edits core/demo/__init__.py (RENDERER) and writes core/demo/weights/: review and commit the result, then
-# re-measure (TRAINING.md step 5). FORCE=1 installs a run below the issue's 30 dB target.
+# re-measure (TRAINING.md step 4). FORCE=1 installs a run below the issue's 30 dB target.
 set -e
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
@@ -17,25 +19,31 @@ mkdir -p "$OUT/install"
 step_done() { [ -e "$OUT/install/$1" ]; }
 mark() { touch "$OUT/install/$1"; echo "== $1 done $(date -u +%H:%M)"; }
 
-[ -e "$OUT/directions_eval.json" ] || { echo "the run has not finished: no $OUT/directions_eval.json (training/face-v2/run.sh)"; exit 2; }
+.venv/bin/python -c "import json, sys; sys.exit('ckpt_finetune.pt' not in json.load(open('$OUT/generator_eval.json'))['phases'])" \
+  || { echo "the finetune has not finished: $OUT/generator_eval.json lists no ckpt_finetune.pt (training/face-v2/run.sh)"; exit 2; }
 PSNR=$(.venv/bin/python -c "import json; print(json.load(open('$OUT/generator_eval.json'))['test_psnr_db'])")
 echo "held-out PSNR $PSNR dB (issue 16 asks >= 30)"
 if ! .venv/bin/python -c "import sys; sys.exit(0 if $PSNR >= 30 else 1)" && [ -z "$FORCE" ]; then
   echo "below the target: resume the finetune with a larger --finetune-steps (run.sh), or FORCE=1"; exit 3
 fi
 
-# 1. core.demo draws with v2; 2. generator, scorer, directions into core/demo/weights/
+# 1. core.demo draws with v2
 sed -i 's/^RENDERER = "core.demo.renderer"$/RENDERER = "core.demo.renderer_v2"/' core/demo/__init__.py
 grep -q '^RENDERER = "core.demo.renderer_v2"$' core/demo/__init__.py
-step_done weights || { $PY -m core.demo.train $FLAGS --stages '' --install; mark weights; }
 
-# 3. two lanes on the two cores: the encoder (90 min) | segmenter, sparse directions, MAGEC LinkNet (~45 min);
-# every step ends its lane on failure, and the script fails when either lane did
+# 2. two lanes on the two cores: the encoder of the run's generator (90 min) | the directions (~35 min on one
+# thread), then generator, scorer and directions into core/demo/weights/, the segmenter, the sparse directions and
+# MAGEC's LinkNet (~45 min); every step ends its lane on failure, and the script fails when either lane did
 (
-  step_done encoder || { $PY -m core.demo.train_encoder --out "$CACHE/encoder-v2" --resume --minutes 90 --install && mark encoder; } || exit 1
+  step_done encoder || { $PY -m core.demo.train_encoder --out "$CACHE/encoder-v2" --model "$OUT/face64.pt" --resume \
+    --minutes 90 --install && mark encoder; } || exit 1
 ) &
 ENC=$!
 (
+  step_done directions || { [ -e "$OUT/directions_eval.json" ] && mark directions; } \
+    || { $PY -m core.demo.train $FLAGS --resume --threads 1 --stages directions > "$OUT/directions.txt" 2>&1 \
+         && mark directions; } || exit 1
+  step_done weights || { $PY -m core.demo.train $FLAGS --stages '' --install && mark weights; } || exit 1
   if ! step_done segmenter; then
     [ -e "$OUT/install/segmenter-started" ] || { rm -rf "$CACHE/segmenter-v2"; touch "$OUT/install/segmenter-started"; }
     $PY -m core.demo.train_segmenter --out "$CACHE/segmenter-v2" --renderer v2 --minutes 22 --install && mark segmenter || exit 1
@@ -48,6 +56,6 @@ rc=0
 wait $ENC || rc=1
 wait $LANE || rc=1
 [ $rc = 0 ] || { echo "a refit failed (see above); rerun install.sh: finished steps are skipped"; exit 1; }
-# 4. the learned content extractor trains on the new encoder's codes (~5 min)
+# 3. the learned content extractor trains on the new encoder's codes (~5 min)
 step_done content || { $PY -m core.demo.train_content --steps 800 --install && mark content; }
-echo "v2 installed: run the tests, re-measure (TRAINING.md step 5) and commit"
+echo "v2 installed: run the tests, re-measure (TRAINING.md step 4) and commit"

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Re-measure the installed embedded model (TRAINING.md step 5): every bench whose numbers the README, the issue
+# Re-measure the installed embedded model (TRAINING.md step 4): every bench whose numbers the README, the issue
 # notes and the acceptance lists quote, full settings, one after another, JSON into $OUT/bench/ (a bench whose
 # JSON exists is skipped, so the same command resumes). Run on an otherwise idle machine: times are reported.
 #   mkdir -p ~/.cache/latent-edit-train/face-v2 && nohup setsid training/face-v2/measure.sh >> ~/.cache/latent-edit-train/face-v2/measure.txt 2>&1 < /dev/null &
