@@ -586,7 +586,8 @@ def main(argv=None) -> int:
     if _dist()[0] != 0:  # directions, encoder and install run in rank 0 only
         return 0
     if "directions" in stages:
-        from core.demo.directions import edit_matrix, fit_directions, refine_directions, write_manifest
+        from core.demo.data import renderer_module
+        from core.demo.directions import edit_matrix, fit_directions, match_renderer, refine_directions, write_manifest
         from core.demo.scorer import load_scorer
 
         G = load_trained_generator(out / "face64.pt")
@@ -595,6 +596,10 @@ def main(argv=None) -> int:
         bar = Bar(len(ATTRIBUTES), "refine directions", every=1)
         dirs = refine_directions(G, net, fitted, progress=lambda name, step, loss: step == 1 and bar.update(
             ATTRIBUTES.index(name) + 1, attribute=name))
+        bar = Bar(len(ATTRIBUTES), "match the renderer", every=1)
+        dirs, report["renderer_match"] = match_renderer(
+            G, net, dirs, renderer_module(args.renderer).render,
+            progress=lambda name, step, loss: step == 1 and bar.update(ATTRIBUTES.index(name) + 1, attribute=name))
         write_manifest(out / "face64.directions.json", dirs, G)
         for key, d in (("edit_matrix_fitted", fitted), ("edit_matrix_abs_change_-3_to_3", dirs)):
             M = edit_matrix(G, net, d)

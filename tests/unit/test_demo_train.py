@@ -209,3 +209,40 @@ def test_carry_drops_the_optimiser_state_of_a_finished_phase_only(tmp_path):
     assert "opt" not in torch.load(keep / "ckpt.pt") and torch.load(keep / "ckpt.pt")["step"] == 50
     assert "opt" in torch.load(keep / "ckpt_finetune.pt")
 
+
+
+def _random_directions(G, scale: float):
+    from core.demo.renderer import ATTRIBUTES
+    from core.edits import Direction
+
+    gen = torch.Generator().manual_seed(3)
+    out = {}
+    for name in ATTRIBUTES:
+        v = torch.randn(int(G.w_dim), generator=gen)
+        out[name] = Direction(name, v / v.norm(), layers=None, default_strength=1.0, range=(-3.0, 3.0), scale=scale,
+                              description=name, source="test")
+    return out
+
+
+def test_match_renderer_moves_a_direction_towards_the_renderers_own_change():
+    from core.demo import render
+    from core.demo.directions import RendererMatchOptions, match_renderer, renderer_match_score
+    from core.demo.scorer import load_scorer
+    from tests.conftest import make_tiny_generator
+
+    G = make_tiny_generator(resolution=64, w_dim=32)
+    given = _random_directions(G, scale=3.0)            # large random moves: far from the renderer's change
+    losses = []
+    o = RendererMatchOptions(steps=12, batch=8, validate_n=6, leak_tolerance=float("inf"))
+    out, report = match_renderer(G, load_scorer(), given, render, o, names=["smile"],
+                                 progress=lambda name, step, loss: losses.append(loss))
+    rep = report["smile"]
+    assert len(losses) == 12 and all(np.isfinite(losses))
+    assert rep["score_matched"] > rep["score_given"] and rep["kept"] and out["smile"] is not given["smile"]
+    assert out["beard"] is given["beard"] and set(report) == {"smile"}
+    vec = (out["smile"].vector * out["smile"].scale).float()
+    assert renderer_match_score(G, vec, 0, render, 6, o.validate_seed) == pytest.approx(rep["score_matched"], abs=1e-4)
+    assert rep["leak_true"] >= 0 and rep["leak_given"] >= 0
+    strict = RendererMatchOptions(steps=2, batch=2, validate_n=4, leak_tolerance=0.0)   # no leak allowed: kept never
+    out, report = match_renderer(G, load_scorer(), given, render, strict, names=["glasses"])
+    assert not report["glasses"]["kept"] and out["glasses"] is given["glasses"]
