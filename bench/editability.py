@@ -1,6 +1,7 @@
 """Ground-truth editability of the embedded default (issue 16 item 3): every inversion method against the renderer.
 
     python bench/editability.py [--quick | --medium] [--json PATH] [--methods W,PTI] [--threads N]
+        [--faces N] [--extra-faces N] [--true-faces N] [--ecs-attributes smile,glasses | none] [--scales 1,4]
 
 The embedded domain has a ground truth no photo has: the renderer.  A held-out face ``p`` is rendered, inverted
 with each method through ``core.session.create_session(..., SessionOptions(method=..., align="none"))`` (the
@@ -428,6 +429,9 @@ def _extra_args(parser):
     parser.add_argument("--faces", type=int, default=None, help="in-domain faces of the inverted rows")
     parser.add_argument("--extra-faces", type=int, default=None, help="faces per extra of the inverted rows")
     parser.add_argument("--records", action="store_true", help="also write every per-case record to the JSON")
+    parser.add_argument("--ecs-attributes", default=None,
+                        help="comma-separated attributes whose ECS is measured ('none': no ECS; default: the setting's)")
+    parser.add_argument("--scales", default=None, help="comma-separated layer scales, e.g. 1 or 1,4 (default: the setting's)")
 
 
 def main() -> int:
@@ -439,6 +443,11 @@ def main() -> int:
     for key in ("true_faces", "faces", "extra_faces"):
         if getattr(args, key) is not None:
             st = dataclasses.replace(st, **{key: getattr(args, key)})
+    if args.ecs_attributes is not None:
+        names = () if args.ecs_attributes == "none" else tuple(a.strip() for a in args.ecs_attributes.split(","))
+        st = dataclasses.replace(st, ecs_attributes=names)
+    if args.scales is not None:
+        st = dataclasses.replace(st, scales=tuple(int(v) for v in args.scales.split(",")))
     t_start = time.perf_counter()
     dom = Domain.load()
     from core.demo.data import params_from_z
