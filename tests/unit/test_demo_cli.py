@@ -16,7 +16,7 @@ def run_demo(*args):
 
 
 def test_demo_writes_a_sheet_with_input_inversion_and_each_edit(tmp_path):
-    proc = run_demo("--out", str(tmp_path), "--steps", "5", "--tune-steps", "2", "--edits", "hair_color,beard")
+    proc = run_demo("--out", str(tmp_path), "--steps", "5", "--tune-steps", "2", "--edits", "hair_color,beard:-2")
     assert proc.returncode == 0, proc.stderr
     sheet = Path(proc.stdout.strip().splitlines()[-1])
     assert sheet == (tmp_path / "before_after.png").resolve()
@@ -30,3 +30,5 @@ def test_demo_bad_input_is_one_clear_line(tmp_path):
     assert missing.returncode == 1 and "cannot read the photo" in missing.stderr and "Traceback" not in missing.stderr
     unknown = run_demo("--edits", "nosuch", "--out", str(tmp_path))
     assert unknown.returncode == 1 and "unknown edit(s) ['nosuch']" in unknown.stderr and "smile" in unknown.stderr
+    bad = run_demo("--edits", "smile:lots", "--out", str(tmp_path))
+    assert bad.returncode == 1 and "must be a number" in bad.stderr and "Traceback" not in bad.stderr
