@@ -12,19 +12,15 @@ import pathlib
 
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
 
-# The renderer the shipped generator was distilled from (core.demo.data.RENDERERS); the v2 install switches it
-# (core/demo/TRAINING.md, training/face-v2/install.sh)
-RENDERER = "core.demo.renderer"
-
 _EXPORTS = {
-    **{name: RENDERER for name in ("render", "render_parts", "PARTS", "ATTRIBUTE_PARTS", "sample_params",
+    **{name: "core.demo.renderer" for name in ("render", "render_parts", "PARTS", "ATTRIBUTE_PARTS", "sample_params",
                                    "ATTRIBUTES", "EXTRAS")},
     "score": "core.demo.scorer",
     "load_scorer": "core.demo.scorer",
     "segment": "core.segmenter",  # images uint8 (N,H,W,3) -> (N,H,W) PARTS labels (the embedded segmenter)
 }
 
-__all__ = sorted([*_EXPORTS, "RENDERER", "default_model_path", "default_directions_path", "default_encoder_path", "WEIGHTS_DIR"])
+__all__ = sorted([*_EXPORTS, "default_model_path", "default_directions_path", "default_encoder_path", "WEIGHTS_DIR"])
 
 
 def default_model_path() -> pathlib.Path:

@@ -1,4 +1,4 @@
-"""Procedural cartoon-face renderer: the embedded default domain (design.md §6).
+"""Procedural cartoon-face renderer: the embedded default domain (design.md §6, issue 16).
 
 A face is a parameter vector ``p`` of ``len(ATTRIBUTES)`` floats in ``[0,1]``; :func:`render` maps it
 deterministically to a ``uint8 (size,size,3)`` image.  Shapes are drawn with Pillow at ``supersample``
@@ -9,6 +9,17 @@ the image monotonically over its whole range, so a scorer can recover it and an 
 
 :func:`render_parts` labels every output pixel with the index in ``PARTS`` of the shape group drawn on top
 there (the nose counts as skin, ears and neck too); ``ATTRIBUTE_PARTS`` says which parts each attribute draws.
+
+The small features are drawn to be legible at 64 px (this is the second design, "v2"; the first drew mouths,
+pupils and frames as blobs a 64 px generator could not reproduce, and its edits barely showed — issue 16;
+``core/demo/TRAINING.md`` has the measured comparison):
+
+* the face fills much of the frame (half-width 17..22 px at 64 px);
+* eyes have a dark outline, a large dark iris and a black pupil, so gaze moves ~2 px of high-contrast iris per
+  2 units of strength and eye openness moves the lids;
+* brows are 2 px strokes, darker than the hair;
+* the mouth is a 1.5 px dark line between pink lips of a fixed colour, so it reads on every skin tone;
+* glasses are 1.6 px frames (opacity = the attribute) without a lens tint, so their part is the frame.
 """
 from __future__ import annotations
 
@@ -56,14 +67,14 @@ DESCRIPTIONS: dict[str, str] = {
 
 EXTRAS: tuple[str, ...] = ("bindi", "mask", "face_paint", "sticker")
 
-# Part labels of render_parts (uint8 index into PARTS); the same names as core.demo.renderer_v2.
+# Part labels of render_parts (uint8 index into PARTS).
 PARTS: tuple[str, ...] = ("background", "skin", "hair", "eyes", "brows", "mouth", "glasses", "beard", "shirt",
                           "extra")
 _PART = {name: i for i, name in enumerate(PARTS)}
 
 # The parts whose pixels each attribute changes (its region in a part map); the one home of this mapping
 # (bench/editability.py uses it).  Brows and beard are drawn in shades of the hair colour, and the skin shows
-# through a partial beard; the glasses' lens tint (at most 1/6 opacity) is not part of any region.
+# through a partial beard; the glasses are frames only.
 # head_x and face_scale move everything.
 ATTRIBUTE_PARTS: dict[str, tuple[str, ...]] = {
     "smile": ("mouth",), "mouth_open": ("mouth",), "eye_openness": ("eyes",), "gaze": ("eyes",),
@@ -75,9 +86,16 @@ ATTRIBUTE_PARTS: dict[str, tuple[str, ...]] = {
 # Palettes (RGB) interpolated piecewise-linearly; each is monotone in lightness or hue.
 _SKIN = np.array([[250, 222, 200], [226, 180, 145], [180, 125, 90], [120, 78, 52], [78, 50, 36]], np.float64)
 _HAIR = np.array([[24, 20, 20], [70, 45, 28], [125, 70, 35], [175, 115, 55], [232, 200, 120]], np.float64)
-_SHIRT = (64, 78, 104)
-_IRIS = (92, 62, 40)
-_LIP = (176, 84, 84)
+_SHIRT = (58, 72, 100)
+_IRIS = (70, 48, 30)
+_PUPIL = (10, 8, 8)
+_LID = (28, 18, 16)
+_LIP = (204, 86, 104)        # fixed: reads on light and dark skin alike
+_MOUTH_LINE = (58, 14, 24)
+_MOUTH_IN = (64, 10, 22)
+_TEETH = (248, 248, 244)
+_FRAME = (20, 20, 26)
+_BROW_DARK = (32, 22, 18)
 
 
 def _lerp_palette(palette: np.ndarray, t: float) -> tuple[int, int, int]:
@@ -134,7 +152,7 @@ class _Canvas:
     def merge(self, lay: Image.Image, mask: Image.Image | None = None, *, part: str, full: int = 255):
         """Composite ``lay`` (clipped to ``mask``) over the image.  With labels, the drawing pixels where the
         layer's alpha reaches half of ``full`` (the layer's nominal opacity: a faint beard or frame still counts
-        by its geometry, a lens tint of 1/6 of it does not) become ``part``."""
+        by its geometry) become ``part``."""
         if mask is not None:
             a = lay.getchannel("A")
             a = Image.fromarray((np.asarray(a, np.uint16) * np.asarray(mask, np.uint16) // 255).astype(np.uint8))
@@ -168,32 +186,35 @@ def _background(size: int, scale: int, hue01: float) -> Image.Image:
     return Image.fromarray(np.round(rgba).astype(np.uint8), "RGBA")
 
 
-def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str], parts: bool = False):
-    """``uint8 (size,size,3)`` image, or with ``parts`` the ``uint8 (size,size)`` part map of the same drawing."""
+def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str], parts: bool):
     a = {k: float(np.clip(v, 0.0, 1.0)) for k, v in zip(ATTRIBUTES, p)}
     u = size / 64.0  # layout is designed in 64-px units
     cv = _Canvas(size, supersample, _background(size, supersample, a["background_hue"]), parts)
 
+    def w(px: float) -> int:
+        """A stroke width of ``px`` output pixels (64-px units), at least one drawing pixel."""
+        return max(1, int(round(px * u * supersample)))
+
     skin = _lerp_palette(_SKIN, a["skin_tone"])
     hair = _lerp_palette(_HAIR, a["hair_color"])
-    rx = (13.0 + 5.0 * a["face_scale"]) * u
-    ry = 1.22 * rx
+    rx = (17.0 + 5.0 * a["face_scale"]) * u
+    ry = 1.14 * rx
     turn = a["head_x"] - 0.5
-    cx = 32 * u + turn * 12 * u
-    cy = 32 * u
-    fx = cx + turn * 0.28 * rx  # features shift further than the outline: a yaw-like turn
+    cx = 32 * u + turn * 10 * u
+    cy = 33 * u
+    fx = cx + turn * 0.26 * rx  # features shift further than the outline: a yaw-like turn
 
-    # shoulders and neck
+    # shoulders
     lay, d = cv.layer()
-    sh_y = cy + ry * 0.95
-    d.ellipse(cv.box(cx - 2.3 * rx, sh_y, cx + 2.3 * rx, sh_y + 2.2 * ry), fill=_SHIRT + (255,))
+    sh_y = cy + ry * 0.9
+    d.ellipse(cv.box(cx - 2.1 * rx, sh_y, cx + 2.1 * rx, sh_y + 2.2 * ry), fill=_SHIRT + (255,))
     cv.merge(lay, part="shirt")
 
     # hair behind the head (its length)
     lay, d = cv.layer()
-    hb = cy + ry * (0.05 + 1.45 * a["hair_length"])
-    hw = rx * (1.12 + 0.12 * a["hair_length"])
-    back = _ellipse_pts(cx, cy - 0.05 * ry, hw, 1.12 * ry, math.pi, 2 * math.pi)
+    hb = cy + ry * (0.0 + 1.2 * a["hair_length"])
+    hw = rx * (1.1 + 0.12 * a["hair_length"])
+    back = _ellipse_pts(cx, cy - 0.05 * ry, hw, 1.1 * ry, math.pi, 2 * math.pi)
     back = [(cx - hw, hb - 0.2 * rx)] + back + [(cx + hw, hb - 0.2 * rx)]
     back += _ellipse_pts(cx, hb - 0.2 * rx, hw, 0.25 * rx, 0, math.pi, 16)
     d.polygon(cv.P(back), fill=hair + (255,))
@@ -201,179 +222,163 @@ def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str
 
     # neck, ears, face
     lay, d = cv.layer()
-    nw = 0.42 * rx
-    d.rectangle(cv.box(cx - nw, cy + 0.5 * ry, cx + nw, sh_y + 0.35 * ry), fill=_shade(skin, 0.88) + (255,))
+    nw = 0.4 * rx
+    d.rectangle(cv.box(cx - nw, cy + 0.5 * ry, cx + nw, sh_y + 0.3 * ry), fill=_shade(skin, 0.86) + (255,))
     ear_y = cy - 0.02 * ry
     for side in (-1, 1):
         ex = cx + side * rx * 0.97 - turn * 0.15 * rx
-        d.ellipse(cv.box(ex - 0.17 * rx, ear_y - 0.2 * ry, ex + 0.17 * rx, ear_y + 0.14 * ry), fill=_shade(skin, 0.93) + (255,))
+        d.ellipse(cv.box(ex - 0.16 * rx, ear_y - 0.18 * ry, ex + 0.16 * rx, ear_y + 0.13 * ry),
+                  fill=_shade(skin, 0.92) + (255,))
     d.ellipse(cv.box(cx - rx, cy - ry, cx + rx, cy + ry), fill=skin + (255,))
     cv.merge(lay, part="skin")
     face_mask = Image.new("L", cv.img.size, 0)
     ImageDraw.Draw(face_mask).ellipse(cv.box(cx - rx, cy - ry, cx + rx, cy + ry), fill=255)
 
-    # beard (density = opacity), drawn under the mouth
+    # beard (density = opacity), under the mouth
     if a["beard"] > 0:
         lay, d = cv.layer()
-        bc = _shade(hair, 0.8) + (int(round(235 * a["beard"])),)
         jaw = _ellipse_pts(cx, cy, rx * 1.02, ry * 1.02, math.radians(-10), math.radians(190))
-        top = [(x, max(y, cy + 0.42 * ry - 0.22 * ry * ((x - fx) / rx) ** 2)) for x, y in jaw]
-        d.polygon(cv.P(top), fill=bc)
-        cv.merge(lay, face_mask, part="beard", full=bc[3])
+        top = [(x, max(y, cy + 0.36 * ry - 0.2 * ry * ((x - fx) / rx) ** 2)) for x, y in jaw]
+        alpha = int(round(255 * 0.92 * a["beard"]))
+        d.polygon(cv.P(top), fill=_shade(hair, 0.75) + (alpha,))
+        cv.merge(lay, face_mask, part="beard", full=alpha)
 
-    # hair cap with a hairline over the forehead
+    # hair cap with a hairline high over the forehead
     lay, d = cv.layer()
-    cap = _ellipse_pts(cx, cy - 0.04 * ry, rx * 1.1, ry * 1.1, math.pi * 0.97, math.pi * 2.03)
+    cap = _ellipse_pts(cx, cy - 0.04 * ry, rx * 1.08, ry * 1.08, math.pi * 0.97, math.pi * 2.03)
     line = []
-    for x in np.linspace(cx + rx * 1.08, cx - rx * 1.08, 24):
+    for x in np.linspace(cx + rx * 1.06, cx - rx * 1.06, 24):
         q = (x - cx - 0.25 * turn * rx) / rx
-        line.append((x, cy - 0.5 * ry + 0.32 * ry * q * q))
+        line.append((x, cy - 0.68 * ry + 0.36 * ry * q * q))
     d.polygon(cv.P(cap + line), fill=hair + (255,))
     cv.merge(lay, part="hair")
 
-    # eyes: white, iris + pupil following the gaze, clipped to the lids
-    ew = 0.22 * rx
-    eh = ew * (0.08 + 0.62 * a["eye_openness"])
-    ey = cy - 0.08 * ry
-    gaze = (a["gaze"] - 0.5) * 2 * 0.55 * ew
-    eyes = [fx - 0.42 * rx, fx + 0.42 * rx]
-    for ex in eyes:
-        lay, d = cv.layer()
-        d.ellipse(cv.box(ex - ew, ey - eh, ex + ew, ey + eh), fill=(250, 250, 250, 255))
-        ir = 0.5 * ew
-        ix = ex + gaze
-        d.ellipse(cv.box(ix - ir, ey - ir, ix + ir, ey + ir), fill=_IRIS + (255,))
-        pr = 0.5 * ir
-        d.ellipse(cv.box(ix - pr, ey - pr, ix + pr, ey + pr), fill=(15, 12, 12, 255))
-        mask = Image.new("L", cv.img.size, 0)
-        ImageDraw.Draw(mask).ellipse(cv.box(ex - ew, ey - eh, ex + ew, ey + eh), fill=255)
-        cv.merge(lay, mask, part="eyes")
-        lay, d = cv.layer()
-        lid = _ellipse_pts(ex, ey, ew, eh, math.pi, 2 * math.pi, 24)
-        d.line(cv.P(lid), fill=(40, 28, 24, 255), width=max(1, int(round(0.55 * u * supersample))), joint="curve")
-        cv.merge(lay, part="eyes")
-
-    # eyebrows
+    # eyes: outlined white, a large iris + pupil following the gaze, clipped to the lids
+    ew = 0.275 * rx
+    eh = ew * (0.1 + 0.68 * a["eye_openness"])
+    ey = cy - 0.04 * ry
+    gaze = (a["gaze"] - 0.5) * 2 * 0.5 * ew
+    eyes = [fx - 0.45 * rx, fx + 0.45 * rx]
     lay, d = cv.layer()
-    brow_c = _shade(hair, 0.75) + (255,)
-    by = ey - ew * (0.95 + 1.3 * a["eyebrow_height"])
+    lids = []
+    for ex in eyes:
+        d.ellipse(cv.box(ex - ew, ey - eh, ex + ew, ey + eh), fill=(252, 252, 252, 255))
+        lids.append(_ellipse_pts(ex, ey, ew, eh, 0, 2 * math.pi, 48))
+    white = lay.getchannel("A")
+    inner, di = cv.layer()
+    for ex in eyes:
+        ir, ix = 0.58 * ew, ex + gaze
+        di.ellipse(cv.box(ix - ir, ey - ir, ix + ir, ey + ir), fill=_IRIS + (255,))
+        pr = 0.5 * ir
+        di.ellipse(cv.box(ix - pr, ey - pr, ix + pr, ey + pr), fill=_PUPIL + (255,))
+    lay = Image.alpha_composite(lay, Image.composite(inner, Image.new("RGBA", lay.size, (0, 0, 0, 0)), white))
+    d = ImageDraw.Draw(lay)
+    for pts in lids:  # the outline, thicker on the upper lid
+        d.line(cv.P(pts[:25]), fill=_LID + (255,), width=w(0.6), joint="curve")      # lower: 0..pi
+        d.line(cv.P(pts[24:] + pts[:1]), fill=_LID + (255,), width=w(1.1), joint="curve")  # upper
+    cv.merge(lay, part="eyes")
+
+    # eyebrows: thick, darker than the hair
+    lay, d = cv.layer()
+    brow_c = tuple(int(round(0.45 * h + 0.55 * c)) for h, c in zip(_shade(hair, 0.7), _BROW_DARK)) + (255,)
+    by = ey - ew * (0.9 + 1.15 * a["eyebrow_height"])
     for side, ex in zip((-1, 1), eyes):
-        pts = [(ex - 1.1 * ew, by + 0.35 * ew), (ex - 0.2 * side * ew, by - 0.15 * ew), (ex + 1.1 * ew, by + 0.35 * ew)]
-        d.line(cv.P(pts), fill=brow_c, width=max(1, int(round(1.2 * u * supersample))), joint="curve")
+        pts = [(ex - 1.05 * ew, by + 0.3 * ew), (ex - 0.2 * side * ew, by - 0.15 * ew), (ex + 1.05 * ew, by + 0.3 * ew)]
+        d.line(cv.P(pts), fill=brow_c, width=w(2.0), joint="curve")
     cv.merge(lay, part="brows")
 
     # nose
     lay, d = cv.layer()
-    nc = _shade(skin, 0.72) + (255,)
-    ny = cy + 0.22 * ry
+    ny = cy + 0.24 * ry
     nx = fx + 0.1 * turn * rx
-    d.line(cv.P([(nx - 0.02 * rx, cy + 0.0 * ry), (nx - 0.08 * rx, ny), (nx + 0.1 * rx, ny)]), fill=nc,
-           width=max(1, int(round(0.6 * u * supersample))), joint="curve")
+    d.line(cv.P([(nx - 0.02 * rx, cy + 0.04 * ry), (nx - 0.09 * rx, ny), (nx + 0.1 * rx, ny)]),
+           fill=_shade(skin, 0.7) + (255,), width=w(0.8), joint="curve")
     cv.merge(lay, part="skin")
 
-    # mouth: corners rise with the smile, opening shows a dark interior and teeth
-    mw = 0.36 * rx * (0.9 + 0.25 * a["smile"])
-    my = cy + 0.55 * ry
-    k = (a["smile"] - 0.3) * 0.3 * rx  # corner lift (negative: frown)
-    oh = a["mouth_open"] * 0.32 * rx
-    xs = np.linspace(-1, 1, 25)
-    upper = [(fx + mw * x, my - k * x * x - 0.15 * oh * (1 - x * x)) for x in xs]
-    lower = [(fx + mw * x, my - k * x * x + oh * (1 - x * x)) for x in xs[::-1]]
+    # mouth: pink lips around a dark line; corners rise with the smile, opening shows interior and teeth
+    mw = 0.42 * rx * (0.9 + 0.2 * a["smile"])
+    my = cy + 0.52 * ry
+    k = (a["smile"] - 0.35) * 0.5 * rx  # corner lift (negative: frown)
+    oh = a["mouth_open"] * 0.36 * rx
+    lip = 0.11 * rx                      # lip thickness at the middle
+    xs = np.linspace(-1, 1, 33)
+
+    def curve(off: float, sign: int = 1):
+        return [(fx + mw * x, my - k * x * x + sign * off * (1 - x * x)) for x in xs]
+
+    upper = curve(0.15 * oh, -1)                 # the upper lip's lower edge (the mouth line when closed)
+    lower = curve(oh)                            # the lower lip's upper edge
     lay, d = cv.layer()
-    lw = max(1, int(round(0.9 * u * supersample)))
+    d.polygon(cv.P(curve(0.15 * oh + lip, -1) + lower[::-1]), fill=_LIP + (255,))
+    d.polygon(cv.P(upper + curve(oh + 1.2 * lip)[::-1]), fill=_LIP + (255,))
     if oh > 0.05 * u:
-        d.polygon(cv.P(upper + lower), fill=(70, 16, 24, 255))
-        th = min(0.35, 1.4 * u / max(oh, 1e-6))
-        teeth = [(x, y + th * oh * (1 - ((x - fx) / mw) ** 2)) for x, y in upper[::-1]]
-        d.polygon(cv.P(upper + teeth), fill=(245, 245, 240, 255))
-        d.line(cv.P(lower), fill=_LIP + (255,), width=lw, joint="curve")
-    d.line(cv.P(upper), fill=_shade(_LIP, 0.8) + (255,), width=lw, joint="curve")
+        d.polygon(cv.P(upper + lower[::-1]), fill=_MOUTH_IN + (255,))
+        th = min(0.4, 1.6 * u / max(oh, 1e-6))
+        teeth = [(x, y + th * 1.15 * oh * (1 - ((x - fx) / mw) ** 2)) for x, y in upper[::-1]]
+        d.polygon(cv.P(upper + teeth), fill=_TEETH + (255,))
+        d.line(cv.P(lower), fill=_MOUTH_LINE + (255,), width=w(0.9), joint="curve")
+    d.line(cv.P(upper), fill=_MOUTH_LINE + (255,), width=w(1.5), joint="curve")
     cv.merge(lay, part="mouth")
 
-    # glasses (frame opacity)
+    # glasses: bold frames, opacity = the attribute
     if a["glasses"] > 0:
         lay, d = cv.layer()
         alpha = int(round(255 * a["glasses"]))
-        fr = (25, 25, 30, alpha)
-        gr = 1.45 * ew
+        fr = _FRAME + (alpha,)
+        gr = 1.32 * ew
         for ex in eyes:
-            d.ellipse(cv.box(ex - gr, ey - 0.85 * gr, ex + gr, ey + 0.85 * gr), fill=(200, 220, 240, alpha // 6), outline=fr,
-                      width=max(1, int(round(0.8 * u * supersample))))
-        d.line(cv.P([(eyes[0] + gr, ey - 0.1 * gr), (eyes[1] - gr, ey - 0.1 * gr)]), fill=fr,
-               width=max(1, int(round(0.8 * u * supersample))))
+            d.ellipse(cv.box(ex - gr, ey - 0.82 * gr, ex + gr, ey + 0.82 * gr), outline=fr, width=w(1.6))
+        d.line(cv.P([(eyes[0] + 0.97 * gr, ey - 0.15 * gr), (eyes[1] - 0.97 * gr, ey - 0.15 * gr)]), fill=fr,
+               width=w(1.4))
         for side, ex in zip((-1, 1), eyes):
-            d.line(cv.P([(ex + side * gr, ey - 0.2 * gr), (cx + side * rx * 0.98, ey - 0.3 * gr)]), fill=fr,
-                   width=max(1, int(round(0.7 * u * supersample))))
+            d.line(cv.P([(ex + side * 0.97 * gr, ey - 0.2 * gr), (cx + side * rx * 0.99, ey - 0.3 * gr)]), fill=fr,
+                   width=w(1.2))
         cv.merge(lay, part="glasses", full=alpha)
 
     for name in extras:
-        _draw_extra(cv, name, cx=cx, cy=cy, fx=fx, rx=rx, ry=ry, ey=ey, by=by, my=my, mw=mw, u=u, face_mask=face_mask)
-
+        _draw_extra(cv, name, w, cx=cx, cy=cy, fx=fx, rx=rx, ry=ry, ey=ey, by=by, u=u, face_mask=face_mask)
     if parts:
         return cv.part_map()
-    out = cv.img.convert("RGB").resize((size, size), Image.BOX)
-    return np.asarray(out, np.uint8)
+    return np.asarray(cv.img.convert("RGB").resize((size, size), Image.BOX), np.uint8)
 
 
-def _draw_extra(cv: _Canvas, name: str, *, cx, cy, fx, rx, ry, ey, by, my, mw, u, face_mask):
+def _draw_extra(cv: _Canvas, name: str, w, *, cx, cy, fx, rx, ry, ey, by, u, face_mask):
     lay, d = cv.layer()
+    clip = None
     if name == "bindi":
-        r = 1.1 * u
-        y = (by + ey) / 2 - 0.1 * ry
+        r = 1.2 * u
+        y = (by + ey) / 2 - 0.12 * ry
         d.ellipse(cv.box(fx - r, y - r, fx + r, y + r), fill=(200, 20, 40, 255))
-        cv.merge(lay, part="extra")
     elif name == "mask":
-        top = cy + 0.12 * ry
+        top = cy + 0.14 * ry
         pts = [(cx - 0.98 * rx, top + 0.05 * ry), (cx + 0.98 * rx, top + 0.05 * ry)]
         pts += _ellipse_pts(cx, cy + 0.25 * ry, 0.98 * rx, 0.8 * ry, math.radians(0), math.radians(180))
         d.polygon(cv.P(pts), fill=(170, 205, 230, 255))
         for i in range(3):
             y = top + (0.15 + 0.15 * i) * ry
-            d.line(cv.P([(cx - 0.8 * rx, y), (cx + 0.8 * rx, y)]), fill=(130, 165, 195, 255), width=max(1, int(2 * u)))
+            d.line(cv.P([(cx - 0.8 * rx, y), (cx + 0.8 * rx, y)]), fill=(130, 165, 195, 255), width=w(2.0))
         for side in (-1, 1):
             d.line(cv.P([(cx + side * 0.98 * rx, top + 0.1 * ry), (cx + side * 1.05 * rx, cy - 0.05 * ry)]),
-                   fill=(235, 235, 240, 255), width=max(1, int(3 * u)))
-        cv.merge(lay, part="extra")
+                   fill=(235, 235, 240, 255), width=w(3.0))
     elif name == "face_paint":
         for side in (-1, 1):
-            x0 = fx + side * 0.55 * rx
+            x0 = fx + side * 0.6 * rx
             for i, col in enumerate(((30, 60, 200, 220), (240, 240, 240, 220), (200, 30, 30, 220))):
-                y = cy + (0.12 + 0.11 * i) * ry
-                d.line(cv.P([(x0 - 0.25 * rx, y - 0.06 * ry), (x0 + 0.25 * rx, y + 0.06 * ry)]), fill=col,
-                       width=max(1, int(round(1.6 * u * cv.scale))))
-        cv.merge(lay, face_mask, part="extra", full=220)
+                y = cy + (0.18 + 0.1 * i) * ry
+                d.line(cv.P([(x0 - 0.2 * rx, y - 0.05 * ry), (x0 + 0.2 * rx, y + 0.05 * ry)]), fill=col,
+                       width=w(1.6))
+        clip = face_mask
     elif name == "sticker":
-        sx, sy, R = fx + 0.5 * rx, cy - 0.6 * ry, 0.3 * rx
+        sx, sy, R = fx + 0.5 * rx, cy - 0.66 * ry, 0.3 * rx
         star = []
         for i in range(10):
             rr = R if i % 2 == 0 else 0.45 * R
             t = -math.pi / 2 + i * math.pi / 5
             star.append((sx + rr * math.cos(t), sy + rr * math.sin(t)))
-        d.polygon(cv.P(star), fill=(255, 215, 0, 255), outline=(120, 80, 0, 255), width=max(1, int(round(0.5 * u * cv.scale))))
-        cv.merge(lay, part="extra")
+        d.polygon(cv.P(star), fill=(255, 215, 0, 255), outline=(120, 80, 0, 255), width=w(0.5))
     else:
         raise InvalidInput(f"unknown extra {name!r}; known: {', '.join(EXTRAS)}")
-
-
-def render(params, extras: Sequence[str] | None = None, size: int = 64, supersample: int = 4) -> np.ndarray:
-    """Render faces.
-
-    ``params``: ``(NUM_ATTRIBUTES,)`` or ``(N, NUM_ATTRIBUTES)`` floats in ``[0,1]`` (clipped).
-    Returns ``uint8 (size,size,3)`` or ``(N,size,size,3)``; drawn at ``supersample``× and box-filtered.
-    ``extras``: names from ``EXTRAS`` drawn on top (never in the training distribution).
-    """
-    return _run(params, extras, size, supersample, parts=False)
-
-
-def render_parts(params, extras: Sequence[str] | None = None, size: int = 64, supersample: int = 4) -> np.ndarray:
-    """Part maps aligned with :func:`render` of the same arguments: ``uint8 (size,size)`` or ``(N,size,size)``.
-
-    Each pixel holds the index in ``PARTS`` of the shape group drawn last among those covering most of its
-    ``supersample``² drawing pixels (the same geometry and draw order as ``render``; a layer covers a drawing
-    pixel where its alpha reaches half its nominal opacity, so faint beards and frames are labelled by their
-    shape and the glasses' lens tint is not).  Extras are labelled ``"extra"``.
-    """
-    return _run(params, extras, size, supersample, parts=True)
+    cv.merge(lay, clip, part="extra")
 
 
 def _run(params, extras, size: int, supersample: int, parts: bool) -> np.ndarray:
@@ -395,6 +400,27 @@ def _run(params, extras, size: int, supersample: int, parts: bool) -> np.ndarray
     for i, row in enumerate(p):
         out[i] = _render_one(row, size, supersample, extras, parts)
     return out
+
+
+def render(params, extras: Sequence[str] | None = None, size: int = 64, supersample: int = 4) -> np.ndarray:
+    """Render faces.
+
+    ``params``: ``(NUM_ATTRIBUTES,)`` or ``(N, NUM_ATTRIBUTES)`` floats in ``[0,1]`` (clipped).
+    Returns ``uint8 (size,size,3)`` or ``(N,size,size,3)``; drawn at ``supersample``× and box-filtered.
+    ``extras``: names from ``EXTRAS`` drawn on top (never in the training distribution).
+    """
+    return _run(params, extras, size, supersample, parts=False)
+
+
+def render_parts(params, extras: Sequence[str] | None = None, size: int = 64, supersample: int = 4) -> np.ndarray:
+    """Part maps aligned with :func:`render` of the same arguments: ``uint8 (size,size)`` or ``(N,size,size)``.
+
+    Each pixel holds the index in ``PARTS`` of the shape group drawn last among those covering most of its
+    ``supersample``² drawing pixels (the same geometry and draw order as ``render``; a layer covers a drawing
+    pixel where its alpha reaches half its nominal opacity, so faint beards and frames are labelled by their
+    shape).  Extras are labelled ``"extra"``.
+    """
+    return _run(params, extras, size, supersample, parts=True)
 
 
 def contact_sheet(images: np.ndarray, cols: int = 8, scale: int = 2) -> Image.Image:

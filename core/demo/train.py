@@ -34,9 +34,9 @@ How the shipped files were made (2 shared CPU cores; one process per core beats 
 
 ``python -m core.demo.train --out DIR --install`` does the same in one process (slower).
 
-``--renderer v2`` distils ``core.demo.renderer_v2`` instead (small features drawn legibly at 64 px; the cache
-records its renderer and one folder never mixes two); the run under way and how to install it are in
-``core/demo/TRAINING.md``.  ``--install`` refuses a run whose renderer is not the one ``core.demo`` draws with.
+``--renderer`` names the face renderer distilled (``core.demo.data.RENDERERS``; the cache records it and one folder
+never mixes two); the shipped model's run (``--renderer v2`` with wider channels) is in ``core/demo/TRAINING.md``.
+``--install`` refuses a run whose renderer is not the one ``core.demo`` draws with.
 """
 from __future__ import annotations
 
@@ -495,7 +495,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scorer-steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 is far faster than 2 on a CPU other jobs share (OpenMP spin-waits)")
-    ap.add_argument("--renderer", choices=sorted(RENDERERS), default="v1",
+    ap.add_argument("--renderer", choices=sorted(RENDERERS), default="v2",
                     help="the face renderer distilled (core.demo.data.RENDERERS); one per --out folder")
     ap.add_argument("--encoder-minutes", type=float, default=90.0, help="wall time of the encoder stage")
     ap.add_argument("--install", action="store_true", help="copy the results into core/demo/weights/")

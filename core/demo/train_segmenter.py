@@ -58,7 +58,7 @@ class SegmenterTrainOptions:
     seed: int = 0
 
 
-def sample_data(n: int, seed: int, z_dim: int, extras: bool, renderer: str = "v1") -> dict:
+def sample_data(n: int, seed: int, z_dim: int, extras: bool, renderer: str = "v2") -> dict:
     """``{"z" (n,z_dim), "labels" (n,64,64) u8 (plain faces), "labels_x" / "images_x" (with the extras), "extra"
     (n,) int (-1 none)}`` drawn by ``core.demo.data.RENDERERS[renderer]``."""
     from core.demo.data import params_from_z, renderer_module
@@ -80,7 +80,7 @@ def sample_data(n: int, seed: int, z_dim: int, extras: bool, renderer: str = "v1
     return {"z": z, "labels": labels, "labels_x": labels_x, "images_x": images_x, "extra": extra}
 
 
-def held_out_with_extras(n: int, z_dim: int, renderer: str = "v1") -> dict:
+def held_out_with_extras(n: int, z_dim: int, renderer: str = "v2") -> dict:
     """Held-out faces, each with one extra (cycling through EXTRAS)."""
     from core.demo.data import params_from_z, renderer_module
 
@@ -130,7 +130,7 @@ def _to_images(u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def train(out: pathlib.Path, opts: SegmenterTrainOptions, model_path=None, log=print, renderer: str = "v1") -> dict:
+def train(out: pathlib.Path, opts: SegmenterTrainOptions, model_path=None, log=print, renderer: str = "v2") -> dict:
     """Build / resume the data, train both networks within ``opts.minutes`` in all, evaluate, write
     ``out/face64.segmenter.pt`` and ``out/segmenter.eval.json``; returns the evaluation."""
     import core
@@ -242,7 +242,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
     ap.add_argument("--minutes", type=float, default=SegmenterTrainOptions.minutes)
     ap.add_argument("--model", type=pathlib.Path, default=None, help="generator checkpoint (default: embedded)")
-    ap.add_argument("--renderer", default="v1", help="the renderer the generator was distilled from (v1 | v2)")
+    ap.add_argument("--renderer", default="v2",
+                    help="the renderer the generator was distilled from (core.demo.data.RENDERERS)")
     ap.add_argument("--threads", type=int, default=1)  # 2 threads ran 6× slower on the shared 2 cores
     ap.add_argument("--install", action="store_true", help="copy the result into core/demo/weights/")
     args = ap.parse_args(argv)

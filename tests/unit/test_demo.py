@@ -141,26 +141,28 @@ def test_part_maps_leave_render_unchanged():
 
 
 def test_each_part_has_its_own_colours_in_the_unfiltered_render():
-    from core.demo.renderer import _HAIR, _IRIS, _LIP, _SHIRT, _SKIN, _lerp_palette, _shade
+    from core.demo.renderer import (_BROW_DARK, _FRAME, _HAIR, _IRIS, _LID, _LIP, _MOUTH_IN, _MOUTH_LINE, _PUPIL,
+                                    _SHIRT, _SKIN, _TEETH, _lerp_palette, _shade)
 
     p = renderer.params_from_dict({"glasses": 0.0, "beard": 0.0, "mouth_open": 0.8, "hair_color": 0.3,
                                    "skin_tone": 0.2, "hair_length": 0.5})
     img = render(p, supersample=1)                                       # no filtering: every pixel is one shape's
     parts = renderer.render_parts(p, supersample=1)
-    with_glasses = renderer.params_from_dict({"glasses": 1.0}, base=p)   # solid frames over a tinted lens
+    with_glasses = renderer.params_from_dict({"glasses": 1.0}, base=p)   # solid frames, no lens tint
     glasses = renderer.render_parts(with_glasses, supersample=1) == renderer.PARTS.index("glasses")
     frames = render(with_glasses, supersample=1)[glasses]
-    assert len(frames) >= 20 and np.all(frames == (25, 25, 30))
+    assert len(frames) >= 100 and np.all(frames == _FRAME)
     hair, skin = _lerp_palette(_HAIR, 0.3), _lerp_palette(_SKIN, 0.2)
-    expect = {"shirt": {_SHIRT}, "hair": {hair}, "brows": {_shade(hair, 0.75)},
-              "skin": {skin, _shade(skin, 0.88), _shade(skin, 0.93), _shade(skin, 0.72)},
-              "eyes": {(250, 250, 250), _IRIS, (15, 12, 12), (40, 28, 24)},
-              "mouth": {(70, 16, 24), (245, 245, 240), _LIP, _shade(_LIP, 0.8)}}
+    brow = tuple(int(round(0.45 * h + 0.55 * c)) for h, c in zip(_shade(hair, 0.7), _BROW_DARK))
+    expect = {"shirt": {_SHIRT}, "hair": {hair}, "brows": {brow},
+              "skin": {skin, _shade(skin, 0.86), _shade(skin, 0.92), _shade(skin, 0.7)},
+              "eyes": {(252, 252, 252), _IRIS, _PUPIL, _LID},
+              "mouth": {_MOUTH_LINE, _MOUTH_IN, _LIP, _TEETH}}
     for name, colours in expect.items():
         got = {tuple(int(v) for v in c) for c in img[parts == renderer.PARTS.index(name)]}
         assert got and got <= colours, (name, got - colours)
     bg = img[parts == 0]
-    assert np.all(bg[:, 2] > 100) and len(bg) > 1000                     # the hue-0.5 backdrop, never a face colour
+    assert np.all(bg[:, 1] > 100) and len(bg) > 1000                     # the hue-0.5 backdrop, never a face colour
 
 
 def test_part_map_is_the_dominant_label_of_the_fine_drawing():

@@ -95,24 +95,26 @@ def test_phases_train_checkpoint_resume_and_hand_over(tmp_path):
     json.dumps(ev)
 
 
-# ----------------------------------------------------------------------------------------------- renderer v2
+# ------------------------------------------------------------------------------------ the renderer by its name
 
 
-def test_v2_cache_scorer_both_phases_and_directions_run(tmp_path):
+def test_named_cache_scorer_both_phases_and_directions_run(tmp_path):
     from core.common import InvalidInput
     from core.demo import directions as dr
-    from core.demo import renderer_v2
     from core.demo import scorer as sc
     from core.demo.data import build_cache
 
     torch.manual_seed(0)
     test = build_cache(tmp_path / "test.npz", 8, 16, seed=1, renderer="v2")
     data = build_cache(tmp_path / "train.npz", 16, 16, seed=0, renderer="v2")
-    assert np.array_equal(data["images"][3], renderer_v2.render(params_from_z(data["z"][3:4]))[0])
-    assert not np.array_equal(data["images"][3], render(params_from_z(data["z"][3:4]))[0])  # not v1's drawing
+    assert np.array_equal(data["images"][3], render(params_from_z(data["z"][3:4]))[0])
     assert np.array_equal(build_cache(tmp_path / "train.npz", 16, 16, seed=0, renderer="v2")["images"], data["images"])
-    with pytest.raises(InvalidInput, match="renderer 'v2'"):            # never mixes renderers in one folder
-        build_cache(tmp_path / "train.npz", 16, 16, seed=0, renderer="v1")
+    unnamed = {k: v for k, v in np.load(tmp_path / "train.npz").items() if k != "renderer"}
+    np.savez(tmp_path / "old.npz", **unnamed)                           # caches before names: the removed first design
+    with pytest.raises(InvalidInput, match="renderer 'v1', not 'v2'"):  # never mixes renderers in one folder
+        build_cache(tmp_path / "old.npz", 16, 16, seed=0, renderer="v2")
+    with pytest.raises(InvalidInput, match="unknown renderer 'v1'"):
+        build_cache(tmp_path / "v1.npz", 16, 16, seed=0, renderer="v1")
 
     net = sc.train_scorer(data["images"], data["params"], sc.ScorerTrainOptions(steps=3, batch=4))
     sc.save_scorer(net, tmp_path / "scorer.pt")
@@ -131,27 +133,30 @@ def test_v2_cache_scorer_both_phases_and_directions_run(tmp_path):
     assert M.shape == (13, 13) and np.isfinite(M).all() and set(report["linear_r2"]) == set(dirs)
 
 
-def test_cli_trains_on_v2_refuses_mismatched_resume_and_install(tmp_path):
+def test_cli_trains_refuses_mismatched_resume_and_install(tmp_path, monkeypatch):
     tiny = ["--out", str(tmp_path), "--renderer", "v2", "--train-size", "16", "--test-size", "8", "--scorer-steps", "2",
             "--steps", "2", "--stages", "cache,scorer,generator"]
     threads = torch.get_num_threads()                                   # main() sets torch's thread count
     try:
-        _cli_checks(tmp_path, tiny)
+        _cli_checks(tmp_path, tiny, monkeypatch)
     finally:
         torch.set_num_threads(threads)
 
 
-def _cli_checks(tmp_path, tiny):
+def _cli_checks(tmp_path, tiny, monkeypatch):
+    from core.demo.data import RENDERERS
+
     from core.common import InvalidInput
 
     assert train.main(tiny + ["--channels", "4:16,8:16,16:8,32:8,64:8"]) == 0
     meta = json.loads((tmp_path / "generator_eval.json").read_text())
-    assert meta["renderer"] == "v2" and "renderer_v2" in meta["domain"] and meta["phases"] == ["ckpt.pt"]
+    assert meta["renderer"] == "v2" and "core.demo.renderer" in meta["domain"] and meta["phases"] == ["ckpt.pt"]
     assert str(np.load(tmp_path / "train.npz")["renderer"]) == "v2"
     with pytest.raises(InvalidInput, match="channels"):                 # resuming with another architecture
         train.main(tiny + ["--resume", "--steps", "3", "--channels", "4:16,8:16,16:8,32:8,64:16"])
     weights = sorted(p.name for p in train.WEIGHTS_DIR.iterdir())
-    assert train.main(tiny + ["--resume", "--stages", "directions", "--install"]) == 2   # core.demo still renders v1
+    monkeypatch.setitem(RENDERERS, "v3", "core.demo.renderer_v3")      # a run of a renderer core.demo does not draw
+    assert train.main(tiny + ["--renderer", "v3", "--resume", "--stages", "directions", "--install"]) == 2
     assert sorted(p.name for p in train.WEIGHTS_DIR.iterdir()) == weights
     with pytest.raises(SystemExit):
         train.main(tiny + ["--channels", "4:x"])

@@ -5,7 +5,7 @@
 # Resumable: each step leaves a marker in $OUT/install/ and is skipped when it is there; the encoder and
 # segmenter trainers resume from their own checkpoints.
 #   mkdir -p ~/.cache/latent-edit-train/face-v2 && nohup setsid training/face-v2/install.sh >> ~/.cache/latent-edit-train/face-v2/install.txt 2>&1 < /dev/null &
-# It edits core/demo/__init__.py (RENDERER) and writes core/demo/weights/: review and commit the result, then
+# It writes core/demo/weights/ (core.demo draws with the run's renderer): review and commit the result, then
 # re-measure (TRAINING.md step 4). FORCE=1 installs a run below the issue's 30 dB target.
 set -e
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -27,11 +27,7 @@ if ! .venv/bin/python -c "import sys; sys.exit(0 if $PSNR >= 30 else 1)" && [ -z
   echo "below the target: resume the finetune with a larger --finetune-steps (run.sh), or FORCE=1"; exit 3
 fi
 
-# 1. core.demo draws with v2
-sed -i 's/^RENDERER = "core.demo.renderer"$/RENDERER = "core.demo.renderer_v2"/' core/demo/__init__.py
-grep -q '^RENDERER = "core.demo.renderer_v2"$' core/demo/__init__.py
-
-# 2. two lanes on the two cores: the encoder of the run's generator (90 min) | the directions (~35 min on one
+# 1. two lanes on the two cores: the encoder of the run's generator (90 min) | the directions (~35 min on one
 # thread), then generator, scorer and directions into core/demo/weights/, the segmenter, the sparse directions and
 # MAGEC's LinkNet (~45 min); every step ends its lane on failure, and the script fails when either lane did
 (
@@ -56,6 +52,6 @@ rc=0
 wait $ENC || rc=1
 wait $LANE || rc=1
 [ $rc = 0 ] || { echo "a refit failed (see above); rerun install.sh: finished steps are skipped"; exit 1; }
-# 3. the learned content extractor trains on the new encoder's codes (~5 min)
+# 2. the learned content extractor trains on the new encoder's codes (~5 min)
 step_done content || { $PY -m core.demo.train_content --steps 800 --install && mark content; }
 echo "v2 installed: run the tests, re-measure (TRAINING.md step 4) and commit"

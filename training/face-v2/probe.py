@@ -5,7 +5,7 @@ import os, sys, pathlib, numpy as np, torch
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO)); sys.path.insert(0, str(REPO / "bench")); torch.set_num_threads(1)
 import editability as E
-from core.demo import renderer_v2 as r2
+from core.demo import renderer as r2
 from core.demo.directions import UNIT, fit_directions
 from core.demo.train import load_trained_generator
 from core.demo.scorer import load_scorer
