@@ -200,10 +200,11 @@ def test_extras_are_labelled_extra_where_they_are_drawn(extra):
 
 # ----------------------------------------------------------------------------------------------- scorer
 
-# Held-out mean absolute error bounds (0..1 scale; predicting 0.5 always gives 0.25). Measured on these 200 renders:
-# smile 0.061, eyebrow 0.041, eye_openness/glasses 0.035, gaze/beard 0.033, mouth 0.027, hair_length 0.020, rest <= 0.013.
+# Held-out mean absolute error bounds (0..1 scale; predicting 0.5 always gives 0.25). Measured on these 200 renders
+# (v2 scorer): gaze 0.040, beard 0.030, eyebrow 0.026, smile/glasses/hair_length 0.025, eye_openness 0.020,
+# mouth 0.013, rest <= 0.011 (the v1 scorer: smile 0.061 ... mouth 0.027, hence the v1 bound 0.08 on fine features).
 _FINE = ("smile", "mouth_open", "eye_openness", "gaze", "eyebrow_height", "glasses", "beard")
-SCORER_MAE_BOUND = {a: (0.08 if a in _FINE else 0.03) for a in ATTRIBUTES}
+SCORER_MAE_BOUND = {a: (0.06 if a in _FINE else 0.03) for a in ATTRIBUTES}
 
 
 def test_scorer_recovers_parameters_of_held_out_renders():
@@ -258,11 +259,11 @@ def test_samples_cover_every_attribute_and_follow_z(G, scorer):
     pred = scorer(generate(G, z)).numpy()
     lo, hi = np.percentile(pred, 5, axis=0), np.percentile(pred, 95, axis=0)
     mae = np.abs(pred - params_from_z(z.numpy())).mean(0)  # the face z asks for (data.params_from_z) vs drawn
-    # Measured (5th..95th percentile, z-MAE): every attribute spans at least .13..86; z-MAE .07-.11 for the small
-    # features (mouth, eyes, gaze, brows, glasses), .06 beard, <= .04 for the rest.  Chance z-MAE is 0.33.
+    # Measured (5th..95th percentile, z-MAE), v2 model: every attribute spans at least .11..90; z-MAE .035-.05 for
+    # the small features and beard, <= .033 for the rest (v1: .13..86, .07-.11 and <= .04).  Chance z-MAE is 0.33.
     for k, name in enumerate(ATTRIBUTES):
-        assert lo[k] < 0.25 and hi[k] > 0.75, f"{name}: samples span only {lo[k]:.2f}..{hi[k]:.2f}"
-        assert mae[k] < (0.15 if name in _FINE else 0.08), f"{name}: z-MAE {mae[k]:.3f}"
+        assert lo[k] < 0.15 and hi[k] > 0.85, f"{name}: samples span only {lo[k]:.2f}..{hi[k]:.2f}"
+        assert mae[k] < (0.08 if name in _FINE else 0.05), f"{name}: z-MAE {mae[k]:.3f}"
 
 
 def test_directions_move_their_own_attribute_only(G, scorer, directions):
@@ -270,16 +271,16 @@ def test_directions_move_their_own_attribute_only(G, scorer, directions):
 
     assert {n for n in directions if not n.endswith("_sparse")} == set(ATTRIBUTES)  # + sparse ones (issue 20)
     M = edit_matrix(G, scorer, directions, n=64, strengths=(-3.0, 3.0))
-    # Measured: own change 0.64 (skin_tone) .. 0.79 (face_scale); largest other ÷ own 0.06 (eyebrow_height) ..
-    # 0.21 (background_hue, into smile).  The issue's bound is 1/4.
+    # Measured, v2 model: own change 0.63 (glasses) .. 0.81 (mouth_open); largest other ÷ own 0.05 (eyebrow_height)
+    # .. 0.14 (hair_color, into beard).  v1 measured 0.64 .. 0.79 and up to 0.21; the issue's bound is 1/4.
     failures = []
     for i, name in enumerate(ATTRIBUTES):
         own = M[i, i]
         others = np.delete(M[i], i)
         worst = ATTRIBUTES[int(np.argmax(np.where(np.arange(K) == i, -1, M[i])))]
-        if own < 0.5:
+        if own < 0.55:
             failures.append(f"{name}: moves its own attribute by {own:.3f} across -3..3")
-        if others.max() > 0.25 * own:
+        if others.max() > 0.2 * own:
             failures.append(f"{name}: also moves {worst} by {others.max():.3f} (own {own:.3f})")
     assert not failures, failures
 
@@ -321,8 +322,9 @@ def test_refinement_takes_a_leak_out_of_a_direction(G, scorer, directions):
     assert after[k] >= 0.5, after[k]
 
 
-# Mean PSNR (dB) of a 150-step pixel-loss W+ projection of 4 held-out renders; measured 26.1 (22.3..28.7).
-PROJECTION_PSNR_BOUND = 24.0
+# Mean PSNR (dB) of a 150-step pixel-loss W+ projection of 4 held-out renders; measured 26.9 (25.0..28.8) on the v2
+# model (v1: 26.1, 22.3..28.7, bound 24).
+PROJECTION_PSNR_BOUND = 25.0
 
 
 def test_wplus_projection_reconstructs_held_out_renders(G):
