@@ -104,12 +104,13 @@ def raw(out: Path, name: str, dtype, channels: int) -> np.ndarray:
     return a.reshape(SIZE, SIZE, channels) if channels > 1 else a.reshape(SIZE, SIZE)
 
 
-def assert_changed(diff: np.ndarray, level: int = 1) -> None:
-    """Most selected pixels changed, by more than one 8-bit level on average (``level`` = one 8-bit step).
+def assert_changed(diff: np.ndarray, level: int = 1, share: float = 0.5) -> None:
+    """More than ``share`` of the selected pixels changed, by more than one 8-bit level on average (``level`` = one
+    8-bit step).
 
     The composite alpha is feathered (the embedded model averages ~0.8 inside this selection), so merged
     changes are a fraction of the edit's own size."""
-    assert (diff > 0).mean() > 0.5 and diff.mean() > level, ((diff > 0).mean(), diff.mean() / level)
+    assert (diff > 0).mean() > share and diff.mean() > level, ((diff > 0).mean(), diff.mean() / level)
 
 
 def run_ok(krita, job, tmp, server):
@@ -309,7 +310,9 @@ def test_krita_dialog_like_a_user(krita, latent_server, tmp_path):
     after = raw(out, "projection_after.raw", np.uint8, 4).astype(int)
     diff = np.abs(after - before)[..., :3].max(axis=2)
     assert diff[sel == 0].max() == 0
-    assert_changed(diff[sel == 255])
+    # a small feature's edit (directions[1] is mouth_open) is local on the v2 model: 49 % of the selected pixels
+    # changed in CI, mean 5.7 levels (the v1 model's diffuse edits changed most of them)
+    assert_changed(diff[sel == 255], share=0.3)
 
 
 def test_krita_cancel_adds_nothing_and_stops_the_server_job(krita, latent_server, tmp_path):
