@@ -82,6 +82,14 @@ class DirectionRefineOptions:
     validate_seed: int = 99   # ours: neither the refinement's seed nor edit_matrix's default (7)
 
 
+def _retuned(d0, d: torch.Tensor, source: str):
+    """A copy of direction ``d0`` with the offset per unit ``d`` (w_dim,): ``vector = d/‖d‖``, ``scale = ‖d‖``."""
+    from core.edits import Direction
+
+    return Direction(d0.name, (d / d.norm()).float(), layers=d0.layers, default_strength=d0.default_strength,
+                     range=d0.range, scale=float(d.norm()), description=d0.description, source=source)
+
+
 def refine_directions(G, scorer, directions: dict, options: DirectionRefineOptions | None = None,
                       names=None, progress=None) -> dict:
     """Refine fitted W directions by gradient descent through ``G`` and the scorer (same ``(w_dim,)`` form).
@@ -95,8 +103,6 @@ def refine_directions(G, scorer, directions: dict, options: DirectionRefineOptio
     (largest other change ÷ own change, :func:`edit_matrix`) than the given one on ``validate_n`` fresh
     samples: the objective averages the other attributes, the acceptance measure takes the worst.
     """
-    from core.edits import Direction
-
     o = options or DirectionRefineOptions()
     gen = torch.Generator().manual_seed(o.seed)
     out = dict(directions)
@@ -128,11 +134,8 @@ def refine_directions(G, scorer, directions: dict, options: DirectionRefineOptio
             opt.step()
             if progress is not None:
                 progress(name, step + 1, float(loss))
-        d = (length * u).detach()
-        refined = Direction(name, (d / d.norm()).float(), layers=d0.layers, default_strength=d0.default_strength,
-                            range=d0.range, scale=float(d.norm()), description=d0.description,
-                            source="core.demo.directions (conditioned linear regression in W, refined through "
-                                   "the generator and scorer)")
+        refined = _retuned(d0, (length * u).detach(), "core.demo.directions (conditioned linear regression in W, "
+                                                      "refined through the generator and scorer)")
         leak = []
         for cand in (d0, refined):
             row = edit_matrix(G, scorer, {name: cand}, n=o.validate_n, seed=o.validate_seed, names=[name])[k]
@@ -264,7 +267,6 @@ def match_renderer(G, scorer, directions: dict, render, options: RendererMatchOp
     ``leak_tolerance`` × the given one's; ``report[name]`` has both scores, both leaks and whether it was kept.
     ``render``: params (N,K) in [0,1] -> uint8 (N,H,W,3) at G's resolution (``core.demo.render``)."""
     from core.demo.data import params_from_z
-    from core.edits import Direction
 
     o = options or RendererMatchOptions()
     gen = torch.Generator().manual_seed(o.seed)
@@ -297,11 +299,8 @@ def match_renderer(G, scorer, directions: dict, render, options: RendererMatchOp
             opt.step()
             if progress is not None:
                 progress(name, step + 1, float(loss))
-        d = (length * u).detach()
-        matched = Direction(name, (d / d.norm()).float(), layers=d0.layers, default_strength=d0.default_strength,
-                            range=d0.range, scale=float(d.norm()), description=d0.description,
-                            source="core.demo.directions (conditioned linear regression in W, refined through the "
-                                   "generator and scorer, then matched to the renderer's own change)")
+        matched = _retuned(d0, (length * u).detach(), "core.demo.directions (conditioned linear regression in W, "
+                           "refined through the generator and scorer, then matched to the renderer's own change)")
         rep = {"leak_true": round(true_edit_leak(scorer, render, params_v, k), 4)}
         for key, cand in (("given", d0), ("matched", matched)):
             vec = (cand.vector * cand.scale).float()
