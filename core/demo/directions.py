@@ -82,6 +82,24 @@ class DirectionRefineOptions:
     validate_seed: int = 99   # ours: neither the refinement's seed nor edit_matrix's default (7)
 
 
+def _tune_offset(d0, steps: int, lr: float, loss_of, progress=None) -> torch.Tensor:
+    """Adam on direction ``d0``'s offset per unit, kept at its starting length's scale (``d = length·u``, ``u``
+    started at unit norm): ``steps`` steps minimising ``loss_of(d)``; returns the final ``d`` (w_dim,).
+    ``progress(name, step, loss)`` after each step."""
+    start = (d0.vector * d0.scale).float()
+    length = float(start.norm())
+    u = (start / length).clone().requires_grad_(True)
+    opt = torch.optim.Adam([u], lr=lr)
+    for step in range(steps):
+        loss = loss_of(length * u)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            progress(d0.name, step + 1, float(loss))
+    return (length * u).detach()
+
+
 def _retuned(d0, d: torch.Tensor, source: str):
     """A copy of direction ``d0`` with the offset per unit ``d`` (w_dim,): ``vector = d/‖d‖``, ``scale = ‖d‖``."""
     from core.edits import Direction
@@ -112,12 +130,9 @@ def refine_directions(G, scorer, directions: dict, options: DirectionRefineOptio
         if names is not None and name not in names:
             continue
         d0 = directions[name]
-        start = d0.vector * d0.scale
-        length = float(start.norm())
-        u = (start / length).clone().requires_grad_(True)
-        opt = torch.optim.Adam([u], lr=o.lr)
         others = [j for j in range(len(ATTRIBUTES)) if j != k]
-        for step in range(o.steps):
+
+        def keep_others(d, k=k, others=others):
             z = torch.randn(o.batch, G.z_dim, generator=gen)
             a = 1.0 + (o.max_strength - 1.0) * torch.rand(o.batch, 1, 1, generator=gen)
             with torch.no_grad():
@@ -126,16 +141,14 @@ def refine_directions(G, scorer, directions: dict, options: DirectionRefineOptio
             loss = 0.0
             for sign in (-1.0, 1.0):
                 st = sign * a
-                s = scorer(G.synthesis(w + st * (length * u), noise_mode="const").clamp(-1, 1))
+                s = scorer(G.synthesis(w + st * d, noise_mode="const").clamp(-1, 1))
                 target = (s0[:, k] + st[:, 0, 0] * UNIT).clamp(0, 1)
                 loss = loss + (s[:, k] - target).abs().mean() + o.keep_weight * (s[:, others] - s0[:, others]).abs().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if progress is not None:
-                progress(name, step + 1, float(loss))
-        refined = _retuned(d0, (length * u).detach(), "core.demo.directions (conditioned linear regression in W, "
-                                                      "refined through the generator and scorer)")
+            return loss
+
+        refined = _retuned(d0, _tune_offset(d0, o.steps, o.lr, keep_others, progress),
+                           "core.demo.directions (conditioned linear regression in W, refined through the generator "
+                           "and scorer)")
         leak = []
         for cand in (d0, refined):
             row = edit_matrix(G, scorer, {name: cand}, n=o.validate_n, seed=o.validate_seed, names=[name])[k]
@@ -279,11 +292,8 @@ def match_renderer(G, scorer, directions: dict, render, options: RendererMatchOp
         if names is not None and name not in names:
             continue
         d0 = directions[name]
-        start = (d0.vector * d0.scale).float()
-        length = float(start.norm())
-        u = (start / length).clone().requires_grad_(True)
-        opt = torch.optim.Adam([u], lr=o.lr)
-        for step in range(o.steps):
+
+        def renderer_change(d, k=k):
             z = torch.randn(o.batch, G.z_dim, generator=gen)
             a = np.where(npgen.random(o.batch) < 0.5, -1.0, 1.0) * (1.0 + (o.max_strength - 1.0) * npgen.random(o.batch))
             params = params_from_z(z.numpy())
@@ -292,15 +302,12 @@ def match_renderer(G, scorer, directions: dict, render, options: RendererMatchOp
                 w = G.mapping(z)
                 base = G.synthesis(w, noise_mode="const").clamp(-1, 1)
             at = torch.from_numpy(a).float().view(-1, 1, 1)
-            edit = G.synthesis(w + at * (length * u), noise_mode="const").clamp(-1, 1) - base
-            loss = (edit - true).square().mean() / true.square().mean().clamp_min(1e-8)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if progress is not None:
-                progress(name, step + 1, float(loss))
-        matched = _retuned(d0, (length * u).detach(), "core.demo.directions (conditioned linear regression in W, "
-                           "refined through the generator and scorer, then matched to the renderer's own change)")
+            edit = G.synthesis(w + at * d, noise_mode="const").clamp(-1, 1) - base
+            return (edit - true).square().mean() / true.square().mean().clamp_min(1e-8)
+
+        matched = _retuned(d0, _tune_offset(d0, o.steps, o.lr, renderer_change, progress),
+                           "core.demo.directions (conditioned linear regression in W, refined through the generator "
+                           "and scorer, then matched to the renderer's own change)")
         rep = {"leak_true": round(true_edit_leak(scorer, render, params_v, k), 4)}
         for key, cand in (("given", d0), ("matched", matched)):
             vec = (cand.vector * cand.scale).float()
