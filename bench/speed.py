@@ -21,7 +21,8 @@ the wall clock there minus the time spent computing the bench's own metrics.  Co
 ``lpips`` (AlexNet-LPIPS; the JSON names the backbone: a random-backbone fallback is not a calibrated metric),
 ``seconds``, ``mse_vs_recipe`` and ``time_vs_recipe`` (the recipe row of the same image); ``mse_vs_wplus`` and
 ``time_vs_wplus`` on the encoder row.  The summary checks issue 22's acceptance per image and the plateau
-early-stop rule (``PLATEAU_WINDOW``, ``PLATEAU_GAIN``) on the enc+k curves.
+early-stop rule (``PLATEAU_WINDOW``, ``PLATEAU_GAIN``, ``PLATEAU_START``: core.pti's) on the enc+k curves; the
+fast path's own budget (``core.pti.ENCODER_PIVOT_TUNE_STEPS``, no plateau rule, as sessions run it) is ``fast_path_ok``.
 """
 from __future__ import annotations
 
@@ -32,15 +33,17 @@ import numpy as np
 import torch
 from _util import parse_args, print_table, write_json
 
+from core.pti import ENCODER_PIVOT_TUNE_STEPS, PTIOptions
+
 HELDOUT_SEED = 7_000_000  # rendered held-out faces; see the module docstring for the seeds used elsewhere
-PLATEAU_WINDOW = 10  # proposed early stop: stop tuning once MSE fell by less than PLATEAU_GAIN over this many steps
-PLATEAU_GAIN = 0.02
+# the early stop the summary checks on the enc+k curves: core.pti's plateau rule with its fixed defaults
+PLATEAU_WINDOW, PLATEAU_GAIN, PLATEAU_START = PTIOptions.plateau_window, PTIOptions.plateau_gain, PTIOptions.plateau_start
 
 
 def _extra(parser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--faces", type=int, default=3, help="held-out rendered faces")
-    parser.add_argument("--ks", default="10,25,50,100,150,200", help="tuning steps after the encoder pivot")
+    parser.add_argument("--ks", default="10,25,50,100,150,200,250", help="tuning steps after the encoder pivot")
     parser.add_argument("--model", default=None, help="generator (default: the embedded model)")
     parser.add_argument("--encoder", default=None, help="encoder (default: core.demo.default_encoder_path())")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
@@ -87,11 +90,12 @@ class Curve:
         self.spent += time.perf_counter() - t_in
 
 
-def plateau_stop(curve: list, window: int = PLATEAU_WINDOW, gain: float = PLATEAU_GAIN):
-    """First k where mse(k) > (1 − gain)·mse(k − window) on a [(k, mse)] curve; None if it never fires."""
+def plateau_stop(curve: list, window: int = PLATEAU_WINDOW, gain: float = PLATEAU_GAIN,
+                 start: int = PLATEAU_START):
+    """First k ≥ start where mse(k) > (1 − gain)·mse(k − window) on a [(k, mse)] curve; None if it never fires."""
     by_k = dict(curve)
     for k, m in curve:
-        if k - window in by_k and m > (1 - gain) * by_k[k - window]:
+        if k >= start and k - window in by_k and m > (1 - gain) * by_k[k - window]:
             return k
     return None
 
@@ -198,25 +202,28 @@ def main():
     meta = {"model": model_note, "encoder": str(args.encoder or default_encoder_path()), "device": str(device),
             "threads": torch.get_num_threads(), "lpips_backbone": lpips_backbone("alex"),
             "projection_steps": proj_steps, "tuning_steps": tune_steps, "ks": ks, "images": how,
-            "heldout_seed": HELDOUT_SEED, "plateau_rule": {"window": PLATEAU_WINDOW, "gain": PLATEAU_GAIN},
+            "heldout_seed": HELDOUT_SEED, "plateau_rule": {"window": PLATEAU_WINDOW, "gain": PLATEAU_GAIN, "start": PLATEAU_START},
             "plateau_stop": stops}
     for k, v in meta.items():
         print(f"{k}: {v}")
     print_table(rows, cols, title="speed: quality vs time (held-out faces and photos)")
-    acc = acceptance(rows, ks)
+    acc = acceptance(rows, ks, ENCODER_PIVOT_TUNE_STEPS)
     print_table(acc, title="issue 22 acceptance per image")
     write_json(args.json, rows, acceptance=acc, curves=curves, **meta)
 
 
-def acceptance(rows, ks) -> list:
-    """Per image: the fewest k whose enc+k MSE ≤ 1.1× the recipe's and time ≤ 1/5 of it; encoder vs W+."""
+def acceptance(rows, ks, fast_k: int) -> list:
+    """Per image: the fewest k whose enc+k MSE ≤ 1.1× the recipe's and time ≤ 1/5 of it; whether the fast path's
+    budget ``fast_k`` (when among ``ks``) does; encoder vs W+."""
     out = []
     for name in dict.fromkeys(r["image"] for r in rows):
         r = {x["method"]: x for x in rows if x["image"] == name}
         ok_k = [k for k in ks if f"enc+{k}" in r and r[f"enc+{k}"]["mse_vs_recipe"] <= 1.1
                 and r[f"enc+{k}"]["time_vs_recipe"] <= 0.2]
         enc = r["encoder"]
+        fast = r.get(f"enc+{fast_k}")
         out.append({"image": name, "pti_k_meeting_bar": ok_k[0] if ok_k else None,
+                    "fast_path_k": fast_k, "fast_path_ok": None if fast is None else fast_k in ok_k,
                     "best_enc_k_mse_vs_recipe": min(r[f"enc+{k}"]["mse_vs_recipe"] for k in ks if f"enc+{k}" in r),
                     "encoder_mse_vs_wplus": enc["mse_vs_wplus"], "encoder_time_vs_wplus": enc["time_vs_wplus"],
                     "encoder_ok": enc["mse_vs_wplus"] <= 2.0 and enc["time_vs_wplus"] <= 1 / 50})
