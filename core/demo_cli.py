@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--photo", type=pathlib.Path, help="your own image instead of the bundled portrait")
     p.add_argument("--model", type=pathlib.Path, help="generator checkpoint (default: the embedded face64 model)")
     p.add_argument("--method", default="pti", choices=("pti", "chunks", "w", "wplus"))
+    p.add_argument("--pivot", default="auto", choices=("auto", "w", "encoder"),
+                   help="where PTI starts (default auto: the encoder's code when the model has an encoder, as the "
+                        "server does; w: PTI's own W projection)")
     p.add_argument("--align", default=None, choices=("auto", "none"),
                    help="default: none for the bundled portrait, auto for --photo")
     p.add_argument("--edits", default=default_edits(), help="comma-separated direction names, each optionally "
@@ -88,6 +91,30 @@ def _to_uint8(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
     return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
 
 
+def _pivot(args: argparse.Namespace, model_path, G) -> tuple:
+    """(SessionOptions.pivot, MethodAssets or None) for ``--pivot``: "auto" is core.session.default_pivot of what
+    lies beside the checkpoint (the encoder's code where there is an encoder)."""
+    from core.common import LatentEditError
+    from core.models import find_encoder
+    from core.session import MethodAssets, default_pivot
+
+    if args.method != "pti" or args.pivot == "w":
+        return "w", None
+    path, why = find_encoder(model_path, default=args.model is None)
+    if path is None:
+        if args.pivot == "encoder":
+            raise LatentEditError(f"--pivot encoder: {why}")
+        return "w", None
+    pivot = default_pivot(("encoder",)) if args.pivot == "auto" else "encoder"
+    if pivot != "encoder":
+        return pivot, None
+    from core.encoder import check_compatible, load_encoder
+
+    E = load_encoder(path)
+    check_compatible(E, G)
+    return "encoder", MethodAssets(encoder=E)
+
+
 def main(args: argparse.Namespace) -> int:
     import core
     from core.common import LatentEditError
@@ -115,7 +142,9 @@ def main(args: argparse.Namespace) -> int:
         if unknown:
             raise LatentEditError(f"unknown edit(s) {unknown}; this model has: {', '.join(sorted(directions))}")
         layer = np.concatenate([rgb.astype(np.float32) / 255.0, np.ones(rgb.shape[:2] + (1,), np.float32)], axis=2)
-        opts = SessionOptions(method=args.method, align=align, project_steps=args.steps, tune_steps=args.tune_steps)
+        pivot, assets = _pivot(args, model_path, G)
+        opts = SessionOptions(method=args.method, align=align, project_steps=args.steps, tune_steps=args.tune_steps,
+                              pivot=pivot)
         last = [-1]
 
         def progress(event):
@@ -124,9 +153,11 @@ def main(args: argparse.Namespace) -> int:
                 print(f"  {pct:3d}%  {event.message}", flush=True)
                 last[0] = pct
 
-        print(f"model {model_path} ({G.resolution}px, {len(directions)} directions); method {args.method}, align {align}")
+        start = f" from the {'encoder' if pivot == 'encoder' else 'W projection'}" if args.method == "pti" else ""
+        print(f"model {model_path} ({G.resolution}px, {len(directions)} directions); method {args.method}{start}, "
+              f"align {align}")
         t0 = time.perf_counter()
-        session = create_session(G, layer, None, opts, progress=progress, directions=directions)
+        session = create_session(G, layer, None, opts, progress=progress, directions=directions, assets=assets)
         t_invert = time.perf_counter() - t0
         # what the generator itself reproduces (at its own resolution): the inversion's honest quality
         rec = session.inversion.generated()[0].permute(1, 2, 0).clamp(-1, 1).add(1).mul(127.5).round()

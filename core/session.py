@@ -67,11 +67,22 @@ PIVOT_STEPS = {p[0]: p[2] for p in _PIVOTS}
 PIVOT_TUNING = {"encoder": (ENCODER_PIVOT_TUNE_STEPS, ENCODER_PIVOT_LR)}
 # what a model must offer for a method (or a pivot) beyond a generator: a descriptor + LinkNet, an encoder
 NEEDS = {"magec": "magec", "encoder": "encoder"}
+# the pivot a PTI request without one gets where the model has an encoder (server, plugins; SessionOptions keeps
+# PTI's own "w"): bench/editability.py (4 held-out faces, seed 1616, default steps) measured the encoder pivot's
+# edit-delta score 0.82 / 0.92 (small / large features) vs W's 0.78 / 0.88, reconstruction MSE 3.6e-4 vs 4.8e-4,
+# in 31 s vs 131 s (1 thread); bench/speed.py: README "Benchmarks"
+DEFAULT_PIVOT_WITH_ENCODER = "encoder"
 # "segmenter": the model can segment a face itself (SessionOptions.segments="auto"; core.segmenter)
 CAPABILITIES = ("magec", "encoder", "segmenter")
 # SessionOptions.segments: the selection as one segment, the model's own segmenter, or a label map (an array)
 SEGMENT_SOURCES = ("selection", "auto", "labels")
 MAX_SEGMENTS = 32  # bounded work: each segment costs one generator image per optimisation step; our choice
+
+
+def default_pivot(capabilities=CAPABILITIES) -> str:
+    """The pivot PTI starts from when a request names none: the encoder's code where the model has an encoder
+    (:data:`DEFAULT_PIVOT_WITH_ENCODER`), else PTI's own W projection."""
+    return DEFAULT_PIVOT_WITH_ENCODER if "encoder" in set(capabilities) else "w"
 
 
 def method_catalog(capabilities=CAPABILITIES) -> list[dict]:
@@ -80,7 +91,8 @@ def method_catalog(capabilities=CAPABILITIES) -> list[dict]:
     encoder, "segmenter" = automatic segments) supports, the default first; ``label`` in user words, steps the
     defaults used when ``SessionOptions`` leaves them None, ``options`` the SessionOptions fields the method
     reads (besides align, feather, blend, color_match, which all use); "pti" also lists ``pivots``
-    [{name, label, project_steps, tune_steps}] (``options.pivot``, "w" first: PTI's own); "chunks" lists ``segments``, the
+    [{name, label, project_steps, tune_steps}] (``options.pivot``, the default first: :func:`default_pivot`)
+    and ``default_pivot``, the one a request without ``pivot`` gets; "chunks" lists ``segments``, the
     segment sources it offers (:data:`SEGMENT_SOURCES`; "auto" only with a segmenter)."""
     caps = set(capabilities)
     out = []
@@ -89,9 +101,11 @@ def method_catalog(capabilities=CAPABILITIES) -> list[dict]:
             continue
         entry = {"name": name, "label": label, "project_steps": p, "tune_steps": t, "options": list(fields)}
         if name == "pti":
-            entry["pivots"] = [{"name": v, "label": lab, "project_steps": steps,
-                                "tune_steps": PIVOT_TUNING.get(v, (t,))[0]}
-                               for v, lab, steps, need in _PIVOTS if need is None or need in caps]
+            first = default_pivot(caps)
+            pivots = [{"name": v, "label": lab, "project_steps": steps, "tune_steps": PIVOT_TUNING.get(v, (t,))[0]}
+                      for v, lab, steps, need in _PIVOTS if need is None or need in caps]
+            entry["pivots"] = sorted(pivots, key=lambda p: p["name"] != first)
+            entry["default_pivot"] = first
         if name == "chunks":
             entry["segments"] = [v for v in SEGMENT_SOURCES if v != "auto" or "segmenter" in caps]
         out.append(entry)

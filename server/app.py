@@ -323,6 +323,9 @@ async def _submit(request: web.Request, kind: str, parse):
     req = await run_io(request, lambda: parse(protocol.decode_body(raw, request.content_type, cfg.limits), cfg.limits))
     del raw
     model = resolve_model(request.app[ENGINE], req.model)
+    pivot_for = getattr(request.app[ENGINE], "default_pivot", None)
+    if pivot_for is not None and req.options.get("method", "pti") == "pti" and "pivot" not in req.options:
+        req.options["pivot"] = pivot_for(model)  # the model's default start (the encoder's code where it has one)
     refusal = getattr(request.app[ENGINE], "method_refusal", None)
     why = refusal(model, req.options) if refusal is not None else None
     if why:  # e.g. MAGEC without a descriptor beside the checkpoint: say which file to add, before queueing

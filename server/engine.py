@@ -81,6 +81,14 @@ class Engine:
                 return m["num_ws"]
         return None
 
+    def default_pivot(self, model: str) -> str:
+        """The pivot a PTI request for ``model`` without one gets: its listed ``default_pivot``
+        (core.session.default_pivot: the encoder's code where the model has an encoder), else PTI's "w"."""
+        info = next((m for m in self.models() if m["name"] == model), None)
+        pti = next((x for x in (info or {}).get("methods") or [] if isinstance(x, dict) and x.get("name") == "pti"),
+                   {})
+        return str(pti.get("default_pivot") or "w")
+
     def method_refusal(self, model: str, options: dict) -> Optional[str]:
         """Why ``model`` cannot run ``options``' method (or PTI pivot), from its listed ``methods`` and
         ``unavailable`` reasons (core.models); None when it can (or the registry lists no methods)."""

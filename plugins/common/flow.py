@@ -27,7 +27,7 @@ PREVIEW_NAME = GROUP_PREFIX + SEP + "preview"
 # Used only when the server's GET /v1/models predates the "methods"/"defaults" fields (protocol v1 servers
 # before this change); a current server's list always wins.
 _FALLBACK_METHODS = (
-    {"name": "pti", "label": "PTI (best fidelity, slow)"},
+    {"name": "pti", "label": "Pivotal tuning (closest likeness; from the encoder's code where the model has one)"},
     {"name": "chunks", "label": "Segments (ChunkyGAN, selection only)"},
     {"name": "w", "label": "W (fast)"},
     {"name": "wplus", "label": "W+ (fast, more detail)"},
@@ -37,6 +37,7 @@ _FALLBACK_METHODS = (
 STATIC_METHODS = _FALLBACK_METHODS + (
     {"name": "magec", "label": "Editability-aware (MAGEC)"},
     {"name": "encoder", "label": "Fast (encoder)"},
+    {"name": "pti:w", "label": "Pivotal tuning, starting from the latent code (W; PTI's own, slower)"},
     {"name": "pti:magec", "label": "Pivotal tuning, starting from the editability-aware code (MAGEC)"},
     {"name": "pti:encoder", "label": "Pivotal tuning, starting from the encoder's code (fast)"},
 )
@@ -153,6 +154,7 @@ class Method:
     label: str
     project_steps: Optional[int] = None  # the method's default (None: not reported)
     tune_steps: Optional[int] = None
+    aliases: tuple = ()  # other names of the same choice ("pti:encoder" where PTI starts from the encoder anyway)
 
 
 @dataclass
@@ -193,14 +195,26 @@ def _methods(entries) -> list:
     out = []
     for e in entries or []:
         m = _method(e)
+        pivots = [p for p in (e.get("pivots") or []) if isinstance(p, dict) and p.get("name")] \
+            if isinstance(e, dict) else []
+        if pivots:  # the plain choice starts where the server starts a request without a pivot: the first
+            first = pivots[0]
+            tune = _as_int(first.get("tune_steps"))
+            label = m.label if first["name"] == "w" else "%s, starting from %s" % (m.label, _lower(first))
+            m = Method(m.name, label, _as_int(first.get("project_steps")) if first["name"] != "w" else m.project_steps,
+                       tune if tune is not None else m.tune_steps, (m.name + PIVOT_SEP + str(first["name"]),))
         out.append(m)
-        for p in (e.get("pivots") or [])[1:] if isinstance(e, dict) else []:
-            if isinstance(p, dict) and p.get("name"):
-                label = str(p.get("label") or p["name"])
-                out.append(Method(m.name + PIVOT_SEP + str(p["name"]), "%s, starting from %s" % (
-                    m.label.split(" (")[0], label[:1].lower() + label[1:]), _as_int(p.get("project_steps")),
-                    m.tune_steps))
+        for p in pivots[1:]:
+            tune = _as_int(p.get("tune_steps"))
+            out.append(Method(m.name + PIVOT_SEP + str(p["name"]), "%s, starting from %s" % (
+                m.label.split(" (")[0], _lower(p)), _as_int(p.get("project_steps")),
+                tune if tune is not None else _as_int(e.get("tune_steps"))))
     return out
+
+
+def _lower(pivot: dict) -> str:
+    label = str(pivot.get("label") or pivot["name"])
+    return label[:1].lower() + label[1:]
 
 
 def _as_int(v):
@@ -253,8 +267,9 @@ def segmenter_missing(model_info: dict) -> str:
 def check_request(catalog: Catalog, options: "EditOptions") -> dict:
     """Refuse unknown models, methods, edit names and segment sources before any upload; returns the model dict."""
     model = catalog.model(options.model)
-    names = [m.name for m in catalog.methods_for(model["name"])]
-    if options.method not in names:
+    methods = catalog.methods_for(model["name"])
+    names = [m.name for m in methods]
+    if options.method not in names + [a for m in methods for a in m.aliases]:
         raise FlowError("Unknown method \"%s\". Choose one of: %s." % (options.method, ", ".join(names)))
     sources = [c[0] for c in SEGMENT_CHOICES]
     if options.segments not in sources:

@@ -49,7 +49,8 @@ def test_models_list_methods_by_what_each_model_has(real):
     from core.demo import default_encoder_path
 
     emb, tiny = real.embedded, real.models["tiny32"]
-    assert "magec" in _names(emb) and _pivots(emb)[:2] == ["w", "magec"]
+    assert "magec" in _names(emb) and set(_pivots(emb)) >= {"w", "magec"}
+    assert _pivots(emb)[0] == ("encoder" if default_encoder_path().is_file() else "w")
     assert ("encoder" in _names(emb)) == default_encoder_path().is_file()
     labels = {m["name"]: m["label"] for m in emb["methods"]}
     assert labels["magec"] == "Editability-aware (MAGEC)"
@@ -231,3 +232,23 @@ def test_a_content_extractor_beside_the_checkpoint_keeps_photo_detail_without_a_
     sess.save(tmp_path / "saved")
     back = engine.load(tmp_path / "saved", "tiny32")
     assert back.content_extractor is not None
+
+
+def test_pti_without_a_pivot_starts_from_the_encoder_where_the_model_has_one(real):
+    """The server fills in the model's default pivot (core.session.default_pivot) before queueing: the embedded
+    model has an encoder, so a plain PTI request starts from its code; tiny32 has none and keeps PTI's W."""
+    from core.demo import default_encoder_path
+    from server.app import JOBS
+
+    want = {"embedded": "encoder" if default_encoder_path().is_file() else "w", "tiny32": "w"}
+    for model, opts in ((real.embedded, {"tune_steps": 2}), (real.models["tiny32"], {"project_steps": 3, "tune_steps": 2})):
+        _, _, body = _body(model, "pti", opts, seed=2)
+        r = real.request("POST", "/v1/sessions", body)
+        assert r.status == 202, r.body
+        assert wait_job(real, r.body["job_id"], timeout=300)["state"] == "done"
+        pivot = real.app[JOBS].get(r.body["job_id"]).params["options"]["pivot"]
+        assert pivot == want["tiny32" if model is real.models["tiny32"] else "embedded"], (model["name"], pivot)
+    _, _, body = _body(real.embedded, "pti", {"pivot": "w", "project_steps": 3, "tune_steps": 2}, seed=2)
+    r = real.request("POST", "/v1/sessions", body)  # an explicit pivot is kept
+    assert r.status == 202 and real.app[JOBS].get(r.body["job_id"]).params["options"]["pivot"] == "w"
+    assert wait_job(real, r.body["job_id"], timeout=300)["state"] == "done"

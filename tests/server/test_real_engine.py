@@ -56,7 +56,7 @@ def session_body(model: dict, steps: dict, seed: int = 0):
 
 def test_real_session_progress_and_two_renders(real):
     model = real.model
-    img, sel, body = session_body(model, {"project_steps": 12, "tune_steps": 6})
+    img, sel, body = session_body(model, {"pivot": "w", "project_steps": 12, "tune_steps": 6})
     r = real.request("POST", "/v1/sessions", body)
     assert r.status == 202, r.body
     events = asyncio.run(collect_events(real.port, real.token, r.body["job_id"], previews=True, timeout=300))
@@ -88,7 +88,7 @@ def test_real_session_progress_and_two_renders(real):
 
 
 def test_real_cancel_running_within_one_step(real):
-    _, _, body = session_body(real.model, {"project_steps": 20000, "tune_steps": 0})
+    _, _, body = session_body(real.model, {"pivot": "w", "project_steps": 20000, "tune_steps": 0})
     job_id = real.request("POST", "/v1/sessions", body).body["job_id"]
     marks = {}
 
@@ -131,7 +131,7 @@ def test_real_corrupt_session_tensors_409_and_marked_damaged(real):
 def test_real_sigkill_mid_job_then_restart(real, tmp_path):
     data = tmp_path / "data"
     args = ["--models-dir", str(real.models_dir), "--device", "cpu"]
-    img, sel, body = session_body(real.model, {"project_steps": 8, "tune_steps": 4})
+    img, sel, body = session_body(real.model, {"pivot": "w", "project_steps": 8, "tune_steps": 4})
     names = [d["name"] for d in real.model["directions"]]
     srv = ServerProcess(data, args)
     try:

@@ -32,3 +32,21 @@ def test_demo_bad_input_is_one_clear_line(tmp_path):
     assert unknown.returncode == 1 and "unknown edit(s) ['nosuch']" in unknown.stderr and "smile" in unknown.stderr
     bad = run_demo("--edits", "smile:lots", "--out", str(tmp_path))
     assert bad.returncode == 1 and "must be a number" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_demo_pti_starts_from_the_encoder_when_the_model_has_one(tmp_path):
+    """--pivot auto (the default) is the server's rule (core.session.default_pivot): the embedded model ships an
+    encoder, so PTI starts from its code; --pivot w is PTI's own; a checkpoint without one says what to add."""
+    from core.demo import default_encoder_path
+    from core.stylegan2.formats import save_generator
+    from tests.conftest import make_tiny_generator
+
+    auto = run_demo("--out", str(tmp_path), "--tune-steps", "2", "--edits", "beard")
+    assert auto.returncode == 0, auto.stderr
+    want = "from the encoder" if default_encoder_path().is_file() else "from the W projection"
+    assert f"method pti {want}," in auto.stdout, auto.stdout
+    own = run_demo("--out", str(tmp_path), "--pivot", "w", "--steps", "3", "--tune-steps", "2", "--edits", "beard")
+    assert own.returncode == 0 and "method pti from the W projection," in own.stdout, own.stderr
+    save_generator(make_tiny_generator(resolution=32, w_dim=32, seed=1), tmp_path / "plain.pt")
+    none = run_demo("--model", str(tmp_path / "plain.pt"), "--pivot", "encoder", "--out", str(tmp_path))
+    assert none.returncode == 1 and "plain.encoder.pt" in none.stderr and "Traceback" not in none.stderr

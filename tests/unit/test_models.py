@@ -156,7 +156,7 @@ def test_capabilities_follow_the_files_beside_the_checkpoint(tmp_path):
     by = {m["name"]: m for m in reg.list()}
     assert _names(by["plain"]) == ["pti", "chunks", "w", "wplus"] and _pivots(by["plain"]) == ["w"]
     assert _names(by["rich"]) == ["pti", "chunks", "w", "wplus", "magec", "encoder"]
-    assert _pivots(by["rich"]) == ["w", "magec", "encoder"]
+    assert _pivots(by["rich"]) == ["encoder", "w", "magec"]  # the encoder's code first: the default pivot
     assert "plain.attributes.pt" in by["plain"]["unavailable"]["magec"]
     assert "plain.encoder.pt" in by["plain"]["unavailable"]["encoder"]
     labels = {m["name"]: m["label"] for m in by["rich"]["methods"]}

@@ -400,7 +400,26 @@ def test_pti_pivots_become_method_choices_and_travel_as_options_pivot():
     F.check_request(cat, F.EditOptions(method="pti:magec", model="m"))
     with pytest.raises(F.FlowError, match="Unknown method \"pti:encoder\""):
         F.check_request(cat, F.EditOptions(method="pti:encoder", model="m"))
-    assert {"magec", "encoder", "pti:magec", "pti:encoder"} <= {m["name"] for m in F.STATIC_METHODS}
+    assert {"magec", "encoder", "pti:w", "pti:magec", "pti:encoder"} <= {m["name"] for m in F.STATIC_METHODS}
+    F.check_request(cat, F.EditOptions(method="pti:w", model="m"))  # the plain choice's own pivot, named
+
+
+def test_a_model_whose_pti_starts_from_the_encoder_offers_w_as_the_alternative():
+    """The server lists the default pivot first (core.session.default_pivot): the plain "pti" choice is named for
+    it and carries its steps; PTI's own W pivot becomes the choice "pti:w"; "pti:encoder" still passes."""
+    pti = {"name": "pti", "label": "Pivotal tuning (closest likeness)", "project_steps": 450, "tune_steps": 350,
+           "default_pivot": "encoder",
+           "pivots": [{"name": "encoder", "label": "The encoder's code (fast)", "project_steps": 0, "tune_steps": 250},
+                      {"name": "w", "label": "The latent code (W)", "project_steps": 450, "tune_steps": 350}]}
+    cat = F.read_catalog({"models": [{"name": "m", "directions": ["smile"], "methods": [pti]}]})
+    got = [(m.name, m.label, m.project_steps, m.tune_steps) for m in cat.methods_for()]
+    assert got == [("pti", "Pivotal tuning (closest likeness), starting from the encoder's code (fast)", 0, 250),
+                   ("pti:w", "Pivotal tuning, starting from the latent code (W)", 450, 350)]
+    assert F.EditOptions(method="pti").session_options() == {}  # the server fills in its default pivot
+    assert F.EditOptions(method="pti:w").session_options() == {"pivot": "w"}
+    F.check_request(cat, F.EditOptions(method="pti:encoder", model="m"))
+    with pytest.raises(F.FlowError, match="Unknown method \"pti:magec\""):
+        F.check_request(cat, F.EditOptions(method="pti:magec", model="m"))
 
 
 def test_check_request_refuses_a_mistyped_edit_or_method_before_any_work():

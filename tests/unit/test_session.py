@@ -404,11 +404,24 @@ def test_catalog_lists_methods_and_pivots_by_capability():
     names = lambda cat: [m["name"] for m in cat]  # noqa: E731
     pivots = lambda cat: [p["name"] for m in cat if m["name"] == "pti" for p in m["pivots"]]  # noqa: E731
     assert names(method_catalog(())) == ["pti", "chunks", "w", "wplus"] and pivots(method_catalog(())) == ["w"]
-    assert names(method_catalog(("encoder",)))[-1] == "encoder" and pivots(method_catalog(("encoder",))) == ["w", "encoder"]
+    assert method_catalog(())[0]["default_pivot"] == "w"
+    assert names(method_catalog(("encoder",)))[-1] == "encoder" and pivots(method_catalog(("encoder",))) == ["encoder", "w"]
     full = method_catalog()
-    assert pivots(full) == ["w", "magec", "encoder"] and "pivot" in full[0]["options"]
+    assert pivots(full) == ["encoder", "w", "magec"] and "pivot" in full[0]["options"]
+    assert pivots(method_catalog(("magec",))) == ["w", "magec"] and method_catalog(("magec",))[0]["default_pivot"] == "w"
     for p in full[0]["pivots"]:
         assert SessionOptions(method="pti", pivot=p["name"]).resolved_steps()[0] == p["project_steps"]
+
+
+def test_default_pivot_is_the_encoder_where_the_model_has_one():
+    """A PTI request without a pivot starts from the encoder's code on a model with an encoder (the bench's
+    choice, core.session.DEFAULT_PIVOT_WITH_ENCODER); the options type itself keeps PTI's own W pivot."""
+    from core.session import default_pivot, method_catalog
+
+    assert default_pivot(("encoder", "magec")) == "encoder" and default_pivot(("magec", "segmenter")) == "w"
+    assert default_pivot(()) == "w" and SessionOptions().pivot == "w"
+    assert all(e["default_pivot"] == e["pivots"][0]["name"] for caps in ((), ("encoder",), ("magec",))
+               for e in method_catalog(caps) if e["name"] == "pti")
 
 
 def test_encoder_pivot_has_its_own_tuning_budget():
