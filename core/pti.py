@@ -177,6 +177,14 @@ def pivotal_tune(G, ws: torch.Tensor, target: torch.Tensor, steps: int = 350, ma
     return pivotal_tune_report(G, ws, target, steps, mask, locality, progress, cancel, options)[0]
 
 
+def tuning_optimizer(params: list, lr: float) -> torch.optim.Adam:
+    """Adam over the generator's weights (PTI §4.5); PyTorch's fused kernel where every weight is a float32 CPU
+    tensor (the same update rule, summed in another order: one Adam step over the 64 px model's 1.1 M weights takes
+    ~2 ms instead of ~6 ms of a ~75 ms tuning step, 1 thread); CUDA keeps PyTorch's default multi-tensor path."""
+    fused = bool(params) and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=True) if fused else torch.optim.Adam(params, lr=lr)
+
+
 def pivotal_tune_report(G, ws, target, steps: int = 350, mask=None, locality=False, progress: ProgressFn = None,
                         cancel: CancelLike = None, options: Optional[PTIOptions] = None):
     """:func:`pivotal_tune` that also returns a :class:`PTIResult` (steps run, early stop, final losses)."""
@@ -207,7 +215,7 @@ def pivotal_tune_report(G, ws, target, steps: int = 350, mask=None, locality=Fal
     G_tuned = copy.deepcopy(G)
     G_tuned.train(G.training).requires_grad_(True)
     params = [p for p in G_tuned.parameters()]
-    opt = torch.optim.Adam(params, lr=o.learning_rate)
+    opt = tuning_optimizer(params, o.learning_rate)
     gen = torch.Generator().manual_seed(loc.seed) if loc is not None else None
 
     lps = [float("nan")] * n  # each image's LPIPS, measured just before its own latest step

@@ -286,3 +286,25 @@ def test_plateau_settings_are_checked(setup):
     with pytest.raises(InvalidInput, match="plateau"):
         pivotal_tune_report(G, pivot, target, steps=2,
                             options=PTIOptions(plateau_window=3, plateau_gain=1.5, plateau_with_pretrained=True))
+
+
+def test_tuning_optimizer_is_adam_with_the_fused_kernel_on_cpu():
+    """core.pti.tuning_optimizer: PyTorch's fused Adam for float32 CPU weights, the same update as plain Adam
+    (to float rounding); other dtypes keep the default implementation."""
+    from core.pti import tuning_optimizer
+
+    torch.manual_seed(0)
+    w0 = torch.randn(64, 32)
+    grads = [torch.randn(64, 32) for _ in range(5)]
+    outs = []
+    for make in (lambda p: tuning_optimizer(p, 1e-2), lambda p: torch.optim.Adam(p, lr=1e-2)):
+        w = w0.clone().requires_grad_(True)
+        opt = make([w])
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        outs.append((opt, w.detach()))
+    assert outs[0][0].defaults.get("fused") is True and not outs[1][0].defaults.get("fused")
+    assert torch.allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(outs[0][1], w0, atol=1e-3)  # it did step
+    assert not tuning_optimizer([torch.zeros(3, dtype=torch.float64, requires_grad=True)], 1e-2).defaults.get("fused")
