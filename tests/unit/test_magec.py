@@ -183,6 +183,30 @@ def test_invert_magec_reduces_reconstruction_loss_and_reports_progress():
     assert "30/30" in events[-1].message
 
 
+def test_magec_in_w_optimises_one_code_shared_by_every_row():
+    """MagecOptions(space="w"): PTI's pivot space — every W+ row is the same code, and it still reconstructs."""
+    G = make_tiny_generator()
+    desc = toy_descriptor()
+    net = M.fit_linknet(G, desc, n=128, options=M.LinkNetOptions(steps=10))
+    target = _target(G, seed=5)
+    o = M.MagecOptions(w_avg_samples=300, space="w")
+    res = M.invert_magec_report(G, target, net, desc, toy_directions(G), steps=20, options=o)
+    assert res.ws.shape == (1, G.num_ws, G.w_dim) and res.meta["space"] == "w"
+    assert torch.equal(res.ws, res.ws[:, :1].expand_as(res.ws))
+    plus = M.invert_magec_report(G, target, net, desc, toy_directions(G), steps=20,
+                                 options=M.MagecOptions(w_avg_samples=300))
+    assert not torch.equal(plus.ws, plus.ws[:, :1].expand_as(plus.ws))
+    from core.projection import w_statistics
+
+    w_avg, _ = w_statistics(G, o.w_avg_samples, o.seed)
+    with torch.no_grad():
+        start = (G.synthesis(w_avg.repeat(1, G.num_ws, 1), noise_mode="const") - target).square().mean()
+        after = (G.synthesis(res.ws, noise_mode="const") - target).square().mean()
+    assert after < 0.7 * start
+    with pytest.raises(InvalidInput, match="space must be 'w' or 'w\\+'"):
+        M.invert_magec(G, target, net, desc, toy_directions(G), steps=4, options=M.MagecOptions(space="z"))
+
+
 def test_without_magec_needs_no_linknet_and_differs_from_magec():
     G = make_tiny_generator()
     target = _target(G, seed=8)
