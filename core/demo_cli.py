@@ -105,9 +105,8 @@ def _pivot(args: argparse.Namespace, model_path, G) -> tuple:
         if args.pivot == "encoder":
             raise LatentEditError(f"--pivot encoder: {why}")
         return "w", None
-    pivot = default_pivot(("encoder",)) if args.pivot == "auto" else "encoder"
-    if pivot != "encoder":
-        return pivot, None
+    if args.pivot == "auto" and default_pivot(("encoder",)) != "encoder":
+        return default_pivot(("encoder",)), None
     from core.encoder import check_compatible, load_encoder
 
     E = load_encoder(path)

@@ -602,7 +602,8 @@ def invert_magec_report(G, target: torch.Tensor, linknet: Optional[LinkNet], des
             show = step == total - 1 or (o.preview_every and step % o.preview_every == 0)
             report_step(progress, "project", step + 1, total, float(loss.detach().mean()), x if show else None)
     return MagecResult(
-        ws=code.detach().expand(n, G.num_ws, code.shape[-1]).clone(), steps=total, final_mse=mse_v, final_lpips=lp_v, final_magec=mg_v,
+        ws=code.detach().expand(n, G.num_ws, code.shape[-1]).clone(), steps=total, final_mse=mse_v,
+        final_lpips=lp_v, final_magec=mg_v,
         lpips_backbone=lpips.backbone_name, edits=len(edits),
         id_term="off: no identity network available (paper: ArcFace, λ_ID=3e-4)",
         descriptor=descriptor.source if (uses_magec and descriptor is not None) else "unused (λ_MAGEC=0)",
