@@ -72,7 +72,8 @@ def _extra(parser):
                              "or raised in phase 1 only (phase1)")
     parser.add_argument("--linknet-study", action="store_true", help="compare LinkNet variants instead")
     parser.add_argument("--faces", type=int, default=None, help="held-out faces (default 4, quick 2)")
-    parser.add_argument("--steps", type=int, default=None, help="MAGEC / W+ steps (default 200, quick 40)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="MAGEC / W+ steps (default 200, quick 25; --tune quick 40)")
     parser.add_argument("--ecs-edits", default=None,
                         help="attributes ECS re-inverts: all (default), key (smile, eye_openness, glasses; --quick's "
                              "default) or a comma list; the edit-delta score always covers every attribute")
@@ -369,7 +370,7 @@ def run_bench(args) -> int:
 
     quick = args.quick
     n_faces = args.faces or (2 if quick else 4)
-    steps = args.steps or (40 if quick else 200)
+    steps = args.steps or (25 if quick else 200)
     ctx = setup()
     G = ctx[0]
     from core.demo.renderer import ATTRIBUTES
