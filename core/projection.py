@@ -25,7 +25,7 @@ blind to some colour shifts; a small L2 term fixes that without losing the struc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -120,13 +120,16 @@ def initial_noise(G, n: int, gen: torch.Generator) -> list[torch.Tensor]:
 
 def project(G, target: torch.Tensor, space: str = "w", steps: int = 450, mask: Optional[torch.Tensor] = None,
             progress: ProgressFn = None, cancel: CancelLike = None,
-            options: Optional[ProjectOptions] = None) -> torch.Tensor:
+            options: Optional[ProjectOptions] = None,
+            latent_loss: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Invert ``target`` ``(N,3,R,R)`` in [-1,1] into ``ws`` ``(N,num_ws,w_dim)`` (N=1 in the public contract).
 
     ``space``: "w" (one code repeated over the layers) or "w+" (one code per layer).  ``mask`` ``(N|1,1,R,R)``
     or ``(R,R)`` in [0,1] restricts the loss.  ``progress(ProgressEvent)`` after every step (stage "project",
     ``preview`` the first current image ``(R,R,3)`` uint8 every ``options.preview_every`` steps and at the last);
     ``cancel`` is checked before every step and raises :class:`core.common.Cancelled`.  ``G`` is not modified.
+    ``latent_loss(ws (N,num_ws,w_dim)) -> (N,)``, when given, is added to every step's loss on the code
+    synthesised (with its exploration noise): e.g. MAGEC's consistency term for the MAGEC pivot.
     """
     o = options or ProjectOptions()
     if space not in ("w", "w+"):
@@ -156,6 +159,8 @@ def project(G, target: torch.Tensor, space: str = "w", steps: int = 450, mask: O
         synth = G.synthesis(ws, noise_mode="const", noise=noises)
         total, _, _ = loss_fn(synth)
         loss = total.sum()
+        if latent_loss is not None:
+            loss = loss + latent_loss(ws).sum()
         if noises:
             loss = loss + o.regularize_noise_weight * noise_regularization(noises)
         return loss, total.detach().mean(), synth

@@ -57,7 +57,8 @@ METHOD_STEPS = {m[0]: (m[2], m[3]) for m in _CATALOG}
 # with its projection budget (project_steps when left None) and the capability a model needs for it.
 _PIVOTS = (
     ("w", "The latent code (W)", 450, None),  # PTI §4.5: 450 W projection steps
-    ("magec", "The editability-aware code (MAGEC)", 200, "magec"),  # MAGEC §4: 100 + 100 steps
+    # PTI's 450 W projection steps with MAGEC's consistency term (core.magec.magec_pivot_report, MAGEC_PIVOT_WEIGHT)
+    ("magec", "The editability-aware code (MAGEC)", 450, "magec"),
     ("encoder", "The encoder's code (fast)", 0, "encoder"),  # PTI's repository can start from e4e's code
 )
 PIVOTS = tuple(p[0] for p in _PIVOTS)
@@ -166,8 +167,8 @@ class SessionOptions:
         return "labels" if isinstance(self.segments, np.ndarray) else str(self.segments)
 
     def resolved_steps(self) -> tuple[int, int]:
-        """(projection, tuning) steps; for "magec" (and the MAGEC pivot) the projection is MAGEC's total of both
-        phases; the encoder (and its pivot) projects nothing."""
+        """(projection, tuning) steps; for "magec" the projection is MAGEC's total of both phases (the MAGEC
+        pivot: PTI's W projection steps); the encoder (and its pivot) projects nothing."""
         p, t = METHOD_STEPS[self.method]
         if self.method == "pti":
             p = PIVOT_STEPS.get(self.pivot, p)
@@ -198,8 +199,7 @@ class SessionOptions:
             raise InvalidInput(f"pivot {self.pivot!r} is for method 'pti' (its starting code); method "
                                f"{self.method!r} takes no pivot")
         p = self.resolved_steps()[0]
-        magec = self.method == "magec" or (self.method == "pti" and self.pivot == "magec")
-        if magec and p < 2:
+        if self.method == "magec" and p < 2:
             raise InvalidInput("project_steps must be at least 2 for MAGEC (its two phases)")
         if p < 1 and "encoder" not in self.needs():
             raise InvalidInput("project_steps must be at least 1")
@@ -630,8 +630,9 @@ def invert(G, target, mask, opts: SessionOptions, p_steps: int, t_steps: int, st
     "w"/"wplus": global projection of the whole crop, composited inside the selection; "magec": core.magec's
     W+ inversion of the whole crop (``p_steps`` split over its two phases, edits from ``directions``);
     "encoder": the encoder's W+ code (one forward); "pti": a pivot — ``opts.pivot`` "w" is PTI's W projection
-    fitted (like the tuning) to the selection's dilated region when there is a selection, "magec" / "encoder"
-    the whole-crop codes above — then pivotal tuning on the region (with PTI's locality regulariser when
+    fitted (like the tuning) to the selection's dilated region when there is a selection, "magec" the same
+    projection with MAGEC's consistency term (core.magec.magec_pivot_report), "encoder" the whole-crop code
+    above — then pivotal tuning on the region (with PTI's locality regulariser when
     ``opts.locality``); "chunks": core.chunks segment inversion (``mask`` (n,r,r): one mask per segment, the
     selection alone is one) with optional segment-restricted tuning.  ``assets`` (:class:`MethodAssets`) as
     checked by :func:`check_assets`."""
@@ -666,6 +667,15 @@ def invert(G, target, mask, opts: SessionOptions, p_steps: int, t_steps: int, st
         ws = encoder_pivot(assets.encoder, target).to(target.device)
         stages.say("encode", 1.0, "Encoded")
         info["space"] = "w+"
+    elif source == "magec" and opts.method == "pti":
+        from core.magec import magec_pivot_report
+        from core.projection import ProjectOptions
+
+        res = magec_pivot_report(G, target, assets.linknet, assets.descriptor, directions, steps=p_steps,
+                                 mask=region, options=ProjectOptions(seed=opts.seed),
+                                 progress=stages.callback("project"), cancel=cancel)
+        ws = res.ws
+        info.update(space="w", magec_edits=res.edits, descriptor=res.descriptor, id_term=res.id_term)
     elif source == "magec":
         from core.magec import MagecOptions, invert_magec_report
 

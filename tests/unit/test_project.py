@@ -82,6 +82,25 @@ def test_masked_projection_ignores_pixels_outside_the_mask(G, known, one_thread)
     assert not torch.equal(project(G, target, steps=8, options=o), project(G, garbage, steps=8, options=o))
 
 
+def test_a_latent_loss_steers_the_code(G, known, one_thread):
+    """``latent_loss(ws) -> (N,)`` joins every step's loss: a pull towards a far code moves the result there."""
+    _, target, _ = known
+    plain = project(G, target, "w", 30, options=FAST)
+    goal = G.w_avg.view(1, 1, -1) + 3.0
+    seen = []
+
+    def pull(ws):
+        seen.append(tuple(ws.shape))
+        return 10.0 * (ws - goal).square().mean(dim=(1, 2))
+
+    pulled = project(G, target, "w", 30, options=FAST, latent_loss=pull)
+    assert seen and all(s == (1, G.num_ws, G.w_dim) for s in seen)
+    dist = lambda ws: float((ws - goal).square().mean())
+    assert dist(pulled) < 0.5 * dist(plain), (dist(pulled), dist(plain))
+    zero = project(G, target, "w", 30, options=FAST, latent_loss=lambda ws: ws.sum(dim=(1, 2)) * 0.0)
+    assert torch.equal(zero, plain)  # a zero term changes nothing
+
+
 def test_progress_and_cancel_within_one_step(G, known):
     _, target, _ = known
     calls = []

@@ -348,15 +348,22 @@ def test_magec_session_is_core_magec_inside_the_selection(G, assets):
 
 
 def test_pti_with_a_magec_pivot_tunes_from_the_magec_code(G, assets):
-    from core.magec import MagecOptions, invert_magec
+    from core.magec import magec_pivot_report
+    from core.projection import ProjectOptions, project
 
     a, dirs = assets
     o = SessionOptions(method="pti", pivot="magec", align="none", project_steps=4, tune_steps=3)
     assert o.validate().resolved_steps() == (4, 3)
-    assert SessionOptions(method="pti", pivot="magec").resolved_steps() == (200, 350)  # MAGEC §4 100 + 100
+    assert SessionOptions(method="pti", pivot="magec").resolved_steps() == (450, 350)  # PTI's W projection steps
     s = create_session(G, layer(32), None, o, directions=dirs, assets=a)
-    ref = invert_magec(G, s.inversion.image, a.linknet, a.descriptor, dirs, steps=4, options=MagecOptions(seed=0))
+    img = s.inversion.image
+    ref = magec_pivot_report(G, img, a.linknet, a.descriptor, dirs, steps=4, options=ProjectOptions(seed=0)).ws
     assert torch.allclose(s.inversion.ws, ref, atol=1e-5) and s.tuned
+    plain = project(G, img, "w", 4, options=ProjectOptions(seed=0))  # PTI's own pivot, same seed
+    assert not torch.allclose(ref, plain, atol=1e-6)  # the MAGEC term moved the code
+    off = magec_pivot_report(G, img, a.linknet, a.descriptor, dirs, steps=4, weight=0.0,
+                             options=ProjectOptions(seed=0)).ws
+    assert torch.allclose(off, plain, atol=1e-6)  # without it, the pivot is PTI's projection
     assert s.info["pivot"] == "magec" and s.info["steps_run"] == 3 and s.info["early_stopped"] is False
 
 
