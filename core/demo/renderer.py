@@ -180,10 +180,9 @@ def _background(size: int, scale: int, hue01: float) -> Image.Image:
     r, g, b = colorsys.hsv_to_rgb(0.8 * float(np.clip(hue01, 0, 1)), 0.45, 0.85)
     top = np.array([r, g, b]) * 255
     bottom = top * 0.78
-    t = np.linspace(0, 1, S)[:, None, None]
-    arr = (top * (1 - t) + bottom * t) * np.ones((1, S, 1))
-    rgba = np.concatenate([arr, np.full((S, S, 1), 255.0)], axis=2)
-    return Image.fromarray(np.round(rgba).astype(np.uint8), "RGBA")
+    t = np.linspace(0, 1, S)[:, None]
+    rows = np.round(np.concatenate([top * (1 - t) + bottom * t, np.full((S, 1), 255.0)], axis=1)).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(np.broadcast_to(rows[:, None, :], (S, S, 4))), "RGBA")
 
 
 def _render_one(p: np.ndarray, size: int, supersample: int, extras: Sequence[str], parts: bool):
