@@ -45,7 +45,7 @@ so a new embedded domain is measured by the same code.
 Settings (``SETTINGS``): full = 16 in-domain faces (issue 16's count), 4 per extra, strengths ±1, ±2, ±3, every
 method at its default steps (``core.session.METHOD_STEPS``), ECS for every attribute at ±2, both scales: hours on
 2 CPU cores.  ``--medium``: 3 faces (4× on 2), 1 per extra, 50 projection steps (PTI 50 + 25 tuning; MAGEC 50), ECS at +2
-on smile, glasses and hair_color of the in-domain faces at 64 px.  ``--quick`` (under 60 s on an idle machine):
+on smile, glasses and hair_color of the in-domain faces at 64 px.  ``--quick`` (57 s wall on 2 idle cores, 2026-12-04):
 1 face, 1 extra (face_paint), 10 projection steps (PTI 10 + 5; MAGEC 10, its phases split 5 + 5), strengths ±2, ECS at +2 on smile of the in-domain
 face at 64 px, 4× on the in-domain face, 4 true-latent faces.  Few steps make every inverted row worse than the
 methods' defaults would: compare methods within one setting only.
