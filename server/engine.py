@@ -81,22 +81,24 @@ class Engine:
                 return m["num_ws"]
         return None
 
+    def _listed_methods(self, model: str) -> tuple[dict, dict]:
+        """``({method name: its listing}, {method or pivot: why unavailable})`` for ``model`` (core.models);
+        both empty when the model or its methods are not listed."""
+        info = next((m for m in self.models() if m["name"] == model), None) or {}
+        methods = {str(x.get("name")): x for x in info.get("methods") or [] if isinstance(x, dict)}
+        return methods, info.get("unavailable") or {}
+
     def default_pivot(self, model: str) -> str:
         """The pivot a PTI request for ``model`` without one gets: its listed ``default_pivot``
         (core.session.default_pivot: the encoder's code where the model has an encoder), else PTI's "w"."""
-        info = next((m for m in self.models() if m["name"] == model), None)
-        pti = next((x for x in (info or {}).get("methods") or [] if isinstance(x, dict) and x.get("name") == "pti"),
-                   {})
-        return str(pti.get("default_pivot") or "w")
+        return str(self._listed_methods(model)[0].get("pti", {}).get("default_pivot") or "w")
 
     def method_refusal(self, model: str, options: dict) -> Optional[str]:
         """Why ``model`` cannot run ``options``' method (or PTI pivot), from its listed ``methods`` and
         ``unavailable`` reasons (core.models); None when it can (or the registry lists no methods)."""
-        info = next((m for m in self.models() if m["name"] == model), None)
-        methods = {str(x.get("name")): x for x in (info or {}).get("methods") or [] if isinstance(x, dict)}
+        methods, reasons = self._listed_methods(model)
         if not methods:
             return None
-        reasons = info.get("unavailable") or {}
         method, pivot = options.get("method", "pti"), options.get("pivot", "w")
         if method not in methods:
             why = reasons.get(method)
