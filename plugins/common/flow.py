@@ -157,6 +157,12 @@ class Method:
     aliases: tuple = ()  # other names of the same choice ("pti:encoder" where PTI starts from the encoder anyway)
 
 
+def uses_projection_steps(method: Method) -> bool:
+    """Whether a "Projection steps" setting means anything for ``method``: not where the server reports no
+    projection at all (the encoder, or PTI starting from the encoder's code); unknown counts as yes."""
+    return method.project_steps != 0
+
+
 @dataclass
 class Catalog:
     """``GET /v1/models`` read once: models, the default model, methods and defaults."""
@@ -178,6 +184,10 @@ class Catalog:
     def methods_for(self, name=None) -> list:
         model = self.model(name)["name"] if self.models else None
         return self.methods.get(model) or [Method(**m) for m in _FALLBACK_METHODS]
+
+    def method(self, choice: str, model=None) -> Optional[Method]:
+        """The Method of a method choice (``"pti"``, ``"pti:magec"``, an alias) for ``model``, or None."""
+        return next((m for m in self.methods_for(model) if choice == m.name or choice in m.aliases), None)
 
 
 def _method(entry) -> Method:

@@ -283,6 +283,17 @@ def test_krita_dialog_like_a_user(krita, latent_server, tmp_path):
         pivots = m.get("pivots", []) if isinstance(m, dict) else []
         expect += [name + ":" + p["name"] for p in pivots[1:]]  # the first is where the plain choice starts
     assert d["methods"] == expect
+    # "Projection steps" is greyed out, saying why, exactly where the server reports no projection (the encoder)
+    projects = {}
+    for m in served or []:
+        pivots = m.get("pivots") or []
+        projects[m["name"]] = (pivots[0] if pivots else m).get("project_steps") != 0
+        projects.update({m["name"] + ":" + p["name"]: p.get("project_steps") != 0 for p in pivots[1:]})
+    for name, (enabled, tip) in d["steps_enabled"].items():
+        assert enabled is projects.get(name, True), (name, enabled)
+        assert ("no projection steps" in tip) is not enabled, (name, tip)
+    if served:  # the embedded model has an encoder: its choices grey the box out
+        assert not all(enabled for enabled, _tip in d["steps_enabled"].values())
     # nothing ticked: Apply is disabled, with a hint; ticking an edit enables it
     assert d["apply_enabled_without_edit"] is False and "Tick" in d["hint_without_edit"]
     assert d["apply_enabled_with_edit"] is True

@@ -420,6 +420,9 @@ def test_a_model_whose_pti_starts_from_the_encoder_offers_w_as_the_alternative()
     F.check_request(cat, F.EditOptions(method="pti:encoder", model="m"))
     with pytest.raises(F.FlowError, match="Unknown method \"pti:magec\""):
         F.check_request(cat, F.EditOptions(method="pti:magec", model="m"))
+    # "Projection steps" means nothing where the server projects nothing: the plain choice (the encoder's code)
+    assert [F.uses_projection_steps(cat.method(c)) for c in ("pti", "pti:encoder", "pti:w")] == [False, False, True]
+    assert cat.method("pti:magec") is None and F.uses_projection_steps(F.Method("w", "w"))  # unknown steps: used
 
 
 def test_check_request_refuses_a_mistyped_edit_or_method_before_any_work():

@@ -68,6 +68,7 @@ class LatentEditDialog(QtWidgets.QDialog):
         self.model_box = QtWidgets.QComboBox()
         self.model_box.currentIndexChanged.connect(self._model_changed)
         self.method_box = QtWidgets.QComboBox()
+        self.method_box.currentIndexChanged.connect(lambda _i: self._method_changed())
         self.align = QtWidgets.QCheckBox("Detect and align the face")
         self.align.setChecked(self.conf.align)
         self.steps = QtWidgets.QSpinBox()
@@ -287,6 +288,16 @@ class LatentEditDialog(QtWidgets.QDialog):
         self._filter(self.filter.text())
         self._fit_rows()
         self._update_buttons()
+
+    def _method_changed(self):
+        """"Projection steps" is greyed out, saying why, for a method that projects nothing (the encoder)."""
+        model = self.model_box.currentData() or None
+        m = self.catalog.method(self.method_box.currentData() or "", model) if self.catalog is not None else None
+        used = m is None or flow.uses_projection_steps(m)
+        self.steps.setEnabled(used)
+        self.steps.setToolTip("How long the inversion searches for the latent code (0: the method's default)" if used
+                              else "This method takes its latent code from the encoder in one pass: it has no "
+                                   "projection steps")
 
     def _set_segmenter(self, info):
         """"Automatic" is offered only when the model has a segmenter; otherwise disabled, saying what to add."""

@@ -209,6 +209,11 @@ class Automation:
                 "rows_fully_visible": sum(1 for r in dlg.rows if r.check.visibleRegion().boundingRect().height()
                                           >= r.check.height() and r.spin.visibleRegion().boundingRect().height() >= r.spin.height()),
                 "resizable": dlg.minimumSize() != dlg.maximumSize()}
+        steps_enabled = {}
+        for i in range(dlg.method_box.count()):  # the steps box follows the chosen method
+            dlg.method_box.setCurrentIndex(i)
+            steps_enabled[dlg.method_box.itemData(i)] = [dlg.steps.isEnabled(), dlg.steps.toolTip()]
+        info["steps_enabled"] = steps_enabled
         if spec.get("screenshot"):
             info["screenshot"] = bool(dlg.grab().save(spec["screenshot"]))
         seg = dlg.segments_box
