@@ -7,7 +7,10 @@ held-out faces, ``HELD_OUT_SEED``; the truth is the renderer's image of the edit
 ``core.demo.ATTRIBUTE_PARTS``).  Images in [-1,1].
 
 Table 1, directions (no inversion: ``w = G.mapping(z)`` of the held-out faces, as editability's ``true latent``
-row), every attribute at ±2, dense ``<attribute>`` vs sparse ``<attribute>_sparse`` from the shipped manifest:
+row), every attribute at ±2, dense ``<attribute>`` vs sparse ``<attribute>_sparse`` from the shipped manifest, and
+the renderer's own edits (set ``renderer (truth)``: what the scorer reads into the ground truth; its ``mean_leak``
+÷ the dense one is ``truth_leak_ratio``, the lowest leak ratio a perfect direction would reach):
+``active`` (the share of a direction's W+ entries above 5 % of its largest: how sparse the set is),
 ``leak`` (largest other scorer change ÷ own change; ``mean_leak`` = the mean over attributes of each
 attribute's median), ``hit`` (own scorer change ÷ requested), ``err_out`` / ``err_in`` (MSE of the edit delta
 minus the true delta outside / inside the attribute's region — outside it the true delta is ~0, so err_out is
@@ -47,6 +50,7 @@ SETTINGS = {
     "full": dict(true_faces=16, faces=4, extra_faces=2, extras=None, repeats=5),
 }
 SETS = ("dense", "sparse")
+TRUTH = "renderer (truth)"  # Table 1's floor: the renderer's own edits, read by the same scorer
 FUSIONS = ("none", "relevance")
 
 
@@ -69,17 +73,44 @@ def direction_rows(dom, sets: dict, z, skipped: dict) -> tuple[list, list]:
         for r in E.true_latent(d, z, (1,), STRENGTHS, skipped):
             r["set"] = name
             records.append(r)
+    records += truth_records(dom, z, skipped)
     cols = ("score", "hit", "leak", "err_in", "err_out", "true_in", "total_mse")
     per_attr = E.summarise(records, ("set", "attribute"), cols)
     rows = []
-    for name in sets:
+    for name in list(sets) + [TRUTH]:
         mine = [r for r in per_attr if r["set"] == name]
         row = {"set": name, "n": sum(r["n"] for r in mine)}
         row["mean_leak"] = mean_finite(r["leak"] for r in mine)
+        row["active"] = active_share(dom.G, sets[name]) if name in sets else float("nan")
         for c in ("hit", "score", "err_in", "err_out", "true_in"):
             row[c] = mean_finite(r[c] for r in mine)
         rows.append(row)
     return rows, per_attr
+
+
+def active_share(G, directions: dict) -> float:
+    """Mean over ``directions`` of the share of W+ offset entries above 5 % of the largest
+    (``core.expanded.sparsity_report``): how sparse a set is (a W direction counts on every row)."""
+    from core.expanded import sparsity_report
+
+    return mean_finite(sparsity_report(d.delta(1.0, int(G.num_ws), int(G.w_dim)))["active"] for d in directions.values())
+
+
+def truth_records(dom, z, skipped: dict) -> list:
+    """Table 1 records of set ``TRUTH``: the renderer's own edit of each case scored like a direction's (score 1,
+    no error by construction); its ``leak`` is what the scorer reads into the ground truth — the floor any
+    direction's leak is measured against."""
+    from core.demo.data import params_from_z
+
+    out = []
+    for i, p in enumerate(params_from_z(z)):
+        base, cases = E.build_cases(dom, p, (), (1,), STRENGTHS, skipped)
+        reads = dom.readings([base[1]] + [c.true[1] for c in cases])
+        for c, r in zip(cases, reads[1:]):
+            rec = E.score_case(dom, c, 1, c.true[1], base[1], base[1], r, reads[0])
+            rec.update(set=TRUTH, face=i)
+            out.append(rec)
+    return out
 
 
 def _result(session, edits, fusion: str) -> np.ndarray:
@@ -203,6 +234,7 @@ def main() -> int:
         "sparse_leak_ratio": ratio(dense["sparse"]["mean_leak"], dense["dense"]["mean_leak"]),
         "sparse_err_out_ratio": ratio(dense["sparse"]["err_out"], dense["dense"]["err_out"]),
         "sparse_hit_ratio": ratio(dense["sparse"]["hit"], dense["dense"]["hit"]),
+        "truth_leak_ratio": ratio(dense[TRUTH]["mean_leak"], dense["dense"]["mean_leak"]),
     }
     for s_name in SETS:
         a, b = fr.get((s_name, "none", "extras")), fr.get((s_name, "relevance", "extras"))
@@ -218,7 +250,7 @@ def main() -> int:
     print(f"bench/expanded ({name}): held-out seed {E.HELD_OUT_SEED}, {st['true_faces']} true-latent faces; "
           f"fusion on {len(faces)} encoder-inverted faces (extras {list(extras)}), strengths {list(STRENGTHS)}; "
           f"LPIPS {dom.lpips.backbone_name}; skipped {skipped}; {seconds:.0f} s")
-    print_table(dir_rows, ["set", "n", "mean_leak", "hit", "err_out", "err_in", "true_in", "score"],
+    print_table(dir_rows, ["set", "n", "mean_leak", "hit", "err_out", "err_in", "true_in", "score", "active"],
                 title="\ndirections on true latents (means over attributes of per-attribute medians)")
     print_table(fus_rows, ["set", "fusion", "domain_kind", "n", "total_mse", "total_mse_mean", "score", "err_in",
                            "err_out", "lpips", "render_ms", "fit_s"], title="\nfusion (medians over cases)")

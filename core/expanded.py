@@ -66,6 +66,9 @@ class SparseOptions:
                               # so one unit moves the attribute by ``unit``, the dense directions' convention; without
                               # it the L1 leaves the own change at 0.81× the dense one's (bench/expanded.py --quick)
     calibrate_strength: float = 2.0  # ours: the strength that calibration measures at (both signs)
+    align: float = 0.0        # ours, only where a ground-truth edit exists (``true_delta`` given): weight of Yin's
+                              # L_align form (Eq. 8) moved to the style branch, ‖Δ_G − Δ_true‖² ÷ ‖Δ_true‖²; 0: Eq. 10
+                              # as published.  The embedded model's measured values: core.demo.directions.SPARSE_OPTIONS
 
 
 def _target_scale(output_range, unit):
@@ -89,10 +92,13 @@ def classification_loss(pred: torch.Tensor, target: torch.Tensor, output_range) 
 
 def sparse_edit_loss(G, classifier: Callable, d: torch.Tensor, ws: torch.Tensor, strength: torch.Tensor, k: int,
                      options: SparseOptions, lpips=None, output_range=(0.0, 1.0), unit: Optional[float] = None,
-                     x: Optional[torch.Tensor] = None, c0: Optional[torch.Tensor] = None) -> tuple:
+                     x: Optional[torch.Tensor] = None, c0: Optional[torch.Tensor] = None,
+                     true: Optional[torch.Tensor] = None) -> tuple:
     """``(loss, terms dict)`` of Eq. 10 for attribute ``k``: ``ws`` (N,num_ws,w_dim) edited by ``strength`` (N,)
     × ``d`` (num_ws,w_dim) (the move per unit).  Targets: attribute k moves by ``strength × unit`` (clamped to the
-    range), every other keeps its reading on the unedited image ``x`` (``c0``: its readings; computed if None)."""
+    range), every other keeps its reading on the unedited image ``x`` (``c0``: its readings; computed if None).
+    ``true``: the ground-truth change of each edit (N,3,H,W) in [-2,2], where one exists; adds
+    ``options.align × ‖(x_edit − x) − true‖² ÷ ‖true‖²`` (term ``align``)."""
     lo, hi, unit = _target_scale(output_range, unit)
     if x is None:
         with torch.no_grad():
@@ -111,14 +117,19 @@ def sparse_edit_loss(G, classifier: Callable, d: torch.Tensor, ws: torch.Tensor,
     terms["lpips"] = lpips(x_e, x).mean() if (lpips is not None and options.lpips) else x_e.new_zeros(())
     loss = (options.l2 * terms["l2"] + options.lpips * terms["lpips"] + options.cls * terms["cls"]
             + options.sparsity * terms["spa"])
+    if true is not None and options.align:
+        terms["align"] = (x_e - x - true).square().mean() / true.square().mean().clamp_min(1e-8)
+        loss = loss + options.align * terms["align"]
     return loss, {n: float(v.detach()) for n, v in terms.items()}
 
 
 def fit_sparse_direction(G, classifier: Callable, k: int, init: torch.Tensor, options: Optional[SparseOptions] = None,
-                         output_range=(0.0, 1.0), unit: Optional[float] = None, progress=None) -> tuple:
+                         output_range=(0.0, 1.0), unit: Optional[float] = None, progress=None,
+                         true_delta: Optional[Callable] = None) -> tuple:
     """``(d (num_ws, w_dim) per unit strength, report)``: Eq. 10 for classifier output ``k``, Adam from ``init``
     ((w_dim,) broadcast to every row, or (num_ws, w_dim)).  ``G`` and the classifier are never modified (their
-    parameters get no gradients)."""
+    parameters get no gradients).  ``true_delta(z (N,z_dim), k, strength (N,)) -> (N,3,H,W)``: the ground-truth
+    image change of each sample's edit, where the domain has one (``SparseOptions.align``); None: Eq. 10 alone."""
     from core.losses import perceptual_loss
 
     o = options or SparseOptions()
@@ -141,7 +152,8 @@ def fit_sparse_direction(G, classifier: Callable, k: int, init: torch.Tensor, op
         a = (sign * (1.0 + (o.max_strength - 1.0) * torch.rand(o.batch, generator=gen))).to(device)
         with torch.no_grad():
             ws = G.mapping(z)
-        loss, terms = sparse_edit_loss(G, classifier, d, ws, a, k, o, lpips, output_range, unit)
+            true = true_delta(z, k, a).to(device) if (true_delta is not None and o.align) else None
+        loss, terms = sparse_edit_loss(G, classifier, d, ws, a, k, o, lpips, output_range, unit, true=true)
         (grad,) = torch.autograd.grad(loss, [d])
         opt.zero_grad(set_to_none=True)
         d.grad = grad
@@ -191,11 +203,12 @@ def sparsity_report(d: torch.Tensor, rel: float = 0.05) -> dict:
 def fit_sparse_directions(G, classifier: Callable, names: Sequence[str], init: Mapping[str, torch.Tensor],
                           attributes: Optional[Sequence[str]] = None, options: Optional[SparseOptions] = None,
                           output_range=(0.0, 1.0), unit: Optional[float] = None, suffix: str = "_sparse",
-                          source: str = "", progress=None) -> tuple:
+                          source: str = "", progress=None, true_delta: Optional[Callable] = None) -> tuple:
     """``({name+suffix: core.edits.Direction (num_ws, w_dim)}, report)`` for each classifier output in ``names``
     that is in ``attributes`` (all when None); ``init[name]`` is the per-unit starting offset ((w_dim,) or
     (num_ws, w_dim)).  Each direction is ``vector = d/‖d‖``, ``scale = ‖d‖``: one unit of strength asks for
-    ``unit`` (default: a sixth of the range) of its attribute, like the dense directions."""
+    ``unit`` (default: a sixth of the range) of its attribute, like the dense directions.  ``true_delta``: as
+    :func:`fit_sparse_direction` (the report says whether it was used)."""
     from core.edits import Direction
 
     o = options or SparseOptions()
@@ -204,12 +217,14 @@ def fit_sparse_directions(G, classifier: Callable, names: Sequence[str], init: M
     if unknown:
         raise InvalidInput(f"the classifier has no output {unknown}; it has {list(names)}")
     lo, hi, u = _target_scale(output_range, unit)
-    dirs, report = {}, {"options": dataclasses.asdict(o), "unit": u, "attributes": {}}
+    aligned = true_delta is not None and bool(o.align)
+    dirs, report = {}, {"options": dataclasses.asdict(o), "unit": u, "aligned_to_ground_truth": aligned,
+                        "attributes": {}}
     for name in want:
         if name not in init:
             raise InvalidInput(f"no starting direction for {name!r}")
         k = list(names).index(name)
-        d, rep = fit_sparse_direction(G, classifier, k, init[name], o, output_range, u, progress)
+        d, rep = fit_sparse_direction(G, classifier, k, init[name], o, output_range, u, progress, true_delta)
         norm = float(d.norm())
         if not norm > 0:
             raise InvalidInput(f"sparse fit of {name!r} shrank to zero (lower SparseOptions.sparsity)")

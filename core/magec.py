@@ -91,15 +91,6 @@ def descriptor_paths(checkpoint) -> tuple[pathlib.Path, pathlib.Path]:
     return p.with_name(p.stem + DESCRIPTOR_SUFFIX), p.with_name(p.stem + DESCRIPTOR_NAMES_SUFFIX)
 
 
-def _is_embedded(checkpoint) -> bool:
-    from core.demo import default_model_path
-
-    try:
-        return pathlib.Path(checkpoint).resolve() == default_model_path().resolve()
-    except OSError:
-        return False
-
-
 def embedded_descriptor() -> Descriptor:
     """The shipped attribute scorer (core.demo.scorer): 13 attributes in [0,1], trained with L1."""
     from core.demo.renderer import ATTRIBUTES
@@ -116,7 +107,9 @@ def load_descriptor(checkpoint_path) -> Descriptor:
     ``<stem>.attributes.json`` (``{"names": [K names], "loss": "l1"|"mse"|"bce", "range": [lo, hi] | null}``;
     only ``names`` is required, defaults ``"l1"`` and ``[0, 1]``); names match the edit directions' names.
     Raises :class:`InvalidInput` naming the missing or broken file."""
-    if _is_embedded(checkpoint_path):
+    from core.demo import is_default_model
+
+    if is_default_model(checkpoint_path):
         return embedded_descriptor()
     pt, js = descriptor_paths(checkpoint_path)
     if not pt.is_file():

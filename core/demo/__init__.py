@@ -20,12 +20,21 @@ _EXPORTS = {
     "segment": "core.segmenter",  # images uint8 (N,H,W,3) -> (N,H,W) PARTS labels (the embedded segmenter)
 }
 
-__all__ = sorted([*_EXPORTS, "default_model_path", "default_directions_path", "default_encoder_path", "WEIGHTS_DIR"])
+__all__ = sorted([*_EXPORTS, "default_model_path", "default_directions_path", "default_encoder_path", "is_default_model",
+                  "WEIGHTS_DIR"])
 
 
 def default_model_path() -> pathlib.Path:
     """Path of the shipped 64 px demo generator (``core/demo/weights/face64.pt``)."""
     return WEIGHTS_DIR / "face64.pt"
+
+
+def is_default_model(checkpoint) -> bool:
+    """Whether ``checkpoint`` (a path) is the shipped generator — the one model with a ground truth (the renderer)."""
+    try:
+        return pathlib.Path(checkpoint).resolve() == default_model_path().resolve()
+    except (OSError, TypeError):
+        return False
 
 
 def default_directions_path() -> pathlib.Path:

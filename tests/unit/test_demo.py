@@ -285,6 +285,19 @@ def test_directions_move_their_own_attribute_only(G, scorer, directions):
     assert not failures, failures
 
 
+def test_is_default_model_names_only_the_shipped_generator(tmp_path, monkeypatch):
+    import shutil
+
+    from core.demo import default_model_path, is_default_model
+
+    copy = tmp_path / "face64.pt"
+    shutil.copyfile(default_model_path(), copy)
+    monkeypatch.chdir(default_model_path().parent)
+    assert is_default_model(default_model_path()) and is_default_model("face64.pt")  # any spelling of the path
+    assert not is_default_model(copy) and not is_default_model(tmp_path / "missing.pt")
+    assert not is_default_model(None)
+
+
 def test_direction_sign_and_manifest(G, scorer, directions):
     import json
 

@@ -85,6 +85,36 @@ def test_l1_fitting_moves_the_attribute_and_sparsity_shrinks_the_direction(G):
     assert all(p.grad is None for p in G.parameters())            # G is never given gradients
 
 
+def test_alignment_to_a_ground_truth_pulls_the_direction_toward_the_true_change(G):
+    from core.expanded import SparseOptions, fit_sparse_direction
+
+    clf = _linear_classifier(G)
+    gen = torch.Generator().manual_seed(2)
+    target = 0.3 * torch.randn(G.num_ws, G.w_dim, generator=gen)  # the "true" edit: this W+ offset per unit
+    init = 0.3 * torch.randn(G.w_dim, generator=gen)
+
+    def true_delta(z, k, strength):
+        with torch.no_grad():
+            ws = G.mapping(z)
+            return (G.synthesis(ws + strength.view(-1, 1, 1) * target, noise_mode="const").clamp(-1, 1)
+                    - G.synthesis(ws, noise_mode="const").clamp(-1, 1))
+
+    base = SparseOptions(steps=60, batch=4, lpips=0.0, lr=0.2, seed=5, calibrate_n=0, sparsity=0.0, cls=0.0, l2=0.0)
+    off, rep_off = fit_sparse_direction(G, clf, 0, init, dataclasses.replace(base, align=0.0), true_delta=true_delta)
+    unused, _ = fit_sparse_direction(G, clf, 0, init, dataclasses.replace(base, align=10.0))
+    on, rep_on = fit_sparse_direction(G, clf, 0, init, dataclasses.replace(base, align=10.0), true_delta=true_delta)
+    assert torch.equal(off, unused)                                # no ground truth, or weight 0: Eq. 10 alone
+    assert "align" in rep_on and "align" not in rep_off
+    ws = _ws(G, 8, seed=9)
+    with torch.no_grad():
+        s = torch.full((8,), 2.0)
+        want = true_delta(torch.randn(8, G.z_dim, generator=torch.Generator().manual_seed(9)), 0, s)
+        err = {name: float((G.synthesis(ws + 2.0 * d, noise_mode="const").clamp(-1, 1)
+                            - G.synthesis(ws, noise_mode="const").clamp(-1, 1) - want).square().mean())
+               for name, d in (("off", off), ("on", on))}
+    assert err["on"] < 0.4 * err["off"]                            # the aligned fit reproduces the true change
+
+
 def test_fit_sparse_directions_names_shapes_and_refusals(G):
     from core.expanded import SparseOptions, fit_sparse_directions
 
@@ -191,3 +221,22 @@ def test_fit_sparse_command_for_a_checkpoint_with_an_attribute_classifier(tmp_pa
     assert report["regression_init"] == ["blue"]                        # no dense "blue": started from a fit
     kinds = {e["name"]: e["kind"] for e in json.loads(path.read_text())["directions"]}
     assert kinds == {"red": "w", "red_sparse": "wplus", "blue_sparse": "wplus"}
+    assert report["aligned_to_ground_truth"] is False                  # no renderer behind this checkpoint
+
+
+def test_only_the_embedded_model_is_fitted_against_its_ground_truth(tmp_path):
+    from core.demo import default_model_path
+    from core.demo.directions import SPARSE_OPTIONS, renderer_true_delta, true_edit_delta
+    from core.demo.data import params_from_z
+    from core.demo.renderer import render
+    from core.edits.sparse import default_options
+    from core.expanded import SparseOptions
+
+    assert default_options(default_model_path()) == SPARSE_OPTIONS and SPARSE_OPTIONS.align > 0
+    assert default_options(tmp_path / "other.pt") == SparseOptions() and SparseOptions().align == 0  # Eq. 10
+    z = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    s = torch.tensor([2.0, -1.0, 0.0])
+    got = renderer_true_delta()(z, 1, s)
+    assert got.shape == (3, 3, 64, 64)
+    assert torch.equal(got, true_edit_delta(render, params_from_z(z.numpy()), 1, s.numpy()))
+    assert got[2].abs().max() == 0 and got[0].abs().max() > 0.1      # no move, no change; a move draws one
