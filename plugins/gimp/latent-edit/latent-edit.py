@@ -221,7 +221,8 @@ class LatentEdit(Gimp.PlugIn):
         p.add_string_argument("edits", "More edits", "Extra edits as 'name=strength; name=strength'", "", rw)
         p.add_double_argument("feather", "_Feather", "Feather radius in pixels", 0.0, 200.0,
                               le_flow.read_catalog({}).feather, rw)
-        p.add_int_argument("steps", "Inversion steps", "0 = the method's default", 0, 5000, 0, rw)
+        p.add_int_argument("steps", "Inversion steps", "0 = the method's default; not used where the code comes "
+                           "from the encoder (Fast, or pivotal tuning starting from the encoder's code)", 0, 5000, 0, rw)
         p.add_int_argument("tune-steps", "Tuning steps", "PTI tuning steps (0 = default)", 0, 5000, 0, rw)
         p.add_boolean_argument("batch", "_Batch over selected layers", "Edit every selected layer", False, rw)
         p.add_boolean_argument("each-region", "_Each selected region is a face",
