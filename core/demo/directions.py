@@ -222,10 +222,9 @@ def fit_sparse_directions(G, scorer, directions: dict | None = None, names=None,
     LPIPS between the edited and unedited sample; the identity term is off (no identity network for this domain) —
     plus the alignment to the renderer's own change (``SparseOptions.align``, :func:`renderer_true_delta`; ours).
     λ and their sources: :class:`core.expanded.SparseOptions`; default :data:`SPARSE_OPTIONS` (measured beside it).
-    Each fit starts from the dense W direction
-    (``directions``, default: the shipped manifest's) on every row; one unit asks for ``UNIT``, like the dense
-    ones.  ``names`` limits the attributes (default all 13).  ``G`` (the shipped generator) and the scorer are not
-    modified."""
+    Each fit starts from the dense W direction (``directions``, default: the shipped manifest's) on every row; one
+    unit asks for ``UNIT``, like the dense ones.  ``names`` limits the attributes (default all 13).  ``G`` (the
+    shipped generator) and the scorer are not modified."""
     from core.expanded import fit_sparse_directions as fit
 
     if directions is None:
@@ -235,8 +234,7 @@ def fit_sparse_directions(G, scorer, directions: dict | None = None, names=None,
         directions = load_directions(default_model_path(), G=G)
     init = {n: directions[n].delta(1.0, int(G.num_ws), int(G.w_dim)) for n in ATTRIBUTES if n in directions}
     return fit(G, scorer, list(ATTRIBUTES), init, attributes=names, options=options or SPARSE_OPTIONS,
-               output_range=(0.0, 1.0),
-               unit=UNIT, progress=progress, true_delta=renderer_true_delta(),
+               output_range=(0.0, 1.0), unit=UNIT, progress=progress, true_delta=renderer_true_delta(),
                source="core.demo.directions.fit_sparse_directions (Yin et al. 2022 Eq. 10 on generated samples, "
                       "ID term off, aligned to the renderer's change)")
 
