@@ -285,6 +285,18 @@ def test_directions_move_their_own_attribute_only(G, scorer, directions):
     assert not failures, failures
 
 
+def test_embedded_sparse_fit_is_aligned_to_the_renderer(G, scorer):
+    import dataclasses
+
+    from core.demo.directions import SPARSE_OPTIONS, fit_sparse_directions
+
+    o = dataclasses.replace(SPARSE_OPTIONS, steps=2, batch=2, lpips=0.0, calibrate_n=0)
+    dirs, report = fit_sparse_directions(G, scorer, names=["smile"], options=o)
+    assert list(dirs) == ["smile_sparse"] and dirs["smile_sparse"].vector.shape == (G.num_ws, G.w_dim)
+    assert report["aligned_to_ground_truth"] is True and "align" in report["attributes"]["smile"]
+    assert "aligned to the renderer" in dirs["smile_sparse"].source
+
+
 def test_is_default_model_names_only_the_shipped_generator(tmp_path, monkeypatch):
     import shutil
 
