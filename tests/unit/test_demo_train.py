@@ -95,6 +95,38 @@ def test_phases_train_checkpoint_resume_and_hand_over(tmp_path):
     json.dumps(ev)
 
 
+def test_polish_renders_fresh_faces_from_a_shipped_file_and_lowers_the_error(tmp_path):
+    from core.stylegan2.formats import fingerprint
+
+    torch.manual_seed(0)
+    shutil.copy(SCORER_WEIGHTS, tmp_path / "scorer.pt")
+    held_out = _faces(8, seed=1)
+    G0, _ = train.train_generator(tmp_path, _faces(8), _tiny(steps=2))
+    train.save_shipped_generator(G0, tmp_path / "start.pt", {})
+    drawn = []
+
+    def render_counted(params):
+        drawn.append(params.copy())
+        return render(params)
+
+    po = train.polish_options(_tiny(), steps=40)
+    assert (po.fresh_data, po.mse_weight > 0, po.attribute_weight, po.channels) == (True, True, 1.0, _tiny().channels)
+    po.lr, po.warmup, po.ema_half_life, po.attribute_weight, po.detail_weight = 1e-2, 2, 8, 0.0, 0.0
+    target = _to_tensor(held_out["images"])
+    with torch.no_grad():
+        before = float((train.generate(G0, torch.from_numpy(held_out["z"])) - target).square().mean())
+    G, log = train.train_generator(tmp_path, None, po, ckpt_name="ckpt_polish.pt", init_from=tmp_path / "start.pt",
+                                   held_out=held_out, render=render_counted)
+    assert len(drawn) == 40 and all(p.shape == (4, 13) for p in drawn)
+    assert len({p.tobytes() for p in drawn}) == 40                       # a new batch of faces every step
+    with torch.no_grad():
+        after = float((train.generate(G, torch.from_numpy(held_out["z"])) - target).square().mean())
+    assert after < 0.9 * before, (before, after)                         # faces never seen, yet closer
+    assert fingerprint(G) != fingerprint(G0)
+    with pytest.raises(ValueError, match="fresh_data needs render"):
+        train.train_generator(tmp_path / "other", None, po, init_from=tmp_path / "start.pt")
+
+
 # ------------------------------------------------------------------------------------ the renderer by its name
 
 

@@ -6,7 +6,8 @@
 # segmenter trainers resume from their own checkpoints.
 #   mkdir -p ~/.cache/latent-edit-train/face-v2 && nohup setsid training/face-v2/install.sh >> ~/.cache/latent-edit-train/face-v2/install.txt 2>&1 < /dev/null &
 # It writes core/demo/weights/ (core.demo draws with the run's renderer): review and commit the result, then
-# re-measure (TRAINING.md step 4). FORCE=1 installs a run below the issue's 30 dB target.
+# re-measure (TRAINING.md step 4). FORCE=1 installs a run below the issue's 30 dB target. For the polish
+# (polish.sh): OUT=~/.cache/latent-edit-train/face-v2-polish training/face-v2/install.sh
 set -e
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
@@ -19,7 +20,7 @@ mkdir -p "$OUT/install"
 step_done() { [ -e "$OUT/install/$1" ]; }
 mark() { touch "$OUT/install/$1"; echo "== $1 done $(date -u +%H:%M)"; }
 
-.venv/bin/python -c "import json, sys; sys.exit('ckpt_finetune.pt' not in json.load(open('$OUT/generator_eval.json'))['phases'])" \
+.venv/bin/python -c "import json, sys; sys.exit(not {'ckpt_finetune.pt', 'ckpt_polish.pt'} & set(json.load(open('$OUT/generator_eval.json'))['phases']))" \
   || { echo "the finetune has not finished: $OUT/generator_eval.json lists no ckpt_finetune.pt (training/face-v2/run.sh)"; exit 2; }
 PSNR=$(.venv/bin/python -c "import json; print(json.load(open('$OUT/generator_eval.json'))['test_psnr_db'])")
 echo "held-out PSNR $PSNR dB (issue 16 asks >= 30)"
