@@ -106,7 +106,7 @@ class GeneratorTrainOptions:
     feature_from_step: int = 6058  # ours: the shipped run switched the feature loss on here, when pixels had converged
     attribute_weight: float = 0.0  # ours: L1 between the scorer's reading of the output and the z's parameters
     detail_weight: float = 0.0    # ours: extra pixel weight where the target has fine detail (eyes, mouth, glasses)
-    mse_weight: float = 0.0       # ours: squared pixel error as well (what PSNR measures); the polish phase's
+    mse_weight: float = 0.0       # ours: squared pixel error as well (what PSNR measures; the polish: 20)
     fresh_data: bool = False      # ours: render a new batch every step instead of drawing from the cache (the
                                   # v2 model after the finetune: 29.69 dB on cached faces, 29.24 on held-out ones)
     max_minutes: float = 0.0      # ours: > 0 ends (and anneals the lr) by wall time as well as by steps
@@ -457,8 +457,8 @@ def _phase_logs(out: pathlib.Path) -> dict:
 # A run's state that cannot be recomputed cheaply: what --carry-to keeps and --carry-from restores (the render
 # caches are not carried: build_cache remakes them bit-identically from their seeds in a few minutes)
 CARRIED = ("scorer.pt", "scorer_eval.json", "ckpt.pt", "ckpt_finetune.pt", "ckpt_polish.pt", "face64.pt",
-           "generator_eval.json", "train_log_generator.json", "train_log_finetune.json", "train_log_polish.json", "face64.directions.json", "face64.directions",
-           "directions_eval.json", "log.txt")
+           "generator_eval.json", "train_log_generator.json", "train_log_finetune.json", "train_log_polish.json",
+           "face64.directions.json", "face64.directions", "directions_eval.json", "log.txt")
 
 
 def _checkpoint_step(path: pathlib.Path) -> int:
