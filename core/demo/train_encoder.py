@@ -24,6 +24,9 @@ written with each checkpoint); ``--install`` copies both into
 stored in the file's ``opts["latent_edit_meta"]``), e.g.::
 
     nice -n 19 python -m core.demo.train_encoder --out ~/.cache/latent-edit-train/encoder --minutes 90 --install
+
+After a refinement of the generator (``core.demo.train`` stage ``polish``), ``--init core/demo/weights/encoder64.pt``
+starts from the previous encoder's weights with every row's delta on (its progressive schedule already ran).
 """
 from __future__ import annotations
 
@@ -156,9 +159,13 @@ def build_encoder(G, seed: int = 0):
 
 
 def train(out: pathlib.Path, model_path: pathlib.Path, o: EncoderTrainOptions, resume: bool = True,
-          log=print) -> pathlib.Path:
-    """Train (or continue) the encoder for ``model_path``'s generator; returns ``OUT/encoder64.pt``."""
-    from core.encoder import save_encoder
+          log=print, init: pathlib.Path | None = None) -> pathlib.Path:
+    """Train (or continue) the encoder for ``model_path``'s generator; returns ``OUT/encoder64.pt``.
+
+    ``init``: an encoder file (``core.encoder`` format, e.g. the shipped one) whose weights start a new run — a
+    warm start after the generator was refined; every W+ row's delta is then trained from the first step (its
+    progressive schedule already ran).  Ignored when resuming ``OUT/ckpt.pt``."""
+    from core.encoder import check_compatible, load_encoder, save_encoder
     from core.losses import perceptual_loss
     from core.stylegan2.formats import fingerprint, load_generator
 
@@ -178,6 +185,14 @@ def train(out: pathlib.Path, model_path: pathlib.Path, o: EncoderTrainOptions, r
         opt.load_state_dict(saved["optim"])
         state = json.loads(saved["state"])
         log(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)")
+    elif init is not None:
+        start = load_encoder(init)
+        check_compatible(start, G)
+        if start.config != E.config:
+            raise SystemExit(f"{init} has another architecture than this trainer builds; train from scratch")
+        E.load_state_dict(start.state_dict())
+        state["warm_start"] = True  # kept in the checkpoint: a resumed warm start stays without the schedule
+        log(f"starts from {init} (trained for generator {start.opts.get('latent_edit_meta', {}).get('generator')})")
     gen = torch.Generator().manual_seed(o.seed * 7919 + state["step"])
 
     def meta():
@@ -207,7 +222,7 @@ def train(out: pathlib.Path, model_path: pathlib.Path, o: EncoderTrainOptions, r
         frac = state["elapsed"] / (o.minutes * 60)
         for g in opt.param_groups:
             g["lr"] = _lr(step, frac, o)
-        stage = _stage(frac, o, G.num_ws)
+        stage = None if state.get("warm_start") else _stage(frac, o, G.num_ws)
         ws_new, x_new = pairs(o.fresh_pairs)
         if len(pool_ws) < o.pool_size:
             pool_ws, pool_x = torch.cat([pool_ws, ws_new]), torch.cat([pool_x, x_new])
@@ -266,13 +281,16 @@ def main(argv=None) -> int:
     ap.add_argument("--install", action="store_true", help="copy the result into core/demo/weights/")
     ap.add_argument("--model", type=pathlib.Path, default=None, help="generator (default: the shipped face64.pt)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: shared 2-core machine)")
+    ap.add_argument("--init", type=pathlib.Path, default=None,
+                    help="start from this encoder's weights (e.g. core/demo/weights/encoder64.pt after a polish)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     from core.demo import default_model_path
 
     model = args.model or default_model_path()
     o = EncoderTrainOptions(minutes=args.minutes)
-    train(args.out, pathlib.Path(model), o, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
+    train(args.out, pathlib.Path(model), o, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True),
+          init=args.init)
     if args.install:
         install(args.out)
     return 0

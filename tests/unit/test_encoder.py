@@ -212,6 +212,44 @@ def test_trainer_writes_a_resumable_loadable_encoder(tmp_path):
     assert encoder_pivot(E, torch.zeros(1, 3, 64, 64)).shape == (1, G.num_ws, G.w_dim)
 
 
+def test_trainer_warm_starts_from_an_encoder_file_with_every_row_on(tmp_path):
+    from core.demo import train_encoder as T
+    from core.stylegan2.formats import save_generator
+
+    G = make_tiny_generator(64, w_dim=32)
+    save_generator(G, tmp_path / "g.pt")
+    o = T.EncoderTrainOptions(minutes=0.01, batch=2, render_fraction=0.5, eval_every=10 ** 6, save_every_minutes=0.0,
+                              final_eval_samples=2, learning_rate=0.0)        # lr 0: the weights stay the start's
+    start = T.build_encoder(G, seed=5)
+    with torch.no_grad():
+        for block in start.styles[1:]:
+            block.linear.weight.normal_(0, 0.02)                               # trained deltas
+    save_encoder(start.eval(), tmp_path / "start.pt")
+    stages = []
+    T.train(tmp_path / "run", tmp_path / "g.pt", o, resume=False, init=tmp_path / "start.pt",
+            log=lambda m: stages.append(m.split(" stage ")[1].split()[0]) if " stage " in m else None)
+    assert stages and set(stages) == {"None"}                                  # no progressive schedule: all rows on
+    E = load_encoder(tmp_path / "run" / "encoder64.pt")
+    trained = dict(E.named_parameters())                                      # (batch-norm statistics still move)
+    for k, v in start.named_parameters():
+        torch.testing.assert_close(trained[k], v)
+    assert encoder_matches(E, G)
+    cold = []
+    T.train(tmp_path / "cold", tmp_path / "g.pt", o, resume=False,
+            log=lambda m: cold.append(m.split(" stage ")[1].split()[0]) if " stage " in m else None)
+    assert cold[0] == "0"                                                      # a cold start runs the schedule
+    with pytest.raises(InvalidInput):                                          # codes of another shape
+        T.train(tmp_path / "bad", tmp_path / "g.pt", o, resume=False, init=_other_shape_encoder(tmp_path))
+
+
+def _other_shape_encoder(tmp_path):
+    from core.demo import train_encoder as T
+
+    path = tmp_path / "other.pt"
+    save_encoder(T.build_encoder(make_tiny_generator(64, w_dim=16)).eval(), path)
+    return path
+
+
 def test_a_few_steps_reduce_the_training_loss():
     from core.demo import train_encoder as T
     from core.losses import perceptual_loss

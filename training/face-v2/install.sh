@@ -7,7 +7,8 @@
 #   mkdir -p ~/.cache/latent-edit-train/face-v2 && nohup setsid training/face-v2/install.sh >> ~/.cache/latent-edit-train/face-v2/install.txt 2>&1 < /dev/null &
 # It writes core/demo/weights/ (core.demo draws with the run's renderer): review and commit the result, then
 # re-measure (TRAINING.md step 4). FORCE=1 installs a run below the issue's 30 dB target. For the polish
-# (polish.sh): OUT=~/.cache/latent-edit-train/face-v2-polish training/face-v2/install.sh
+# (polish.sh): OUT=~/.cache/latent-edit-train/face-v2-polish training/face-v2/install.sh; ENCODER_INIT=FILE
+# ENCODER_MINUTES=M warm-start the encoder from FILE (train_encoder --init) for M minutes instead of 90 from scratch
 set -e
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
@@ -33,7 +34,7 @@ fi
 # MAGEC's LinkNet (~45 min); every step ends its lane on failure, and the script fails when either lane did
 (
   step_done encoder || { $PY -m core.demo.train_encoder --out "$CACHE/encoder-v2" --model "$OUT/face64.pt" --resume \
-    --minutes 90 --install && mark encoder; } || exit 1
+    --minutes "${ENCODER_MINUTES:-90}" ${ENCODER_INIT:+--init "$ENCODER_INIT"} --install && mark encoder; } || exit 1
 ) &
 ENC=$!
 (
