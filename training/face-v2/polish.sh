@@ -27,4 +27,4 @@ exec >> "$OUT/log.txt" 2>&1
 echo "== polish.sh $(date -u '+%F %H:%M') UTC"
 nice -n 19 .venv/bin/python -m torch.distributed.run --nproc_per_node 2 -m core.demo.train $FLAGS --threads 1 \
   --stages polish --polish-from "$OUT/start.pt"
-echo "polish finished: generator_eval.json holds the 2 000-face held-out PSNR; install as core/demo/TRAINING.md says"
+echo "polish finished: generator_eval.json holds the held-out PSNR (first 256 of the 2 000 held-out faces); install as core/demo/TRAINING.md says"
